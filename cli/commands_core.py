@@ -1,0 +1,277 @@
+"""index, index-text, search, info, check, remove, models: option parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from cli.main import app, fail
+from cli.options import BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt
+
+
+def _store(home, db):
+    from indexer.store import Store
+
+    return Store.open(home, db)
+
+
+def _encoder_for(store, model, pretrained, checkpoint, device):
+    """The model to index with: the options if given, else the one the index is bound to."""
+    from indexer.encoder import load_encoder, make_spec
+    from indexer.store import spec_from_meta
+
+    meta = store.meta()
+    if meta is not None and not (model or pretrained or checkpoint):
+        spec = spec_from_meta(meta)
+    else:
+        spec = make_spec(model, pretrained, checkpoint)
+    return load_encoder(spec, device)
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() or os.environ.get("LOUPE_PROGRESS") == "1"
+
+
+@app.command()
+def index(
+    folders: Annotated[List[Path], typer.Argument(help="Photo folders to index (re-runs only embed what changed).")],
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-w", min=1, help="Decode threads (default: one per core).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index photo folders; re-runs embed only new or changed files.
+
+    Moved or duplicate files reuse their vector, deleted files are dropped, and bad files
+    are skipped, kept in the catalog with their reason, and listed at the end.
+    """
+    from indexer.pipeline import index_folder
+
+    for folder in folders:
+        if not folder.is_dir():
+            raise fail(f"not a folder: {folder}")
+    store = _store(home, db)
+    encoder = _encoder_for(store, model, pretrained, checkpoint, device)
+    for folder in folders:
+        report = index_folder(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
+        if as_json:
+            out = {k: v for k, v in vars(report).items() if k != "bad_files"}
+            out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
+            typer.echo(json.dumps(out))
+        else:
+            _print_index_report(report)
+        if report.interrupted:
+            typer.echo("loupe: interrupted; everything committed so far is kept, re-run to continue", err=True)
+            raise typer.Exit(130)
+
+
+def _print_index_report(r) -> None:
+    rate = f" ({r.embedded / r.seconds:.1f} img/s)" if r.embedded and r.seconds else ""
+    typer.echo(
+        f"{r.root}: {r.files} images seen; {r.embedded} embedded{rate}, {r.reused} reused (same content), "
+        f"{r.touched} touched, {r.unchanged} unchanged, {r.removed} removed, {len(r.bad_files)} newly skipped "
+        f"in {r.seconds:.2f}s"
+    )
+    if r.bad_files:
+        typer.echo(f"skipped {len(r.bad_files)} bad files:")
+        for path, reason in r.bad_files[:20]:
+            typer.echo(f"  {path}: {reason}")
+        if len(r.bad_files) > 20:
+            typer.echo(f"  ... and {len(r.bad_files) - 20} more (see `loupe info --skipped`)")
+    if r.walk_errors:
+        typer.echo(f"warning: {r.walk_errors} folders or files could not be read")
+
+
+@app.command("index-text")
+def index_text(
+    file: Annotated[Path, typer.Argument(help="Captions: .txt (one per line), .jsonl, .csv/.tsv, or captions.json.")],
+    column: Annotated[Optional[str], typer.Option("--column", help="Text field/column name for JSONL/CSV.")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 256,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Add a caption corpus to the index, so an image can find the sentences that describe it."""
+    from indexer.pipeline import index_captions
+    from indexer.sources import read_captions
+
+    read_captions(file, column)  # fail on a bad file before loading the model
+    store = _store(home, db)
+    encoder = _encoder_for(store, model, pretrained, checkpoint, device)
+    r = index_captions(store, encoder, file, column=column, batch_size=batch_size, progress=_show_progress())
+    typer.echo(f"{r.source}: {r.captions} captions; {r.embedded} embedded, {r.reused} reused in {r.seconds:.2f}s")
+
+
+@app.command()
+def search(
+    query: Annotated[List[str], typer.Argument(help='Sentence, image path, or a mix: \'"2:beach" + ./dog.jpg - "people"\'.')],
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
+    captions: Annotated[bool, typer.Option("--captions", help="Search the caption corpus instead of the images.")] = False,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop results below this cosine similarity.")] = None,
+    folder: Annotated[Optional[Path], typer.Option("--in", help="Only images under this folder.")] = None,
+    glob: Annotated[Optional[List[str]], typer.Option("--glob", help="Only paths (or file names) matching this glob; repeatable.")] = None,
+    after: Annotated[Optional[str], typer.Option("--after", help="Only images taken/modified on or after: YYYY[-MM[-DD]].")] = None,
+    before: Annotated[Optional[str], typer.Option("--before", help="Only images taken/modified before: YYYY[-MM[-DD]].")] = None,
+    date_field: Annotated[str, typer.Option("--date-field", help="auto (capture time, else modified), taken, or modified.")] = "auto",
+    as_json: JsonOpt = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = "auto",
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Search the index by sentence, by image, or both (text->image, image->image, image->text)."""
+    from retrieval.query import parse_query
+    from retrieval.search import Filters, open_searcher, parse_date
+
+    terms = parse_query(query)
+    filters = Filters(
+        folder=str(folder) if folder else None,
+        globs=list(glob or []),
+        after=parse_date(after) if after else None,
+        before=parse_date(before, end=True) if before else None,
+        date_field=date_field,
+    )
+    searcher = open_searcher(home, db, model, pretrained, checkpoint, device)
+    hits = searcher.search(terms, target="text" if captions else "image", k=k, filters=filters, min_score=min_score)
+    if as_json:
+        for hit in hits:
+            typer.echo(json.dumps(hit.to_json(), ensure_ascii=False))
+        return
+    if not hits:
+        typer.echo("no results", err=True)
+        return
+    _print_table(hits, captions)
+
+
+def _print_table(hits, captions: bool) -> None:
+    rows = []
+    for h in hits:
+        f = h.fields
+        if captions:
+            where = f" [{f['image']}]" if f.get("image") else ""
+            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['text']}{where}"))
+        else:
+            dup = f"  (+{len(f['duplicates'])} identical)" if f["duplicates"] else ""
+            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}"))
+    header = ("rank", "score", "caption" if captions else "path")
+    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
+    w1 = max(len(header[1]), *(len(r[1]) for r in rows))
+    typer.echo(f"{header[0]:>{w0}}  {header[1]:>{w1}}  {header[2]}")
+    for r in rows:
+        typer.echo(f"{r[0]:>{w0}}  {r[1]:>{w1}}  {r[2]}")
+
+
+@app.command()
+def info(
+    skipped: Annotated[bool, typer.Option("--skipped", help="List every skipped file with its reason.")] = False,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Show what the index holds: counts, skipped files and why, model, sizes, last update."""
+    store = _store(home, db)
+    meta = store.require_meta()
+    stats = store.catalog.stats()
+    files = {str(p): p.stat().st_size for p in store.vector_files() if p.exists()}
+    out = {
+        "catalog": store.describe(),
+        "model": meta.model,
+        "pretrained": meta.pretrained,
+        "checkpoint": meta.checkpoint_path,
+        "weights": meta.weights_id,
+        "dim": meta.dim,
+        "created": meta.created_at.isoformat(timespec="seconds"),
+        "updated": meta.updated_at.isoformat(timespec="seconds"),
+        **stats,
+        "vector_files": files,
+    }
+    if skipped:
+        out["skipped_files"] = [
+            {"path": r.path, "reason": r.reason} for r in store.catalog.iter_image_rows(status="skipped")
+        ]
+    if as_json:
+        typer.echo(json.dumps(out, default=str))
+        return
+    weights = meta.checkpoint_path or meta.pretrained or "random"
+    typer.echo(f"catalog      {out['catalog']}")
+    typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
+    typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
+               f"{stats['images_skipped']} skipped, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")
+    typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
+    for path, size in files.items():
+        typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")
+    typer.echo(f"created      {out['created']} UTC, updated {out['updated']} UTC")
+    for reason, n in stats["skip_reasons"]:
+        typer.echo(f"skipped      {n:>6}  {reason}")
+    for row in out.get("skipped_files", []):
+        typer.echo(f"  {row['path']}: {row['reason']}")
+
+
+@app.command()
+def check(
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector files from the catalog if they disagree.")] = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Verify that the catalog and the vector index agree (exit 1 if not)."""
+    from indexer.store import check_store
+
+    store = _store(home, db)
+    report = check_store(store)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if report.ok:
+        typer.echo("ok: catalog and vector index agree")
+        return
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    if repair:
+        for kind, r in store.sync_all().items():
+            typer.echo(f"repaired {kind} index: +{r.added} -{r.removed}{' (rebuilt)' if r.rebuilt else ''}")
+        if check_store(store).ok:
+            typer.echo("ok: catalog and vector index agree")
+            return
+    raise typer.Exit(1)
+
+
+@app.command()
+def remove(
+    paths: Annotated[List[Path], typer.Argument(help="Files, folders or caption files to forget (nothing is deleted on disk).")],
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Remove files, folders or caption corpora from the index."""
+    from indexer.pipeline import remove_items
+
+    r = remove_items(_store(home, db), list(paths))
+    typer.echo(f"removed {r.images} images and {r.captions} captions")
+
+
+@app.command()
+def models() -> None:
+    """List open_clip model names and their pretrained tags (loupe's own configs included)."""
+    import open_clip
+
+    from indexer.encoder import register_model_configs
+
+    register_model_configs()
+    tags: dict[str, list[str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    for name in open_clip.list_models():
+        typer.echo(f"{name:40s} {', '.join(tags.get(name, [])) or '(no pretrained tags: use --checkpoint or loupe train)'}")

@@ -1,0 +1,68 @@
+"""The `loupe` command line. Thin: each command parses options and calls one library function.
+
+Heavy modules (torch, open_clip, faiss, sqlalchemy) are imported inside the commands, so
+`loupe --help` is instant and a search only pays for what it uses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="loupe",
+    help="Search your photos by sentence, by image, or against captions (open_clip + FAISS).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print a one-line error to stderr and return the Exit to raise."""
+    typer.echo(f"loupe: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _register() -> None:
+    from cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
+
+    try:
+        from cli import commands_eval  # noqa: F401  (registers eval/train)
+    except ImportError as exc:  # pragma: no cover - only while that module is being written
+        if "commands_eval" not in str(exc):
+            raise
+
+
+def run() -> None:
+    """Console-script entry point: turns LoupeError and Ctrl-C into one-line messages."""
+    from indexer.errors import LoupeError
+
+    _register()
+    try:
+        app(standalone_mode=False, prog_name="loupe")
+    except LoupeError as exc:
+        typer.echo(f"loupe: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("loupe: interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("loupe: aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":  # `python -m cli.main`: run the importable module's app, not __main__'s
+    from cli.main import run as _run
+
+    _run()

@@ -1,0 +1,34 @@
+"""Option types shared by several commands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="open_clip model name (default ViT-B-32, or the index's model)."),
+]
+PretrainedOpt = Annotated[
+    Optional[str],
+    typer.Option("--pretrained", help="open_clip pretrained tag, fetched into open_clip's cache (default laion2b_s34b_b79k)."),
+]
+CheckpointOpt = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", "-c", help="Local weights file (state dict or open_clip checkpoint); works offline."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")
+]
+HomeOpt = Annotated[
+    Optional[Path],
+    typer.Option("--home", help="Where the catalog and vector files live (default $LOUPE_HOME or the user data dir).", envvar="LOUPE_HOME"),
+]
+DbOpt = Annotated[
+    Optional[str],
+    typer.Option("--db", help="SQLAlchemy URL of the catalog (default SQLite under --home), e.g. postgresql+psycopg://user@host/loupe.", envvar="LOUPE_DB"),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per model batch.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")]

@@ -1,0 +1,254 @@
+"""One entry point from a model name to a ready encoder (model, transforms, tokenizer).
+
+Modelled on open_clip's own factory: `load_encoder("ViT-B-32", pretrained="laion2b_s34b_b79k")`
+fetches weights the usual open_clip way (Hugging Face hub into its cache), while
+`load_encoder("loupe-tiny", checkpoint="model.pt")` loads a local file through the very same
+open_clip code path. Vectors come out float32 and L2-normalised, so inner product is cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from indexer.errors import LoupeError
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make loupe's bundled model configs (e.g. `loupe-tiny`) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What names a model: an open_clip config plus either a pretrained tag or a local file."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: str | None = None
+
+    def describe(self) -> str:
+        """A short human-readable name, e.g. 'ViT-B-32/laion2b_s34b_b79k'."""
+        if self.checkpoint:
+            return f"{self.model} (checkpoint {self.checkpoint})"
+        if self.pretrained:
+            return f"{self.model}/{self.pretrained}"
+        return f"{self.model} (random weights)"
+
+
+def model_name_from_checkpoint(path: str) -> str | None:
+    """Read the model name loupe stores in its own checkpoints (None for foreign files).
+
+    Uses torch's memory-mapped loading, so only the small metadata entry is actually read.
+    """
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("model_name"), str):
+        return obj["model_name"]
+    return None
+
+
+def make_spec(model: str | None, pretrained: str | None, checkpoint: str | Path | None) -> ModelSpec:
+    """Turn CLI-style options into a spec, filling defaults and validating the checkpoint path."""
+    if checkpoint is not None:
+        checkpoint = str(Path(checkpoint).expanduser().resolve())
+        if not os.path.isfile(checkpoint):
+            raise LoupeError(f"checkpoint file not found: {checkpoint}")
+        if pretrained:
+            raise LoupeError("pass either --pretrained or --checkpoint, not both")
+        if model is None:
+            model = model_name_from_checkpoint(checkpoint)
+            if model is None:
+                raise LoupeError(
+                    f"{checkpoint} does not record its model name: pass --model (e.g. --model ViT-B-32)"
+                )
+        return ModelSpec(model=model, pretrained=None, checkpoint=checkpoint)
+    if model is None:
+        return ModelSpec()
+    if pretrained is None and model == DEFAULT_MODEL:
+        pretrained = DEFAULT_PRETRAINED
+    return ModelSpec(model=model, pretrained=pretrained or None, checkpoint=None)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, used to bind an index to the exact checkpoint that built it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """'auto' picks CUDA, then Apple MPS, then CPU; an explicit device that is absent is an error."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LoupeError("--device cuda: no CUDA GPU is visible to torch (use --device cpu or auto)")
+        return torch.device(name)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise LoupeError("--device mps: Apple MPS is not available here (use --device cpu or auto)")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise LoupeError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class Encoder:
+    """A loaded open_clip model with its eval transform and tokenizer, ready to embed batches."""
+
+    spec: ModelSpec
+    model: "torch.nn.Module"
+    preprocess: "object"
+    tokenizer: "object"
+    device: "torch.device"
+    dim: int
+    image_size: int
+    _checkpoint_sha: str | None = field(default=None, repr=False)
+
+    @property
+    def weights_id(self) -> str:
+        """Identifies the weights: the pretrained tag, or 'sha256:<hex>' of the checkpoint file."""
+        if self.spec.checkpoint:
+            if self._checkpoint_sha is None:
+                self._checkpoint_sha = file_sha256(self.spec.checkpoint)
+            return f"sha256:{self._checkpoint_sha}"
+        return self.spec.pretrained or "random"
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Embed a preprocessed batch (N, 3, H, W) into L2-normalised float32 rows."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            pixels = pixels.to(self.device, non_blocking=True)
+            feats = self.model.encode_image(pixels)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embed sentences into L2-normalised float32 rows, in batches."""
+        import torch
+
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                feats = self.model.encode_text(tokens)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    if isinstance(size, (tuple, list)):
+        size = max(size)
+    return int(size)
+
+
+def load_encoder(spec: ModelSpec | None = None, device: str = "auto") -> Encoder:
+    """Build the model, eval transform and tokenizer for `spec` on `device`.
+
+    Every failure a user can cause (unknown model, weights not downloadable, bad checkpoint,
+    absent device) becomes a one-line LoupeError that says what to pass instead.
+    """
+    import logging
+
+    spec = spec or ModelSpec()
+    dev = resolve_device(device)
+    import open_clip
+    import torch
+
+    register_model_configs()
+    if spec.model not in open_clip.list_models():
+        raise LoupeError(
+            f"unknown model '{spec.model}': `loupe models` lists the names open_clip knows"
+        )
+    pretrained = spec.checkpoint or spec.pretrained
+    if spec.pretrained and not spec.checkpoint:
+        tags = open_clip.list_pretrained_tags_by_model(spec.model)
+        if spec.pretrained not in tags:
+            hint = ", ".join(tags[:6]) or "none: train one with `loupe train` or pass --checkpoint"
+            raise LoupeError(
+                f"'{spec.pretrained}' is not a pretrained tag of {spec.model} (known: {hint})"
+            )
+    logger = logging.getLogger()
+    old_level = logger.level
+    logger.setLevel(logging.CRITICAL)  # open_clip logs 'no pretrained weights' etc. at WARNING
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=pretrained, device=dev
+        )
+    except FileNotFoundError as exc:
+        raise LoupeError(f"cannot read checkpoint {spec.checkpoint}: {exc}") from None
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if spec.checkpoint:
+            raise LoupeError(
+                f"checkpoint {spec.checkpoint} does not fit model {spec.model}: {msg[:300]}"
+            ) from None
+        raise LoupeError(
+            f"could not load weights {spec.describe()} ({msg[:200]}); without internet, "
+            "pass a local file with --checkpoint FILE (and --model NAME)"
+        ) from None
+    except Exception as exc:  # hub / network / unpickling errors surface with many types
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoupeError(
+            f"could not load weights {spec.describe()} ({type(exc).__name__}: {msg[:200]}); "
+            "without internet, pass a local file with --checkpoint FILE (and --model NAME)"
+        ) from None
+    finally:
+        logger.setLevel(old_level)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    with torch.inference_mode():
+        dim = int(model.encode_text(tokenizer(["probe"]).to(dev)).shape[-1])
+    return Encoder(
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        device=dev,
+        dim=dim,
+        image_size=_image_size(model),
+    )

@@ -1,0 +1,161 @@
+"""Decoding photos for the model: fast, orientation-correct, and safe against bad files.
+
+Every reader in loupe (indexing, queries by image, eval, training) goes through `decode_image`
+so that all of them see exactly the same pixels. JPEGs are decoded in draft mode (libjpeg's
+DCT scaling) straight to the smallest size that still covers the model's input, which makes
+large photos several times cheaper to decode; EXIF orientation is applied afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable
+
+from PIL import Image, ImageFile, ImageOps
+
+try:  # HEIC/HEIF photos (iPhones) when the optional pillow-heif is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - optional
+    pass
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# We enforce the pixel limit ourselves (thread-safe, and reported as a skip reason).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+MAX_PIXELS = int(os.environ.get("LOUPE_MAX_PIXELS", Image.MAX_IMAGE_PIXELS or 89_478_485))
+Image.MAX_IMAGE_PIXELS = None
+
+# Formats Pillow can open without external programs; formats that need Ghostscript or are
+# scientific containers are left out so a folder of PDFs or EPS files is not "bad images".
+_UNWANTED_FORMATS = {"EPS", "PDF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "XVTHUMB"}
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with dot) that loupe tries to index as images."""
+    Image.init()
+    exts = {
+        ext.lower()
+        for ext, fmt in Image.registered_extensions().items()
+        if fmt in Image.OPEN and fmt not in _UNWANTED_FORMATS
+    }
+    exts |= {".heic", ".heif", ".avif"}
+    return frozenset(exts)
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; the message is the skip reason kept in the catalog."""
+
+
+@dataclass
+class ImageInfo:
+    """What the catalog keeps about a picture besides its vector."""
+
+    width: int
+    height: int
+    taken_at: datetime | None
+
+
+def _exif_datetime(img: Image.Image) -> datetime | None:
+    try:
+        exif = img.getexif()
+    except Exception:
+        return None
+    if not exif:
+        return None
+    try:
+        sub = exif.get_ifd(0x8769)  # Exif IFD
+    except Exception:
+        sub = {}
+    for raw in (sub.get(0x9003), sub.get(0x9004), exif.get(0x0132)):  # Original, Digitized, DateTime
+        if isinstance(raw, bytes):
+            raw = raw.decode("ascii", "ignore")
+        if isinstance(raw, str):
+            raw = raw.strip().rstrip("\x00")
+            for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M"):
+                try:
+                    return datetime.strptime(raw[:19], fmt)
+                except ValueError:
+                    continue
+    return None
+
+
+def _open(source: bytes | str | os.PathLike) -> Image.Image:
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
+        raise BadImage("empty file")
+    try:
+        img = Image.open(fp)
+    except FileNotFoundError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except Exception as exc:
+        raise BadImage(f"unreadable header: {exc}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise BadImage(f"invalid size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise BadImage(f"decompression bomb: {w}x{h} pixels exceeds the {MAX_PIXELS} pixel limit")
+    return img
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    w, h = img.size
+    try:
+        if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+            return h, w
+    except Exception:
+        pass
+    return w, h
+
+
+def probe_image(source: bytes | str | os.PathLike) -> ImageInfo:
+    """Read only the header: size (after EXIF rotation) and capture time. No pixel decoding."""
+    with _open(source) as img:
+        w, h = _oriented_size(img)
+        return ImageInfo(width=w, height=h, taken_at=_exif_datetime(img))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def decode_image(
+    source: bytes | str | os.PathLike,
+    min_size: int,
+    transform: Callable[[Image.Image], object] | None = None,
+) -> tuple[object, ImageInfo]:
+    """Decode a picture to RGB at no less than `min_size` on its short side, then `transform` it.
+
+    Returns (transformed image, info). Raises BadImage with a readable reason for anything
+    corrupt, truncated, empty, oversized or not an image. GIFs and other animations use frame 0.
+    """
+    img = _open(source)
+    try:
+        info = ImageInfo(*_oriented_size(img), taken_at=_exif_datetime(img))
+        if img.format == "JPEG" and min_size > 0:
+            img.draft("RGB", (min_size, min_size))
+        try:
+            img.load()
+        except Exception as exc:
+            raise BadImage(f"corrupt or truncated image data: {exc}") from None
+        try:
+            img = ImageOps.exif_transpose(img) or img
+        except Exception:
+            pass  # a broken orientation tag should not lose the photo
+        rgb = _to_rgb(img)
+        return (transform(rgb) if transform is not None else rgb), info
+    finally:
+        img.close()
