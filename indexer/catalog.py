@@ -208,6 +208,10 @@ class Catalog:
             ids = s.scalars(select(Vector.id).where(Vector.kind == kind)).all()
         return np.asarray(ids, dtype=np.int64)
 
+    def count_vectors(self, kind: str) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Vector).where(Vector.kind == kind)) or 0
+
     def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
         """Vectors for `ids`, in that order."""
         out = np.empty((len(ids), dim), dtype=np.float32)
@@ -227,6 +231,8 @@ class Catalog:
     def _insert_vectors(self, s: Session, kind: str, items: list[tuple[str, np.ndarray]]) -> dict[str, int]:
         ids: dict[str, int] = {}
         for content_hash, vec in items:
+            if content_hash in ids:  # the same content twice in one batch
+                continue
             v = Vector(kind=kind, content_hash=content_hash, data=to_blob(vec))
             s.add(v)
             s.flush()
@@ -316,6 +322,14 @@ class Catalog:
             self._gc_vectors(s)
             self._bump(s)
         return removed
+
+    def collect_garbage(self) -> int:
+        """Drop vectors no file or caption uses any more (e.g. the old content of an edited photo)."""
+        with self.session() as s, s.begin():
+            n = self._gc_vectors(s)
+            if n:
+                self._bump(s)
+        return n
 
     def image_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[ImageRow]]:
         """Indexed files per vector id (several when the same content is stored twice)."""

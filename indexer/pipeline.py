@@ -195,7 +195,9 @@ def index_folder(
         if bar is not None:
             bar.close()
     if not report.interrupted and gone:
-        report.removed = catalog.delete_images(gone)
+        report.removed = catalog.delete_images(gone)  # also drops the vectors they alone used
+    elif todo:
+        catalog.collect_garbage()
     store.sync_all()
     report.seconds = time.perf_counter() - t0
     return report

@@ -120,7 +120,7 @@ class Store:
                 index = None  # unreadable file: rebuilt below from the catalog
         if index is not None and (index.dim != meta.dim or (factory and index.factory != factory)):
             index = None
-        if index is not None and index.generation == generation:
+        if index is not None and index.generation == generation and index.ntotal == self.catalog.count_vectors(kind):
             return index, SyncReport(0, 0, False)
         rebuilt = index is None
         if index is None:

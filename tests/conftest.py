@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny real open_clip model saved to a checkpoint, and a CLI runner.
+
+No weights can be downloaded here, so tests build the registered `loupe-tiny` config with
+seeded random weights, save it to a file, and load it through the same path users take.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang ~47 s before failing
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+FLICKR8K = SHARED_DATA / "flickr8k_800"
+
+
+def save_random_model(path: Path, model_name: str = "loupe-tiny", seed: int = 0) -> Path:
+    """Build `model_name` with seeded random weights and save it in loupe's checkpoint format."""
+    import open_clip
+    import torch
+
+    from indexer.encoder import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(model_name, pretrained=None)
+    torch.save({"model_name": model_name, "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return save_random_model(tmp_path_factory.mktemp("models") / "loupe-tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    from indexer.encoder import load_encoder, make_spec
+
+    return load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")
+
+
+@pytest.fixture(scope="session")
+def flickr_images() -> Path:
+    images = FLICKR8K / "images"
+    assert images.is_dir(), f"test data missing: {images} (../shared/data must sit beside the repo)"
+    return images
+
+
+@pytest.fixture
+def photo_dir(tmp_path, flickr_images) -> Path:
+    """A small private copy of real photos that a test may change freely."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted(flickr_images.iterdir())[:12]:
+        shutil.copy2(src, folder / src.name)
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path):
+    from indexer.store import Store
+
+    return Store.open(home=tmp_path / "home")
+
+
+class LoupeRunner:
+    """Runs the real `loupe` command in a subprocess with its own index home."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(HF_HUB_OFFLINE="1", LOUPE_HOME=str(self.home), PYTHONPATH=str(REPO))
+        return env
+
+    def __call__(self, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cli.main", *map(str, args)],
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if ok and proc.returncode != 0:
+            raise AssertionError(f"loupe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *map(str, args)],
+            cwd=REPO,
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+
+@pytest.fixture
+def loupe(tmp_path) -> LoupeRunner:
+    return LoupeRunner(tmp_path / "loupe-home")
