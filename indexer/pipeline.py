@@ -105,6 +105,7 @@ def index_folder(
     report.scan_seconds = time.perf_counter() - t0
 
     known = catalog.hash_to_vector(IMAGE) if todo else {}
+    in_flight: set[str] = set()  # hashes being embedded in this run: their copies wait, not re-embed
 
     def load(job: tuple[FileEntry, object]) -> _Loaded:
         entry, state = job
@@ -114,8 +115,9 @@ def index_folder(
         row_id = state.id if state is not None else None
         if state is not None and state.content_hash == h and state.status == "ok":
             return _Loaded(entry, row_id, "touch", h)
-        if h in known:
+        if h in known or h in in_flight:
             return _Loaded(entry, row_id, "reuse", h, info=probe_image(data))
+        in_flight.add(h)
         tensor, info = decode_image(data, encoder.image_size, encoder.preprocess)
         return _Loaded(entry, row_id, "embed", h, tensor=tensor, info=info)
 
@@ -126,6 +128,7 @@ def index_folder(
         bar = tqdm(total=len(todo), desc="indexing", unit="img", dynamic_ncols=True, smoothing=0.1)
 
     records: list[ImageRecord] = []
+    waiting: list[ImageRecord] = []  # copies of content whose vector is not committed yet
     touches: list[tuple[int, int, int]] = []
     batch: list[_Loaded] = []
     batches_done = 0
@@ -158,6 +161,10 @@ def index_folder(
         if records or new_vectors:
             catalog.write_images(records, new_vectors, known)
             records.clear()
+        ready = [w for w in waiting if w.content_hash in known]
+        if ready:
+            catalog.write_images(ready, [], known)
+            waiting[:] = [w for w in waiting if w.content_hash not in known]
         if touches:
             catalog.touch_images(touches)
             touches.clear()
@@ -174,7 +181,7 @@ def index_folder(
                 touches.append((result.row_id, entry.size, entry.mtime_ns))
                 report.touched += 1
             elif result.action == "reuse":
-                records.append(record(result))
+                (records if result.content_hash in known else waiting).append(record(result))
                 report.reused += 1
             else:
                 batch.append(result)

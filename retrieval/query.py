@@ -92,20 +92,23 @@ def parse_query(words: Sequence[str]) -> list[Term]:
             sign = 1.0
         pending, pending_quoted = [], False
 
+    last_was_operator = False
     for tok, quoted in tokens:
         if not quoted and tok in ("+", "-"):
-            if not pending and terms:
+            if last_was_operator:
                 raise LoupeError(f"two operators in a row in query near '{tok}'")
             close()
             sign = -1.0 if tok == "-" else 1.0
+            last_was_operator = True
             continue
+        last_was_operator = False
         if quoted and pending:
             close()
         pending.append(tok)
         pending_quoted = quoted
         if quoted:
             close()
-    if not pending and (not terms or tokens[-1][0] in ("+", "-")):
+    if last_was_operator:
         raise LoupeError("query ends with an operator")
     close()
     if all(t.weight <= 0 for t in terms):
