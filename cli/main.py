@@ -41,7 +41,9 @@ def run() -> None:
 
     _register()
     try:
-        app(standalone_mode=False, prog_name="loupe")
+        code = app(standalone_mode=False, prog_name="loupe")  # returns typer.Exit codes here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LoupeError as exc:
         typer.echo(f"loupe: error: {exc}", err=True)
         sys.exit(1)
