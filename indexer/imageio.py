@@ -156,6 +156,8 @@ def decode_image(
         except Exception:
             pass  # a broken orientation tag should not lose the photo
         rgb = _to_rgb(img)
-        return (transform(rgb) if transform is not None else rgb), info
+        if transform is not None:
+            return transform(rgb), info
+        return (rgb.copy() if rgb is img else rgb), info  # `img` is closed below
     finally:
         img.close()
