@@ -73,7 +73,7 @@ def test_draft_mode_decodes_large_jpegs_small_but_not_below_model_size():
     [
         (b"", "empty"),
         (b"hello, I am text", "not an image"),
-        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, ""),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "corrupt|truncated|unreadable|not an image"),
     ],
 )
 def test_bad_inputs_raise_badimage(data, reason):
