@@ -264,6 +264,10 @@ class Catalog:
                 bytes(row[0]): ImageState(row[1], row[2], row[3], row[4], row[5]) for row in s.execute(q)
             }
 
+    def image_id(self, path_key: bytes) -> int | None:
+        with self.session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.path_key == path_key))
+
     def write_images(
         self, records: Iterable[ImageRecord], new_vectors: list[tuple[str, np.ndarray]], known: dict[str, int]
     ) -> int:

@@ -281,9 +281,9 @@ def remove_items(store: Store, paths: list[str | os.PathLike]) -> RemoveReport:
     row_ids: list[int] = []
     for p in paths:
         key = path_key_of(p)
-        under = catalog.image_states(key)
-        exact = catalog.image_states(None).get(key) if not under else None
-        ids = [s.id for s in under.values()] + ([exact.id] if exact else [])
+        ids = [s.id for s in catalog.image_states(key).values()]  # a folder's files
+        exact = catalog.image_id(key)  # or the file itself
+        ids += [exact] if exact is not None else []
         removed_captions = catalog.delete_captions(os.path.abspath(p)) if not ids else 0
         if not ids and not removed_captions:
             raise LoupeError(f"nothing indexed at {os.path.abspath(p)}")
