@@ -46,6 +46,7 @@ def index(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", min=1, help="Decode threads (default: one per core).")] = None,
+    index_factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS factory string for the vector index, e.g. 'IVF1024,SQ8' or 'HNSW32,Flat'; kept for later runs ('auto': chosen by size).")] = None,
     home: HomeOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
@@ -60,8 +61,15 @@ def index(
     for folder in folders:
         if not folder.is_dir():
             raise fail(f"not a folder: {folder}")
+    import functools
+
     store = _store(home, db)
-    encoder = _encoder_for(store, model, pretrained, checkpoint, device)
+    meta = store.meta()
+    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device))
+    # the index's own model is loaded only once a file needs embedding: a no-change re-scan never loads it
+    encoder = load() if (model or pretrained or checkpoint or meta is None) else load
+    if index_factory:
+        store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     for folder in folders:
         report = index_folder(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
         if as_json:
@@ -136,18 +144,19 @@ def search(
 ) -> None:
     """Search the index by sentence, by image, or both (text->image, image->image, image->text)."""
     from retrieval.query import parse_query
-    from retrieval.search import Filters, open_searcher, parse_date
+    from retrieval.server import search_via_server
 
     terms = parse_query(query)
-    filters = Filters(
-        folder=str(folder) if folder else None,
-        globs=list(glob or []),
-        after=parse_date(after) if after else None,
-        before=parse_date(before, end=True) if before else None,
-        date_field=date_field,
+    target = "text" if captions else "image"
+    hits = search_via_server(
+        home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device
     )
-    searcher = open_searcher(home, db, model, pretrained, checkpoint, device)
-    hits = searcher.search(terms, target="text" if captions else "image", k=k, filters=filters, min_score=min_score)
+    if hits is None:  # no `loupe serve` running for this index and model: search in this process
+        from retrieval.search import Filters, open_searcher
+
+        filters = Filters.parse(folder, glob, after, before, date_field)
+        searcher = open_searcher(home, db, model, pretrained, checkpoint, device, preload=(target,))
+        hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:
         for hit in hits:
             typer.echo(json.dumps(hit.to_json(), ensure_ascii=False))

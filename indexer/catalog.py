@@ -112,6 +112,14 @@ class CaptionRow(Base):
     vector_id: Mapped[int] = mapped_column(ForeignKey("vectors.id"), index=True)
 
 
+class Setting(Base):
+    """A named option that outlives any one run (e.g. the FAISS factory chosen with --index-factory)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
 @dataclass
 class ImageState:
     """What a re-scan needs to decide whether a file changed: one row per path, one query."""
@@ -194,6 +202,25 @@ class Catalog:
     def generation(self) -> int:
         with self.session() as s:
             return s.scalar(select(Meta.generation).where(Meta.id == 1)) or 0
+
+    def setting(self, key: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(Setting.value).where(Setting.key == key))
+
+    def set_setting(self, key: str, value: str | None) -> bool:
+        """Store (or, with None, clear) a setting; a change bumps the generation so readers notice it."""
+        with self.session() as s, s.begin():
+            old = s.get(Setting, key)
+            if (old.value if old else None) == value:
+                return False
+            if value is None:
+                s.delete(old)
+            elif old is None:
+                s.add(Setting(key=key, value=value))
+            else:
+                old.value = value
+            self._bump(s)
+        return True
 
     def _bump(self, s: Session) -> None:
         s.execute(update(Meta).where(Meta.id == 1).values(generation=Meta.generation + 1, updated_at=utcnow()))

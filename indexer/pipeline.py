@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class _Loaded:
 
 def index_folder(
     store: Store,
-    encoder: "Encoder",
+    encoder: "Encoder | Callable[[], Encoder]",
     root: str | os.PathLike,
     batch_size: int = 32,
     workers: int | None = None,
@@ -76,15 +77,16 @@ def index_folder(
     """Bring the catalog and vector index in line with the images under `root`.
 
     `max_batches` stops after that many model batches as if interrupted (used by tests to
-    prove that a resumed run ends where an uninterrupted one does).
+    prove that a resumed run ends where an uninterrupted one does). `encoder` may be a function
+    that loads it: it is then called only if some file needs embedding, so a re-scan that
+    finds nothing new costs no model load.
     """
-    import torch
-
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise LoupeError(f"not a folder: {root_path}")
     t0 = time.perf_counter()
-    store.bind(encoder)
+    if not callable(encoder):
+        store.bind(encoder)
     catalog = store.catalog
     root_abs = os.path.abspath(root_path)
     report = IndexReport(root=root_abs)
@@ -103,6 +105,9 @@ def index_folder(
     gone = [s.id for s in states.values()]
     report.ignored, report.walk_errors = walk_stats.ignored, walk_stats.errors
     report.scan_seconds = time.perf_counter() - t0
+    if callable(encoder) and (todo or store.meta() is None):
+        encoder = encoder()
+        store.bind(encoder)
 
     known = catalog.hash_to_vector(IMAGE) if todo else {}
     in_flight: set[str] = set()  # hashes being embedded in this run: their copies wait, not re-embed
@@ -150,6 +155,8 @@ def index_folder(
         nonlocal batches_done
         new_vectors: list[tuple[str, np.ndarray]] = []
         if embed and batch:
+            import torch  # here, not at the top: a run with nothing to embed never imports it
+
             t = time.perf_counter()
             vecs = encoder.encode_images(torch.stack([b.tensor for b in batch]))
             report.encode_seconds += time.perf_counter() - t

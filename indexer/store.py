@@ -17,7 +17,11 @@ import numpy as np
 from indexer.catalog import IMAGE, TEXT, Catalog, Meta
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
-from indexer.vectors import DEFAULT_FACTORY, VectorIndex
+from indexer.vectors import AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, read_side_file
+
+
+FACTORY_SETTING = "index_factory"
+ADD_CHUNK = 100_000
 
 
 @dataclass
@@ -98,6 +102,21 @@ class Store:
             )
 
     # ---- vector indices -------------------------------------------------------------------
+    def index_factory(self) -> str:
+        """The FAISS factory setting: a factory string, or 'auto' (chosen by collection size)."""
+        return self.catalog.setting(FACTORY_SETTING) or AUTO
+
+    def set_index_factory(self, factory: str, dim: int) -> bool:
+        """Remember `factory` ('auto' to go back to automatic) for every later sync; True if it changed.
+
+        Checked by building an empty index first, so a bad string fails before any work.
+        """
+        factory = factory.strip()
+        if factory.lower() == AUTO:
+            return self.catalog.set_setting(FACTORY_SETTING, None)
+        VectorIndex.create(dim, factory)
+        return self.catalog.set_setting(FACTORY_SETTING, factory)
+
     def vector_index(self, kind: str, factory: str | None = None) -> VectorIndex:
         """The FAISS index for `kind`, synced to the catalog if it lags behind."""
         if kind in self._indices:
@@ -107,45 +126,122 @@ class Store:
         self._indices[kind] = index
         return index
 
-    def sync(self, kind: str, meta: Meta | None = None, factory: str | None = None) -> tuple[VectorIndex, SyncReport]:
-        """Make the FAISS file of `kind` hold exactly the catalog's vectors; save it if changed."""
+    def sync(
+        self, kind: str, meta: Meta | None = None, factory: str | None = None, load: bool = True
+    ) -> tuple[VectorIndex | None, SyncReport]:
+        """Make the FAISS file of `kind` hold exactly the catalog's vectors; save it if changed.
+
+        The index kind follows `factory`, else the stored setting, else the collection size
+        (see `choose_factory`); a file of another kind is rebuilt. With `load=False` a file
+        whose side file says it is current is not even read (returns None for the index).
+        """
         meta = meta or self.require_meta()
         path = self.location.vector_file(kind)
         generation = self.catalog.generation()
+        n = self.catalog.count_vectors(kind)
+        exists = path.exists()
+        side_gen, side_factory, side_n = read_side_file(path) if exists else (-1, None, None)
+        wanted = choose_factory(n, factory or self.index_factory(), side_factory)
+        if not load and exists and (side_gen, side_factory, side_n) == (generation, wanted, n):
+            return None, SyncReport(0, 0, False)
         index = None
-        if path.exists():
+        if exists and side_factory == wanted:
+            current = (side_gen, side_n) == (generation, n)
             try:
-                index = VectorIndex.load(path)
+                index = VectorIndex.load(path, mmap=current)  # a current file is only searched: map it
             except Exception:
                 index = None  # unreadable file: rebuilt below from the catalog
-        if index is not None and (index.dim != meta.dim or (factory and index.factory != factory)):
+        if index is not None and index.dim != meta.dim:
             index = None
-        if index is not None and index.generation == generation and index.ntotal == self.catalog.count_vectors(kind):
+        if index is not None and index.generation == generation and index.ntotal == n:
+            self._attach(index, meta)
             return index, SyncReport(0, 0, False)
+        index, report = self._update(kind, index, meta, wanted)
+        index.save(path, generation)
+        return index, report
+
+    def _update(self, kind: str, index: VectorIndex | None, meta: Meta, factory: str) -> tuple[VectorIndex, SyncReport]:
+        """Apply the catalog's id difference to `index` (building a new `factory` index if None).
+
+        An index that cannot remove ids in place (HNSW, refine...) is rebuilt when ids went away.
+        """
+        if index is not None and index.mmapped:
+            index = VectorIndex.load(self.location.vector_file(kind))  # writable copy of the file
+            index = index if index.factory == factory and index.dim == meta.dim else None
+        want = self.catalog.vector_ids(kind)
+        have = index.ids() if index is not None else np.zeros(0, np.int64)
+        extra = np.setdiff1d(have, want, assume_unique=True)
+        if index is not None and len(extra) and not index.can_remove:
+            index, have, extra = None, np.zeros(0, np.int64), extra[:0]
         rebuilt = index is None
         if index is None:
-            index = VectorIndex.create(meta.dim, factory or DEFAULT_FACTORY)
-        want = self.catalog.vector_ids(kind)
-        have = index.ids()
+            index = VectorIndex.create(meta.dim, factory)
+            if not index.is_trained:
+                index.train(self.catalog.load_vectors(_training_sample(want, factory), meta.dim))
         missing = np.setdiff1d(want, have, assume_unique=True)
-        extra = np.setdiff1d(have, want, assume_unique=True)
         index.remove(extra)
-        if len(missing):
-            index.add(missing, self.catalog.load_vectors(missing, meta.dim))
-        index.save(path, generation)
+        for start in range(0, len(missing), ADD_CHUNK):  # bounded memory on a large rebuild
+            part = missing[start : start + ADD_CHUNK]
+            index.add(part, self.catalog.load_vectors(part, meta.dim))
+        self._attach(index, meta)
         return index, SyncReport(int(len(missing)), int(len(extra)), rebuilt)
 
-    def sync_all(self) -> dict[str, SyncReport]:
+    def _attach(self, index: VectorIndex, meta: Meta) -> None:
+        """Let an approximate index re-score its candidates against the catalog's float vectors."""
+        if not index.exact:
+            index.exact_vectors = lambda ids: self.catalog.load_vectors(ids, meta.dim)
+
+    def loaded_indices(self) -> dict[str, VectorIndex]:
+        return dict(self._indices)
+
+    def refresh(self) -> bool:
+        """For a long-lived reader: bring the loaded indices in line with a catalog that changed.
+
+        Cheap when nothing changed (one query for the generation). Otherwise the difference is
+        applied in memory, without rewriting files (the writer saves them); a file rebuilt with
+        another factory by the writer is read instead. Returns True when something was reloaded.
+        """
+        generation = self.catalog.generation()
+        stale = {k: i for k, i in self._indices.items() if i.generation != generation}
+        if not stale:
+            return False
+        meta = self.require_meta()
+        for kind, index in stale.items():
+            path = self.location.vector_file(kind)
+            side_gen, side_factory, _ = read_side_file(path)
+            wanted = choose_factory(self.catalog.count_vectors(kind), self.index_factory(), index.factory)
+            if side_gen == generation and side_factory == wanted and wanted != index.factory:
+                fresh = VectorIndex.load(path)
+                self._attach(fresh, meta)
+            else:
+                fresh, _ = self._update(kind, index if wanted == index.factory else None, meta, wanted)
+                fresh.generation = generation
+            self._indices[kind] = fresh
+        return True
+
+    def sync_all(self, load: bool = False) -> dict[str, SyncReport]:
+        """Bring both FAISS files in line with the catalog (files already current are not read)."""
         meta = self.require_meta()
         out = {}
         for kind in (IMAGE, TEXT):
-            index, report = self.sync(kind, meta)
-            self._indices[kind] = index
+            self._indices.pop(kind, None)
+            index, report = self.sync(kind, meta, load=load)
+            if index is not None:
+                self._indices[kind] = index
             out[kind] = report
         return out
 
     def vector_files(self) -> list[Path]:
         return [self.location.vector_file(k) for k in (IMAGE, TEXT)]
+
+
+def _training_sample(ids: np.ndarray, factory: str, seed: int = 0) -> np.ndarray:
+    """Ids of the vectors to train `factory` on: 64 per IVF list (FAISS uses at most 256), sorted."""
+    nlist = ivf_lists(factory)
+    size = 64 * nlist if nlist else max(min_train_size(factory), 50_000)
+    if len(ids) <= size:
+        return ids
+    return np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
 
 
 def _meta_describe(meta: Meta) -> str:
@@ -223,7 +319,11 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
             stored = store.catalog.load_vectors(picked, meta.dim)
             try:
                 got = np.stack([index.reconstruct(int(i)) for i in picked])
-                bad = int(np.sum(np.abs(got - stored).max(axis=1) > 1e-3))
+                if index.exact:
+                    bad = int(np.sum(np.abs(got - stored).max(axis=1) > 1e-3))
+                else:  # quantised storage (SQ8, PQ...) holds an approximation of each vector
+                    cos = np.sum(got * stored, axis=1) / np.maximum(np.linalg.norm(got, axis=1), 1e-12)
+                    bad = int(np.sum(cos < 0.95))
                 if bad:
                     problems.append(f"{kind} index: {bad} of {len(picked)} sampled vectors differ from the catalog")
             except RuntimeError:

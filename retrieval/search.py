@@ -60,6 +60,20 @@ class Filters:
     def active(self) -> bool:
         return bool(self.folder or self.globs or self.after or self.before)
 
+    @classmethod
+    def parse(
+        cls, folder: str | os.PathLike | None, globs: Sequence[str] | None, after: str | None, before: str | None,
+        date_field: str = "auto",
+    ) -> "Filters":
+        """Filters from command-line style values (dates as YYYY[-MM[-DD]]); shared by CLI and server."""
+        return cls(
+            folder=str(folder) if folder else None,
+            globs=list(globs or []),
+            after=parse_date(after) if after else None,
+            before=parse_date(before, end=True) if before else None,
+            date_field=date_field,
+        )
+
 
 @dataclass
 class Hit:
@@ -219,8 +233,16 @@ def open_searcher(
     pretrained: str | None = None,
     checkpoint: str | Path | None = None,
     device: str = "auto",
+    preload: Sequence[str] = (),
 ) -> Searcher:
-    """Open the index and load its model (the one it was built with, unless told otherwise)."""
+    """Open the index and load its model (the one it was built with, unless told otherwise).
+
+    The vector indices named in `preload` ('image', 'text') are read in a second thread while
+    the model loads (both mostly run outside the GIL), so a cold search pays for the larger
+    of the two, not their sum.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from indexer.encoder import load_encoder, make_spec
     from indexer.store import spec_from_meta
 
@@ -230,4 +252,9 @@ def open_searcher(
         spec = make_spec(model or (meta.model if checkpoint or pretrained else None), pretrained, checkpoint)
     else:
         spec = spec_from_meta(meta)
-    return Searcher(store, load_encoder(spec, device))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
+        loading = [pool.submit(store.vector_index, kind) for kind in preload]
+        encoder = load_encoder(spec, device)
+        for job in loading:
+            job.result()
+    return Searcher(store, encoder)

@@ -1,0 +1,119 @@
+"""What every benchmark shares: the machine description, random-weight checkpoints, timing helpers.
+
+No weights can be downloaded here, so benchmarks build the real open_clip architecture with
+seeded random weights and save it in loupe's checkpoint format. Speed does not depend on the
+weights' values, so the figures hold for the pretrained model of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+OUT = REPO / "benchmarks" / "out"
+FLICKR = REPO.parent / "shared" / "data" / "flickr8k_800" / "images"
+CAPTIONS = REPO.parent / "shared" / "data" / "flickr8k_800" / "captions.json"
+PYTHON = sys.executable
+
+
+def checkpoint(model: str = "ViT-B-32") -> Path:
+    """A random-weight checkpoint of `model` under benchmarks/out/models (made once)."""
+    from tests.conftest import save_random_model
+
+    path = OUT / "models" / f"{model}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_random_model(path, model)
+    return path
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict:
+    """CPU, cores, memory, library versions, date and load: what a figure depends on."""
+    import faiss
+    import numpy
+    import open_clip
+    import PIL
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem_gb = None
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "open_clip": open_clip.__version__,
+        "faiss": faiss.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "cuda": torch.cuda.is_available(),
+        "load_average_at_start": load_average(),
+    }
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def loupe_env(home: Path | None = None, **extra: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), LOUPE_NO_SERVER="1")
+    if home is not None:
+        env["LOUPE_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def run_loupe(args: list[str], home: Path, check: bool = True, **extra_env: str) -> tuple[float, subprocess.CompletedProcess]:
+    """Run `loupe ARGS` as a user would, in a fresh process; (wall seconds, result)."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [PYTHON, "-m", "cli.main", *map(str, args)], cwd=REPO, env=loupe_env(home, **extra_env), capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"loupe {' '.join(map(str, args))} failed:\n{proc.stderr}")
+    return wall, proc
+
+
+def write_json(name: str, data: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    path.write_text(json.dumps(data, indent=2, default=str))
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,159 @@
+"""`loupe serve` as a user runs it: a real subprocess on a free loopback port, real model, real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from indexer.locations import resolve_location
+from retrieval.server import read_state, state_file
+
+START_TIMEOUT = 180  # model load on a busy 2-core machine
+
+
+def wait_for_state(path, proc: subprocess.Popen):
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        state = read_state(path)
+        if state is not None and state.pid == proc.pid:
+            return state
+        if proc.poll() is not None:
+            raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("loupe serve did not start in time")
+
+
+def http(state, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{state.url}{path}", data=data, method=method, headers=headers or {})
+    if data is not None and not headers:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def server(loupe, tiny_checkpoint, photo_dir):
+    loupe("index", photo_dir, "--checkpoint", tiny_checkpoint)
+    proc = loupe.popen("serve", "--port", "0")
+    path = state_file(resolve_location(loupe.home))
+    try:
+        yield wait_for_state(path, proc), proc, path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def in_process(loupe, *args: str) -> subprocess.CompletedProcess:
+    env_before = os.environ.get("LOUPE_NO_SERVER")
+    os.environ["LOUPE_NO_SERVER"] = "1"
+    try:
+        return loupe(*args, ok=False)
+    finally:
+        if env_before is None:
+            del os.environ["LOUPE_NO_SERVER"]
+        else:
+            os.environ["LOUPE_NO_SERVER"] = env_before
+
+
+def test_search_goes_through_the_server_with_identical_output(server, loupe, photo_dir):
+    state, proc, path = server
+    assert state.catalog == resolve_location(loupe.home).url and state.model == "loupe-tiny"
+    status, health = http(state, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["pid"] == proc.pid and health["queries"] == 0
+
+    photo = sorted(photo_dir.iterdir())[3]
+    queries = [
+        ["a dog runs on the grass", "-k", "5", "--json"],
+        ["a dog runs on the grass", "-k", "4"],
+        [str(photo), "-k", "3", "--json"],
+        ['"2:beach" + a dog - "people"', "--glob", "*.jpg", "--min-score", "-1", "--json"],
+        ["children playing", "--in", str(photo_dir), "--after", "2000", "--json"],
+    ]
+    for n, args in enumerate(queries, 1):
+        served = loupe("search", *args)
+        assert http(state, "GET", "/health")[1]["queries"] == n  # answered by the server
+        local = in_process(loupe, "search", *args)
+        assert (served.returncode, served.stdout, served.stderr) == (local.returncode, local.stdout, local.stderr)
+    top = json.loads(loupe("search", str(photo), "-k", "1", "--json").stdout)
+    assert top["path"] == str(photo) and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # a query error is the same one-line error either way
+    bad = loupe("search", "a dog", "--after", "last week", ok=False)
+    assert bad.returncode == 1 and bad.stderr == in_process(loupe, "search", "a dog", "--after", "last week").stderr
+    assert bad.stderr.startswith("loupe: error: cannot read date")
+
+    status, body = http(state, "POST", "/search", {"terms": [{"weight": 1, "kind": "text", "value": "a dog"}], "k": 2})
+    assert status == 200 and [h["rank"] for h in body["hits"]] == [1, 2]
+
+
+def test_server_picks_up_index_changes(server, loupe, photo_dir, flickr_images):
+    state, proc, _ = server
+    new = photo_dir / "late-arrival.jpg"
+    shutil.copy2(sorted(flickr_images.iterdir())[100], new)
+    assert "1 embedded" in loupe("index", photo_dir).stdout
+    hit = json.loads(loupe("search", str(new), "-k", "1", "--json").stdout)
+    assert hit["path"] == str(new) and http(state, "GET", "/health")[1]["queries"] == 1
+    loupe("remove", new)
+    paths = [json.loads(line)["path"] for line in loupe("search", "a photo", "-k", "20", "--json").stdout.splitlines()]
+    assert str(new) not in paths and len(paths) == 12
+
+
+def test_server_refuses_foreign_requests(server):
+    state, _, _ = server
+    status, _ = http(state, "GET", "/health", headers={"Host": "evil.example:80"})
+    assert status == 403
+    status, body = http(state, "POST", "/search", {"terms": []}, headers={"Content-Type": "text/plain"})
+    assert status == 415
+    status, body = http(state, "GET", "/nope")
+    assert status == 404
+
+
+def test_clean_shutdown_and_fallback(server, loupe):
+    state, proc, path = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "server stopped" in proc.stderr.read()
+    assert not path.exists()
+    out = loupe("search", "a dog", "-k", "2")  # no server: searched in-process
+    assert len(out.stdout.splitlines()) == 3
+
+
+def test_stale_state_file_is_ignored(loupe, tiny_checkpoint, photo_dir):
+    loupe("index", photo_dir, "--checkpoint", tiny_checkpoint)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = state_file(resolve_location(loupe.home))
+    path.write_text(json.dumps({
+        "pid": dead.pid, "port": 9, "catalog": resolve_location(loupe.home).url, "model": "loupe-tiny",
+        "pretrained": None, "checkpoint": str(tiny_checkpoint), "device": "auto", "started": 0, "version": 1,
+    }))
+    assert len(loupe("search", "a dog", "-k", "2").stdout.splitlines()) == 3
+
+
+def test_trimmed_text_encoding_matches_open_clip(tiny_encoder):
+    """Dropping the padding after end-of-text (what makes warm queries fast) changes no vector."""
+    import torch
+
+    from indexer.encoder import encode_text_trimmed
+
+    texts = ["a dog", "two children play on a sandy beach", "x " * 40]  # short, longer, truncated
+    tokens = tiny_encoder.tokenizer(texts)
+    with torch.inference_mode():
+        full = tiny_encoder.model.encode_text(tokens)
+        for i in range(len(texts)):
+            one = encode_text_trimmed(tiny_encoder.model, tokens[i : i + 1])
+            assert torch.allclose(one, full[i : i + 1], atol=1e-5)
+        assert torch.allclose(encode_text_trimmed(tiny_encoder.model, tokens[:2]), full[:2], atol=1e-5)
