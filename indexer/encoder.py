@@ -159,6 +159,8 @@ class Encoder:
         import torch
 
         with torch.inference_mode(), self._autocast():
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()  # page-locked, so the copy below is truly asynchronous
             pixels = pixels.to(self.device, non_blocking=True)
             feats = self.model.encode_image(pixels)
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
