@@ -275,7 +275,10 @@ def main() -> None:
     text_q, image_q = world.texts(a.queries), world.images(a.queries, seed=99)
     sentences = captions(a.warm_queries)
     out = {"machine": machine(), "synthetic": {"spread": a.spread}, "sizes": []}
-    out["text_encoding_in_process"] = text_encoding(encoder, sentences)
+    out["text_encoding_in_process"] = {"fp32": text_encoding(encoder, sentences)}
+    precision = encoder.set_text_precision("auto")  # what `loupe search` / `loupe serve` use here
+    if precision != "fp32":
+        out["text_encoding_in_process"][precision] = text_encoding(encoder, sentences)
     print(f"text encoding alone: {out['text_encoding_in_process']}")
     compared = False
     for n in (int(s) for s in a.sizes.split(",")):

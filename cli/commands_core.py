@@ -11,7 +11,9 @@ from typing import Annotated, List, Optional
 import typer
 
 from cli.main import app, fail
-from cli.options import BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt
+from cli.options import (
+    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt, TextPrecisionOpt,
+)
 
 
 def _store(home, db):
@@ -139,6 +141,7 @@ def search(
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
+    text_precision: TextPrecisionOpt = "auto",
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
@@ -149,13 +152,14 @@ def search(
     terms = parse_query(query)
     target = "text" if captions else "image"
     hits = search_via_server(
-        home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device
+        home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
+        text_precision,
     )
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
         from retrieval.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
-        searcher = open_searcher(home, db, model, pretrained, checkpoint, device, preload=(target,))
+        searcher = open_searcher(home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision)
         hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:
         for hit in hits:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.main import app
-from cli.options import CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, ModelOpt, PretrainedOpt
+from cli.options import CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, ModelOpt, PretrainedOpt, TextPrecisionOpt
 
 
 @app.command()
@@ -17,6 +17,7 @@ def serve(
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
+    text_precision: TextPrecisionOpt = "auto",
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
@@ -29,10 +30,10 @@ def serve(
     from retrieval.search import open_searcher
     from retrieval.server import serve as run_server
 
-    searcher = open_searcher(home, db, model, pretrained, checkpoint, device)
+    searcher = open_searcher(home, db, model, pretrained, checkpoint, device, text_precision=text_precision, long_lived=True)
 
     def ready(state) -> None:
-        typer.echo(f"loupe: serving {searcher.store.describe()} with {searcher.encoder.spec.describe()} on {state.url}", err=True)
+        typer.echo(f"loupe: serving {searcher.store.describe()} with {searcher.encoder.spec.describe()} on {state.url} (query text in {state.text_precision})", err=True)
 
     run_server(searcher, port=port, device=device, on_ready=ready)
     typer.echo("loupe: server stopped", err=True)

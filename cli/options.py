@@ -22,6 +22,13 @@ CheckpointOpt = Annotated[
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")
 ]
+TextPrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--text-precision",
+        help="Query text encoding on CPU: auto (bf16 where the CPU has AMX/AVX512-BF16: faster, cosine ~0.9999 to fp32), fp32, or bf16.",
+    ),
+]
 HomeOpt = Annotated[
     Optional[Path],
     typer.Option("--home", help="Where the catalog and vector files live (default $LOUPE_HOME or the user data dir).", envvar="LOUPE_HOME"),

@@ -34,14 +34,21 @@ class SyncReport:
 class Store:
     """Open (or create) the index at a location."""
 
-    def __init__(self, location: Location) -> None:
+    def __init__(self, location: Location, map_files: bool = True) -> None:
+        """`map_files`: memory-map a current IVF file instead of reading it (`VectorIndex.load`).
+
+        Mapping suits a process that searches once (1M vectors open in 0.05 s instead of 0.35 s);
+        a long-lived searcher should read the file, since a query over mapped lists is slower
+        (100k vectors: 3.9 ms instead of 1.4 ms, measured).
+        """
         self.location = location
         self.catalog = Catalog(location.url)
+        self.map_files = map_files
         self._indices: dict[str, VectorIndex] = {}
 
     @classmethod
-    def open(cls, home: str | Path | None = None, db: str | None = None) -> "Store":
-        return cls(resolve_location(home, db))
+    def open(cls, home: str | Path | None = None, db: str | None = None, map_files: bool = True) -> "Store":
+        return cls(resolve_location(home, db), map_files)
 
     def meta(self) -> Meta | None:
         return self.catalog.meta()
@@ -148,7 +155,7 @@ class Store:
         if exists and side_factory == wanted:
             current = (side_gen, side_n) == (generation, n)
             try:
-                index = VectorIndex.load(path, mmap=current)  # a current file is only searched: map it
+                index = VectorIndex.load(path, mmap=current and self.map_files)  # only searched: may map it
             except Exception:
                 index = None  # unreadable file: rebuilt below from the catalog
         if index is not None and index.dim != meta.dim:

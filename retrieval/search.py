@@ -234,19 +234,26 @@ def open_searcher(
     checkpoint: str | Path | None = None,
     device: str = "auto",
     preload: Sequence[str] = (),
+    text_precision: str = "auto",
+    long_lived: bool = False,
 ) -> Searcher:
     """Open the index and load its model (the one it was built with, unless told otherwise).
 
     The vector indices named in `preload` ('image', 'text') are read in a second thread while
     the model loads (both mostly run outside the GIL), so a cold search pays for the larger
-    of the two, not their sum.
+    of the two, not their sum. `text_precision` is the query encoder's (`Encoder.set_text_precision`);
+    `long_lived` (a server) reads index files into memory rather than mapping them.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from indexer.encoder import load_encoder, make_spec
     from indexer.store import spec_from_meta
 
-    store = Store.open(home, db)
+    from indexer.encoder import TEXT_PRECISIONS
+
+    if text_precision not in TEXT_PRECISIONS:
+        raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
+    store = Store.open(home, db, map_files=not long_lived)
     meta = store.require_meta()
     if model or pretrained or checkpoint:
         spec = make_spec(model or (meta.model if checkpoint or pretrained else None), pretrained, checkpoint)
@@ -255,6 +262,7 @@ def open_searcher(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = [pool.submit(store.vector_index, kind) for kind in preload]
         encoder = load_encoder(spec, device)
+        encoder.set_text_precision(text_precision)
         for job in loading:
             job.result()
     return Searcher(store, encoder)

@@ -7,7 +7,8 @@ model) so that `loupe search` finds it, and before each query checks the catalog
 a concurrent `loupe index` is picked up without a restart.
 
 Endpoints (JSON in and out):
-    GET  /health   -> {"status": "ok", "pid", "catalog", "model", "generation", "queries", "vectors"}
+    GET  /health   -> {"status": "ok", "pid", "catalog", "model", "text_precision", "generation",
+                       "queries", "vectors"}
     POST /search   <- {"terms": [{"weight", "kind", "value"}], "target": "image"|"text", "k",
                        "min_score", "folder", "globs", "after", "before", "date_field"}
                    -> {"hits": [{"rank", "score", "kind", "vector_id", "fields", "json"}]}
@@ -22,10 +23,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,7 @@ from retrieval.query import Term
 HOST = "127.0.0.1"
 STATE_VERSION = 1
 CLIENT_TIMEOUT = 60.0  # seconds for one search; a server that does not answer is bypassed
+REQUEST_TIMEOUT = 5.0  # seconds the server waits on a client that is slow to send its request
 
 
 def state_file(location: Location) -> Path:
@@ -55,6 +56,7 @@ class ServerState:
     checkpoint: str | None
     device: str
     started: float
+    text_precision: str = "fp32"
     version: int = STATE_VERSION
 
     @property
@@ -66,45 +68,24 @@ class ServerState:
 
 
 class SearchService:
-    """A Searcher whose work all runs on the thread that loaded the model, one query at a time.
+    """A Searcher that answers one query at a time on the thread that loaded the model.
 
-    HTTP threads only queue jobs: torch gives every thread that runs ops its own OpenMP team,
-    and once more OpenMP threads exist than cores, libgomp stops spinning between operations;
-    a text query then took ~25 ms instead of ~14 ms on two cores (measured).
+    The HTTP server runs on that same thread, one request after another: torch gives every
+    thread that runs ops its own OpenMP team, and once more OpenMP threads exist than cores,
+    libgomp stops spinning between operations; a text query answered from a second thread took
+    ~25 ms instead of ~14 ms on two cores, and handing requests from HTTP threads to the model
+    thread still cost 1-1.5 ms a query (measured, RESULTS.md). Queries are serial either way.
     """
 
     def __init__(self, searcher) -> None:
-        import queue
-
         self.searcher = searcher
-        self.jobs: queue.Queue = queue.Queue()
         self.queries = 0
 
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """Have the model thread run `fn`; wait for its result (or exception)."""
-        from concurrent.futures import Future
-
-        future: Future = Future()
-        self.jobs.put((fn, future))
-        return future.result()
-
-    def loop(self) -> None:
-        """Answer queued jobs until interrupted (call on the model's thread)."""
-        import queue
-
-        while True:
-            try:
-                fn, future = self.jobs.get(timeout=0.2)  # wakes up for signals
-            except queue.Empty:
-                continue
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
-                    future.set_exception(exc)
-
     def _refresh(self) -> None:
+        """Catch up with changes made by `loupe index` since the last query (one query when none)."""
         store = self.searcher.store
+        if store.catalog.generation() == self.searcher.meta.generation:
+            return
         meta = store.require_meta()
         if (meta.weights_id, meta.dim) != (self.searcher.meta.weights_id, self.searcher.meta.dim):
             raise RuntimeError("the index was rebuilt with another model: restart `loupe serve`")
@@ -112,9 +93,6 @@ class SearchService:
         store.refresh()
 
     def health(self) -> dict:
-        return self.run(self._health)
-
-    def _health(self) -> dict:
         self._refresh()
         store = self.searcher.store
         return {
@@ -122,6 +100,7 @@ class SearchService:
             "pid": os.getpid(),
             "catalog": store.location.url,
             "model": self.searcher.encoder.spec.describe(),
+            "text_precision": self.searcher.encoder.text_precision,
             "generation": self.searcher.meta.generation,
             "queries": self.queries,
             "vectors": {kind: index.ntotal for kind, index in store.loaded_indices().items()},
@@ -137,15 +116,11 @@ class SearchService:
             request.get("date_field") or "auto",
         )
 
-        def answer() -> list:
-            self._refresh()
-            found = self.searcher.search(
-                terms, target=target, k=int(request.get("k", 10)), filters=filters, min_score=request.get("min_score")
-            )
-            self.queries += 1
-            return found
-
-        hits = self.run(answer)
+        self._refresh()
+        hits = self.searcher.search(
+            terms, target=target, k=int(request.get("k", 10)), filters=filters, min_score=request.get("min_score")
+        )
+        self.queries += 1
         return {
             "hits": [
                 {"rank": h.rank, "score": h.score, "kind": h.kind, "vector_id": h.vector_id, "fields": h.fields, "json": h.to_json()}
@@ -163,22 +138,12 @@ class SearchService:
                 store.vector_index(kind)
         self.searcher.encoder.encode_texts(["a photo"])
 
-    def close(self) -> None:
-        """Fail whatever is still queued (the server is stopping)."""
-        import queue
-
-        while True:
-            try:
-                _, future = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            future.set_exception(RuntimeError("loupe serve is stopping"))
-
 
 def _handler(service: SearchService, port_ref: list[int]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "loupe"
-        protocol_version = "HTTP/1.1"
+        protocol_version = "HTTP/1.0"  # one request per connection: an idle client cannot hold the server
+        timeout = REQUEST_TIMEOUT  # nor can one that stalls mid-request
         disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error only
@@ -243,32 +208,28 @@ def serve(
     service = SearchService(searcher)
     service.warm_up()
     port_ref = [port]
-    httpd = ThreadingHTTPServer((HOST, port), _handler(service, port_ref))
-    httpd.daemon_threads = True
+    httpd = HTTPServer((HOST, port), _handler(service, port_ref))
     port_ref[0] = httpd.server_address[1]
     spec = searcher.encoder.spec
     state = ServerState(
         pid=os.getpid(), port=port_ref[0], catalog=searcher.store.location.url, model=spec.model,
         pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device, started=time.time(),
+        text_precision=searcher.encoder.text_precision,
     )
     path = state_file(searcher.store.location)
     from indexer.vectors import _atomic_write
 
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(state))))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    http_thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="loupe-http", daemon=True)
     try:
-        http_thread.start()
         if on_ready is not None:
             on_ready(state)
-        service.loop()  # this (the model's) thread answers queries until SIGTERM or Ctrl-C
+        httpd.serve_forever(poll_interval=0.2)  # on this (the model's) thread, until SIGTERM or Ctrl-C
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        httpd.shutdown()
         httpd.server_close()
-        service.close()
         current = read_state(path)
         if current is not None and current.pid == os.getpid():
             path.unlink(missing_ok=True)
@@ -316,9 +277,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _serves_model(state: ServerState, model: str | None, pretrained: str | None, checkpoint: Any, device: str) -> bool:
+def _serves_model(
+    state: ServerState, model: str | None, pretrained: str | None, checkpoint: Any, device: str, text_precision: str = "auto"
+) -> bool:
     """Whether the server's model is the one `loupe search` with these options would load."""
-    if device not in ("auto", state.device):
+    if device not in ("auto", state.device) or text_precision not in ("auto", state.text_precision):
         return False
     if not (model or pretrained or checkpoint):
         return True  # the server opened this index, so its model is the one the index is bound to
@@ -329,7 +292,7 @@ def _serves_model(state: ServerState, model: str | None, pretrained: str | None,
 
 def find_server(
     home: Any = None, db: str | None = None, model: str | None = None, pretrained: str | None = None,
-    checkpoint: Any = None, device: str = "auto",
+    checkpoint: Any = None, device: str = "auto", text_precision: str = "auto",
 ) -> ServerState | None:
     """The running server for this index and model, if there is one."""
     if os.environ.get("LOUPE_NO_SERVER") == "1":
@@ -337,7 +300,7 @@ def find_server(
     state = read_state(state_file(resolve_location(home, db)))
     if state is None or state.catalog != resolve_location(home, db).url or not _alive(state.pid):
         return None
-    return state if _serves_model(state, model, pretrained, checkpoint, device) else None
+    return state if _serves_model(state, model, pretrained, checkpoint, device, text_precision) else None
 
 
 def request(state: ServerState, method: str, path: str, body: dict | None = None, timeout: float = CLIENT_TIMEOUT) -> tuple[int, dict]:
@@ -371,6 +334,7 @@ def search_via_server(
     pretrained: str | None = None,
     checkpoint: Any = None,
     device: str = "auto",
+    text_precision: str = "auto",
 ) -> list[RemoteHit] | None:
     """Run the search on a matching `loupe serve`; None when there is none (search in-process then).
 
@@ -378,7 +342,7 @@ def search_via_server(
     from the server is raised as the same LoupeError the in-process search would raise; a
     server that fails in any other way is bypassed.
     """
-    state = find_server(home, db, model, pretrained, checkpoint, device)
+    state = find_server(home, db, model, pretrained, checkpoint, device, text_precision)
     if state is None:
         return None
     body = {

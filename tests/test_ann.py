@@ -137,6 +137,8 @@ def test_refresh_applies_changes_in_memory(synthetic_store, tmp_path):
     reader = Store.open(home=tmp_path / "home")
     assert reader.vector_index(IMAGE).ntotal == 1_000
     assert reader.vector_index(IMAGE).mmapped  # a current IVF file is mapped, not read
+    server_side = Store.open(home=tmp_path / "home", map_files=False)  # long-lived: read, faster queries
+    assert not server_side.vector_index(IMAGE).mmapped and server_side.vector_index(IMAGE).ntotal == 1_000
     assert not reader.refresh()
     new = insert_images(writer, WORLD.images(5, seed=11), root="/late")  # catalog only, no FAISS save
     assert reader.refresh()

@@ -11,8 +11,10 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
+from indexer.errors import LoupeError
 from indexer.locations import resolve_location
 from retrieval.server import read_state, state_file
 
@@ -157,3 +159,62 @@ def test_trimmed_text_encoding_matches_open_clip(tiny_encoder):
             one = encode_text_trimmed(tiny_encoder.model, tokens[i : i + 1])
             assert torch.allclose(one, full[i : i + 1], atol=1e-5)
         assert torch.allclose(encode_text_trimmed(tiny_encoder.model, tokens[:2]), full[:2], atol=1e-5)
+
+
+def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
+    """bf16 text weights give the fp32 vectors to ~1e-3 and leave the image tower alone."""
+    import torch
+
+    from indexer.encoder import cpu_has_bf16, load_encoder, make_spec
+    from indexer.imageio import decode_image
+
+    texts = ["a dog runs on the grass", "two children play on a sandy beach", "a red car"]
+    reference = tiny_encoder.encode_texts(texts)
+    pixels = torch.stack([
+        decode_image(p.read_bytes(), tiny_encoder.image_size, tiny_encoder.preprocess)[0]
+        for p in sorted(flickr_images.iterdir())[:4]
+    ])
+    images = tiny_encoder.encode_images(pixels)
+
+    fresh = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")  # cast in place: not the shared fixture
+    assert fresh.set_text_precision("fp32") == "fp32"
+    assert np.array_equal(fresh.encode_texts(texts), reference)
+    with pytest.raises(LoupeError, match="text precision"):
+        fresh.set_text_precision("fp8")
+    assert fresh.set_text_precision("bf16") == "bf16" == fresh.text_precision
+    half = fresh.encode_texts(texts)
+    assert half.dtype == np.float32 and np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    cosines = (half * reference).sum(axis=1)
+    assert cosines.min() > 0.999 and not np.array_equal(half, reference)  # close, and really bf16
+    assert np.array_equal(fresh.encode_images(pixels), images)
+    # the ranking of captions for each image barely moves
+    assert ((images @ half.T).argmax(axis=1) == (images @ reference.T).argmax(axis=1)).all()
+
+    auto = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")
+    assert auto.set_text_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_search_uses_a_server_only_with_the_same_text_precision(tiny_checkpoint):
+    from retrieval.server import ServerState, _serves_model
+
+    state = ServerState(
+        pid=1, port=9, catalog="sqlite:///x", model="loupe-tiny", pretrained=None, checkpoint=str(tiny_checkpoint),
+        device="auto", started=0.0, text_precision="bf16",
+    )
+    assert _serves_model(state, None, None, None, "auto", "auto")
+    assert _serves_model(state, None, None, None, "auto", "bf16")
+    assert not _serves_model(state, None, None, None, "auto", "fp32")
+
+
+def test_idle_client_does_not_hold_the_server(server):
+    """Requests are answered one at a time; a client that connects and sends nothing is dropped."""
+    import socket
+
+    from retrieval.server import REQUEST_TIMEOUT
+
+    state, _, _ = server
+    with socket.create_connection(("127.0.0.1", state.port)):
+        start = time.monotonic()
+        status, health = http(state, "GET", "/health")
+        assert status == 200 and health["text_precision"] in ("fp32", "bf16")
+        assert time.monotonic() - start < REQUEST_TIMEOUT + 10
