@@ -246,10 +246,8 @@ def open_searcher(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from indexer.encoder import load_encoder, make_spec
+    from indexer.encoder import TEXT_PRECISIONS, load_encoder, make_spec
     from indexer.store import spec_from_meta
-
-    from indexer.encoder import TEXT_PRECISIONS
 
     if text_precision not in TEXT_PRECISIONS:
         raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
