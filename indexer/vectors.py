@@ -281,8 +281,8 @@ class VectorIndex:
         """
         faiss = faiss_module()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
-        _atomic_write(side_file(path), lambda tmp: Path(tmp).write_text(f"{generation}\n{self.factory}\n{self.ntotal}\n"))
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
+        atomic_write(side_file(path), lambda tmp: Path(tmp).write_text(f"{generation}\n{self.factory}\n{self.ntotal}\n"))
         self.generation = generation
 
 
@@ -323,7 +323,8 @@ def read_side_file(path: Path) -> tuple[int, str, int | None]:
     return generation, factory, ntotal
 
 
-def _atomic_write(path: Path, writer) -> None:
+def atomic_write(path: Path, writer) -> None:
+    """Have `writer` fill a temporary file beside `path`, fsync it, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

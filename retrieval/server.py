@@ -217,9 +217,9 @@ def serve(
         text_precision=searcher.encoder.text_precision,
     )
     path = state_file(searcher.store.location)
-    from indexer.vectors import _atomic_write
+    from indexer.vectors import atomic_write
 
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(state))))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(state))))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if on_ready is not None:
