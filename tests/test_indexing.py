@@ -17,15 +17,29 @@ from indexer.store import Store, check_store
 
 
 def catalog_snapshot(store: Store) -> dict:
-    """Path -> (hash, status, vector bytes) for every catalogued file: what 'same catalog' means."""
+    """Path -> (hash, status, reason, vector) for every catalogued file: what 'same catalog' means."""
     rows = list(store.catalog.iter_image_rows())
     ids = [r.vector_id for r in rows if r.vector_id is not None]
     vecs = store.catalog.load_vectors(ids, store.meta().dim) if ids else np.zeros((0, 0))
     by_id = {vid: vecs[n] for n, vid in enumerate(ids)}
     return {
-        os.path.basename(r.path): (r.content_hash, r.status, r.reason, by_id[r.vector_id].round(5).tobytes() if r.vector_id else None)
+        os.path.basename(r.path): (r.content_hash, r.status, r.reason, by_id[r.vector_id] if r.vector_id else None)
         for r in rows
     }
+
+
+def assert_same_catalog(a: dict, b: dict) -> None:
+    """Same files, hashes, statuses and reasons; vectors equal up to float rounding.
+
+    A photo embedded in a batch of another size (or with another thread count) differs in its
+    last bits on some CPUs, so vectors are compared by cosine, never by bytes.
+    """
+    assert {name: row[:3] for name, row in a.items()} == {name: row[:3] for name, row in b.items()}
+    for name, row in a.items():
+        va, vb = row[3], b[name][3]
+        assert (va is None) == (vb is None), name
+        if va is not None:
+            assert float(va @ vb) >= 0.99999, (name, float(va @ vb))
 
 
 def test_flickr_folder_end_to_end(store, tiny_encoder, flickr_images):
@@ -78,7 +92,7 @@ def test_incremental_add_change_delete_rename_duplicate(store, tiny_encoder, pho
     # the state equals a fresh index of the same folder
     fresh = Store.open(home=photo_dir.parent / "fresh-home")
     index_folder(fresh, tiny_encoder, photo_dir)
-    assert catalog_snapshot(store) == catalog_snapshot(fresh)
+    assert_same_catalog(catalog_snapshot(store), catalog_snapshot(fresh))
 
 
 def _jpeg_bytes(color=(200, 30, 30), size=(64, 48)) -> bytes:
@@ -151,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_catalog(tmp_path, tiny_encoder, fli
     assert not r2.interrupted and r1.embedded + r2.embedded == 100
     straight = Store.open(home=tmp_path / "b")
     index_folder(straight, tiny_encoder, folder, batch_size=16)
-    assert catalog_snapshot(interrupted) == catalog_snapshot(straight)
+    assert_same_catalog(catalog_snapshot(interrupted), catalog_snapshot(straight))
 
 
 def test_stale_faiss_file_is_repaired_from_the_catalog(store, tiny_encoder, photo_dir):

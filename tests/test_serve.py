@@ -178,15 +178,17 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
 
     fresh = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")  # cast in place: not the shared fixture
     assert fresh.set_text_precision("fp32") == "fp32"
-    assert np.array_equal(fresh.encode_texts(texts), reference)
+    # fp32 stays fp32: equal to rounding (a fresh copy of the weights may sit at other addresses,
+    # which can change a BLAS kernel's path), far below the ~1e-3 that bf16 weights move a vector
+    assert np.allclose(fresh.encode_texts(texts), reference, rtol=0, atol=1e-6)
     with pytest.raises(LoupeError, match="text precision"):
         fresh.set_text_precision("fp8")
     assert fresh.set_text_precision("bf16") == "bf16" == fresh.text_precision
     half = fresh.encode_texts(texts)
     assert half.dtype == np.float32 and np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
     cosines = (half * reference).sum(axis=1)
-    assert cosines.min() > 0.999 and not np.array_equal(half, reference)  # close, and really bf16
-    assert np.array_equal(fresh.encode_images(pixels), images)
+    assert cosines.min() > 0.999 and np.abs(half - reference).max() > 1e-4  # close, and really bf16
+    assert np.allclose(fresh.encode_images(pixels), images, rtol=0, atol=1e-6)  # image tower untouched
     # the ranking of captions for each image barely moves
     assert ((images @ half.T).argmax(axis=1) == (images @ reference.T).argmax(axis=1)).all()
 
