@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
+import sys
 import time
 
 import pytest
@@ -47,7 +48,6 @@ def test_readme_journey_on_flickr8k(loupe, tiny_checkpoint, flickr_images):
         (["index", ".", "--checkpoint", "/no/such.pt"], "checkpoint file not found"),
         (["search", "a dog"], "no index at"),
         (["index", ".", "--model", "ViT-Nope", "--checkpoint", __file__], "unknown model"),
-        (["index", ".", "--device", "cuda", "--model", "loupe-tiny"], "CUDA"),
         (["index-text", "/no/such.txt"], "caption file not found"),
         (["search", "dog", "+"], "operator"),
     ],
@@ -58,6 +58,33 @@ def test_errors_are_one_line(loupe, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("loupe: error:") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def absent_devices() -> list[str]:
+    """Devices this host lacks: CUDA without a GPU, an ordinal past the last GPU, MPS off a Mac."""
+    import torch
+
+    absent = [f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"]
+    if sys.platform != "darwin":
+        absent.append("mps")
+    return absent
+
+
+def test_absent_devices_are_refused():
+    from indexer.encoder import resolve_device
+    from indexer.errors import LoupeError
+
+    for name in [*absent_devices(), "cuda:99", "cuda:x", "tpu"]:
+        with pytest.raises(LoupeError, match=r"--device|unknown device"):
+            resolve_device(name)
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+
+
+def test_absent_device_is_a_one_line_cli_error(loupe, tiny_checkpoint):
+    proc = loupe("index", ".", "--device", absent_devices()[0], "--checkpoint", tiny_checkpoint, ok=False, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("loupe: error: --device"), proc.stderr
 
 
 def test_wrong_checkpoint_for_index_and_no_pretrained_tag(loupe, tiny_checkpoint, photo_dir, tmp_path):
