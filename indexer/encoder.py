@@ -263,13 +263,16 @@ def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     n = int(ends.max()) + 1
     if n >= tokens.shape[1]:
         return model.encode_text(tokens)
-    from open_clip.transformer import text_global_pool
-
     tokens = tokens[:, :n]
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
-    x = model.ln_final(model.transformer(x, attn_mask=mask[:n, :n]))
-    x = text_global_pool(x, tokens, pool, eos_token_id=getattr(model, "text_eos_id", None))
+    # open_clip 2.24's Transformer (no `batch_first` attribute) takes (L, N, D); 2.32 and later (N, L, D)
+    sequence_first = not hasattr(model.transformer, "batch_first")
+    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=mask[:n, :n])
+    x = model.ln_final(x.transpose(0, 1) if sequence_first else x)
+    # the pooling open_clip's `text_global_pool` does for 'argmax' and 'eos', done here: its
+    # signature changed across releases (2.24 returns a (pooled, tokens) pair; eos_token_id came in 3.1)
+    x = x[torch.arange(x.shape[0], device=x.device), ends]
     proj = model.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
