@@ -24,15 +24,10 @@ def _store(home, db):
 
 def _encoder_for(store, model, pretrained, checkpoint, device):
     """The model to index with: the options if given, else the one the index is bound to."""
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.store import spec_from_meta
+    from indexer.encoder import load_encoder, resolve_spec
+    from indexer.store import bound_spec
 
-    meta = store.meta()
-    if meta is not None and not (model or pretrained or checkpoint):
-        spec = spec_from_meta(meta)
-    else:
-        spec = make_spec(model, pretrained, checkpoint)
-    return load_encoder(spec, device)
+    return load_encoder(resolve_spec(model, pretrained, checkpoint, bound_spec(store.meta())), device)
 
 
 def _show_progress() -> bool:

@@ -40,13 +40,13 @@ def eval_command(
     workers: WorkersOpt = None,
 ) -> None:
     """Recall@1/5/10 of a model on a captioned image set, text->image and image->text (exact search)."""
-    from indexer.encoder import load_encoder, make_spec
+    from indexer.encoder import load_encoder, resolve_spec
     from retrieval.annotations import load_annotations
     from retrieval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
 
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
-    encoder = load_encoder(make_spec(model, pretrained, checkpoint), device)
+    encoder = load_encoder(resolve_spec(model, pretrained, checkpoint), device)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
         index_factory=index_factory, workers=workers, progress=_show_progress(),

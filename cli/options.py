@@ -9,11 +9,11 @@ import typer
 
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="open_clip model name (default ViT-B-32, or the index's model)."),
+    typer.Option("--model", "-m", help="open_clip model name (default: the index's model, else ViT-B-32 with laion2b_s34b_b79k)."),
 ]
 PretrainedOpt = Annotated[
     Optional[str],
-    typer.Option("--pretrained", help="open_clip pretrained tag, fetched into open_clip's cache (default laion2b_s34b_b79k)."),
+    typer.Option("--pretrained", help="open_clip pretrained tag of --model (or of the index's model), fetched into open_clip's cache."),
 ]
 CheckpointOpt = Annotated[
     Optional[Path],

@@ -54,6 +54,10 @@ class ModelSpec:
             return f"{self.model}/{self.pretrained}"
         return f"{self.model} (random weights)"
 
+    def describe_bound(self) -> str:
+        """How an index's binding reads in messages (same wording as the catalog check's)."""
+        return self.describe() if (self.checkpoint or self.pretrained) else self.model
+
 
 def model_name_from_checkpoint(path: str) -> str | None:
     """Read the model name loupe stores in its own checkpoints (None for foreign files).
@@ -72,25 +76,104 @@ def model_name_from_checkpoint(path: str) -> str | None:
 
 
 def make_spec(model: str | None, pretrained: str | None, checkpoint: str | Path | None) -> ModelSpec:
-    """Turn CLI-style options into a spec, filling defaults and validating the checkpoint path."""
-    if checkpoint is not None:
+    """`resolve_spec` for a command without an index (kept for callers that predate it)."""
+    return resolve_spec(model, pretrained, checkpoint)
+
+
+def resolve_spec(
+    model: str | None,
+    pretrained: str | None,
+    checkpoint: str | Path | None,
+    bound: ModelSpec | None = None,
+    *,
+    allow_random: bool = False,
+    check_tags: bool = True,
+) -> ModelSpec:
+    """The one place where --model/--pretrained/--checkpoint and the index's model become a spec.
+
+    `bound` is the model the index was built with (None: no index yet). No option means the
+    index's model, else ViT-B-32/laion2b_s34b_b79k. A checkpoint supplies its recorded model
+    name (a file that records none takes --model, else the index's model); --model must agree
+    with it. --pretrained needs --model, unless the index's model has that tag. --model alone
+    means the index's model when it names it, ViT-B-32's default tag, or random weights only
+    where `allow_random` (loupe train from a config). Options naming another model than the
+    index's are refused here, before any weights load. `check_tags=False` skips importing
+    open_clip (the server client), knowing only the index's own tag.
+    """
+    if checkpoint is not None and str(checkpoint) != "":
+        if pretrained:
+            raise LoupeError("pass either --pretrained or --checkpoint, not both")
         checkpoint = str(Path(checkpoint).expanduser().resolve())
         if not os.path.isfile(checkpoint):
             raise LoupeError(f"checkpoint file not found: {checkpoint}")
-        if pretrained:
-            raise LoupeError("pass either --pretrained or --checkpoint, not both")
+        if bound is not None and checkpoint == bound.checkpoint:
+            recorded = bound.model  # the file the index was built from: known to hold its model
+        else:
+            recorded = model_name_from_checkpoint(checkpoint)
+        if model is not None and recorded is not None and model != recorded:
+            raise LoupeError(f"{checkpoint} records model {recorded}, not {model}: drop --model or pass another file")
+        model = model or recorded or (bound.model if bound is not None else None)
         if model is None:
-            model = model_name_from_checkpoint(checkpoint)
-            if model is None:
-                raise LoupeError(
-                    f"{checkpoint} does not record its model name: pass --model (e.g. --model ViT-B-32)"
-                )
-        return ModelSpec(model=model, pretrained=None, checkpoint=checkpoint)
-    if model is None:
-        return ModelSpec()
-    if pretrained is None and model == DEFAULT_MODEL:
-        pretrained = DEFAULT_PRETRAINED
-    return ModelSpec(model=model, pretrained=pretrained or None, checkpoint=None)
+            raise LoupeError(f"{checkpoint} does not record its model name: pass --model (e.g. --model ViT-B-32)")
+        spec = ModelSpec(model=model, pretrained=None, checkpoint=checkpoint)
+    elif pretrained:
+        if model is None:
+            if bound is None or not _has_tag(bound.model, pretrained, bound, check_tags):
+                owner = f" (not a tag of this index's model {bound.model})" if bound is not None else ""
+                raise LoupeError(f"--pretrained {pretrained} needs --model{owner}, e.g. --model ViT-B-32 --pretrained {pretrained}")
+            model = bound.model
+        elif check_tags and not _has_tag(model, pretrained, bound, check_tags):
+            tags = _pretrained_tags(model)
+            if tags is not None:  # an unknown model name is load_encoder's error
+                hint = ", ".join(tags[:6]) or "none: train one with `loupe train` or pass --checkpoint"
+                raise LoupeError(f"'{pretrained}' is not a pretrained tag of {model} (known: {hint})")
+        spec = ModelSpec(model=model, pretrained=pretrained, checkpoint=None)
+    elif model is not None:
+        if bound is not None and model == bound.model:
+            spec = bound
+        elif model == DEFAULT_MODEL:
+            spec = ModelSpec(model=model, pretrained=DEFAULT_PRETRAINED, checkpoint=None)
+        elif allow_random or bound is not None:  # with an index, the binding check below speaks
+            spec = ModelSpec(model=model, pretrained=None, checkpoint=None)
+        else:
+            if _pretrained_tags(model) is None:
+                raise LoupeError(f"unknown model '{model}': `loupe models` lists the names open_clip knows")
+            raise LoupeError(
+                f"--model {model} names an architecture, not weights: add --pretrained TAG "
+                "(`loupe models` lists them) or --checkpoint FILE"
+            )
+    elif bound is not None:
+        if bound.checkpoint and not os.path.isfile(bound.checkpoint):
+            raise LoupeError(
+                f"this index was built with checkpoint {bound.checkpoint}, which no longer exists: pass --checkpoint FILE"
+            )
+        return bound
+    else:
+        spec = ModelSpec()
+    if bound is not None and (
+        spec.model != bound.model or (not spec.checkpoint and (spec.pretrained != bound.pretrained or bound.checkpoint))
+    ):
+        raise LoupeError(
+            f"this index was built with {bound.describe_bound()}, not {spec.describe()}: "
+            "use that model, or another --home/--db for a new index"
+        )
+    return spec
+
+
+def _pretrained_tags(model: str) -> list[str] | None:
+    """open_clip's pretrained tags for `model` (None: a name open_clip does not know)."""
+    import open_clip
+
+    register_model_configs()
+    if model not in open_clip.list_models():
+        return None
+    return list(open_clip.list_pretrained_tags_by_model(model))
+
+
+def _has_tag(model: str, tag: str, bound: ModelSpec | None, check_tags: bool) -> bool:
+    if bound is not None and (model, tag) == (bound.model, bound.pretrained):
+        return True
+    return check_tags and tag in (_pretrained_tags(model) or [])
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

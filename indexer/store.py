@@ -259,15 +259,20 @@ def _meta_describe(meta: Meta) -> str:
     return meta.model
 
 
-def spec_from_meta(meta: Meta) -> "ModelSpec":
-    """The model an index was built with, so search and add need no model options."""
+def bound_spec(meta: Meta | None) -> "ModelSpec | None":
+    """The model an index is bound to, as recorded (its checkpoint file may have moved since)."""
     from indexer.encoder import ModelSpec
 
-    if meta.checkpoint_path and not os.path.isfile(meta.checkpoint_path):
-        raise LoupeError(
-            f"this index was built with checkpoint {meta.checkpoint_path}, which no longer exists: pass --checkpoint FILE"
-        )
+    if meta is None:
+        return None
     return ModelSpec(model=meta.model, pretrained=meta.pretrained, checkpoint=meta.checkpoint_path)
+
+
+def spec_from_meta(meta: Meta) -> "ModelSpec":
+    """The model an index was built with, so search and add need no model options."""
+    from indexer.encoder import resolve_spec
+
+    return resolve_spec(None, None, None, bound_spec(meta))
 
 
 @dataclass

@@ -246,17 +246,14 @@ def open_searcher(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from indexer.encoder import TEXT_PRECISIONS, load_encoder, make_spec
-    from indexer.store import spec_from_meta
+    from indexer.encoder import TEXT_PRECISIONS, load_encoder, resolve_spec
+    from indexer.store import bound_spec
 
     if text_precision not in TEXT_PRECISIONS:
         raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
     store = Store.open(home, db, map_files=not long_lived)
     meta = store.require_meta()
-    if model or pretrained or checkpoint:
-        spec = make_spec(model or (meta.model if checkpoint or pretrained else None), pretrained, checkpoint)
-    else:
-        spec = spec_from_meta(meta)
+    spec = resolve_spec(model, pretrained, checkpoint, bound_spec(meta))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = [pool.submit(store.vector_index, kind) for kind in preload]
         encoder = load_encoder(spec, device)

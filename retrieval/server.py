@@ -285,9 +285,15 @@ def _serves_model(
         return False
     if not (model or pretrained or checkpoint):
         return True  # the server opened this index, so its model is the one the index is bound to
-    if checkpoint:
-        return not pretrained and os.path.abspath(os.path.expanduser(str(checkpoint))) == state.checkpoint and model in (None, state.model)
-    return state.checkpoint is None and model in (None, state.model) and pretrained == state.pretrained
+    if checkpoint and os.path.realpath(os.path.expanduser(str(checkpoint))) != state.checkpoint:
+        return False  # (a copy of the same weights elsewhere: searched in-process, which checks it)
+    from indexer.encoder import ModelSpec, resolve_spec
+
+    served = ModelSpec(model=state.model, pretrained=state.pretrained, checkpoint=state.checkpoint)
+    try:  # the server's model is the index's: resolve the options as `loupe search` would
+        return resolve_spec(model, pretrained, checkpoint, served, check_tags=False) == served
+    except LoupeError:
+        return False  # the in-process search reports the error
 
 
 def find_server(

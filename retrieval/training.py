@@ -202,7 +202,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from indexer.encoder import load_encoder, make_spec
+    from indexer.encoder import load_encoder, resolve_spec
 
     if opts.freeze_image and opts.freeze_text:
         raise LoupeError("--freeze-image and --freeze-text together leave nothing to train")
@@ -212,7 +212,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult
         raise LoupeError("--steps and --epochs must be at least 1")
     ann = load_annotations(opts.annotations)
     bound = bind_images(ann, opts.images, allow_missing=False)
-    spec = make_spec(opts.model, opts.pretrained, opts.checkpoint)
+    spec = resolve_spec(opts.model, opts.pretrained, opts.checkpoint, allow_random=True)  # a bare config trains from scratch
     from_scratch = not (spec.pretrained or spec.checkpoint)
     base_lr = opts.lr if opts.lr is not None else (LR_FROM_SCRATCH if from_scratch else LR_FINE_TUNE)
 
