@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_query.py --sizes 10000 --repeats 3   # quick
 
 For each size, a catalog bound to ViT-B-32 (random weights: same speed as the pretrained
-model) is filled with CLIP-like synthetic image vectors (benchmarks/synthetic.py: the modality
+model) is filled with CLIP-like synthetic image vectors (indexer/synthetic.py: the modality
 gap and a topic structure) and the vector index is built exactly as `loupe index` builds it
 (size-chosen factory). Measured, side by side in one run:
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from common import CAPTIONS, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, write_json
 
-from benchmarks.synthetic import ClipLike, insert_images, stats
+from indexer.synthetic import ClipLike, insert_images, stats
 
 BARE = (
     "import open_clip\n"

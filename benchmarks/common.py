@@ -31,7 +31,7 @@ PYTHON = sys.executable
 
 def checkpoint(model: str = "ViT-B-32") -> Path:
     """A random-weight checkpoint of `model` under benchmarks/out/models (made once)."""
-    from tests.conftest import save_random_model
+    from indexer.random_weights import save_random_model
 
     path = OUT / "models" / f"{model}.pt"
     if not path.exists():

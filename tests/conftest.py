@@ -15,26 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from indexer.random_weights import save_random_model  # noqa: F401  (tests import it from here too)
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang ~47 s before failing
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 FLICKR8K = SHARED_DATA / "flickr8k_800"
-
-
-def save_random_model(path: Path, model_name: str = "loupe-tiny", seed: int = 0) -> Path:
-    """Build `model_name` with seeded random weights and save it in loupe's checkpoint format."""
-    import open_clip
-    import torch
-
-    from indexer.encoder import register_model_configs
-
-    register_model_configs()
-    torch.manual_seed(seed)
-    model = open_clip.create_model(model_name, pretrained=None)
-    torch.save({"model_name": model_name, "state_dict": model.state_dict()}, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from benchmarks.synthetic import ClipLike, bind_meta, insert_images
+from indexer.synthetic import ClipLike, bind_meta, insert_images
 from indexer import vectors
 from indexer.catalog import IMAGE, ImageRow, Meta, Vector
 from indexer.errors import LoupeError
