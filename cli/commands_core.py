@@ -122,7 +122,7 @@ def index_text(
 
 @app.command()
 def search(
-    query: Annotated[List[str], typer.Argument(help='Sentence, image path, or a mix: \'"2:beach" + ./dog.jpg - "people"\'.')],
+    query: Annotated[List[str], typer.Argument(help='Sentence, image path, or a weighted mix: \'"2:beach" + ./dog.jpg - "people"\' (grammar above).')],
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
     captions: Annotated[bool, typer.Option("--captions", help="Search the caption corpus instead of the images.")] = False,
     min_score: Annotated[Optional[float], typer.Option("--min-score", help="Drop results below this cosine similarity.")] = None,
@@ -140,7 +140,22 @@ def search(
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Search the index by sentence, by image, or both (text->image, image->image, image->text)."""
+    """Search the index by sentence, by image, or both (text->image, image->image, image->text).
+
+    Words are text; "quoted" text is always text, whatever it contains.
+
+    An image is a term that clearly is a path: it starts with / ./ ../ ~/
+    or ends in an image extension (.jpg .png ...); img:PATH forces one
+    (img:"my photo" for a name with spaces). A word that names a file in
+    the current folder stays text; a missing image file is an error.
+
+    W: starts a weighted term: 2:beach, 0.5:./dog.jpg, 2:"a beach", "2:a beach".
+    A number after the colon is text: 10:30 sunset, 4:3 photo.
+
+    + and - standing alone add and subtract terms, but only when the query
+    has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
+    are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
+    """
     from retrieval.query import parse_query
     from retrieval.server import search_via_server
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 try:  # HEIC/HEIF photos (iPhones) when the optional pillow-heif is installed
@@ -121,9 +122,43 @@ def probe_image(source: bytes | str | os.PathLike) -> ImageInfo:
         return ImageInfo(width=w, height=h, taken_at=_exif_datetime(img))
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _scaled_to_8_bits(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel picture as 8-bit 'L', scaled, not clipped.
+
+    Pillow's own `convert` clips these to 0..255, so a 16-bit scan (values up to 65535) comes out
+    white and a float picture in [0, 1] black. Scaling: 16-bit data (I;16*, and 'I' whose values
+    all lie in 0..65535) maps 0..65535 to 0..255; a float picture ('F') whose finite values lie in
+    [0, 1] is multiplied by 255; any other 'I' or 'F' picture is stretched from its minimum to its
+    maximum (non-finite values count as the minimum, or the maximum for +inf); a constant one
+    keeps its value, clipped to 0..255. (Pillow already reduces 16-bit RGB and RGBA to 8 bits.)
+    """
+    values = np.asarray(img)
+    if img.mode in _SIXTEEN_BIT_MODES or (
+        img.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535
+    ):
+        out = (values.astype(np.uint32) * 255 + 32767) // 65535
+        return Image.fromarray(out.astype(np.uint8))
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        out = values * 255.0
+    elif hi > lo:
+        out = (values - lo) * (255.0 / (hi - lo))
+    else:
+        out = np.full(values.shape, min(max(lo, 0.0), 255.0))
+    return Image.fromarray(np.rint(np.clip(out, 0, 255)).astype(np.uint8))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return _scaled_to_8_bits(img).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -93,6 +93,21 @@ def _row_date(row: ImageRow, date_field: str) -> datetime:
     return datetime.fromtimestamp(row.mtime_ns / 1e9)
 
 
+def _row_passes(row: ImageRow, filters: Filters, folder_key: bytes | None) -> bool:
+    """Whether one file passes `filters`; `folder_key` is the folder's `path_key_of`, if any."""
+    if folder_key is not None and not row.path_key.startswith(prefix_bounds(folder_key)[0]):
+        return False
+    if filters.globs and not any(
+        fnmatch.fnmatch(row.path, g) or fnmatch.fnmatch(os.path.basename(row.path), g) for g in filters.globs
+    ):
+        return False
+    if filters.after or filters.before:
+        when = _row_date(row, filters.date_field)
+        if when is None or (filters.after and when < filters.after) or (filters.before and when >= filters.before):
+            return False
+    return True
+
+
 def _image_fields(rows: list[ImageRow]) -> dict:
     first = rows[0]
     return {
@@ -165,15 +180,8 @@ class Searcher:
             raise LoupeError(f"--in: not a folder: {filters.folder}")
         ids: set[int] = set()
         for row in self.store.catalog.iter_image_rows(folder, status="ok"):
-            if filters.globs and not any(
-                fnmatch.fnmatch(row.path, g) or fnmatch.fnmatch(os.path.basename(row.path), g) for g in filters.globs
-            ):
-                continue
-            if filters.after or filters.before:
-                when = _row_date(row, filters.date_field)
-                if when is None or (filters.after and when < filters.after) or (filters.before and when >= filters.before):
-                    continue
-            ids.add(row.vector_id)
+            if _row_passes(row, filters, None):  # the folder is the query's key range already
+                ids.add(row.vector_id)
         return np.fromiter(ids, dtype=np.int64, count=len(ids))
 
     # ---- search ----------------------------------------------------------------------------
@@ -200,13 +208,17 @@ class Searcher:
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         if min_score is not None:
             pairs = [(s, i) for s, i in pairs if s >= min_score]
-        return self._hits(pairs, target)
+        return self._hits(pairs, target, filters if allowed is not None else None)
 
-    def _hits(self, pairs: list[tuple[float, int]], target: str) -> list[Hit]:
+    def _hits(self, pairs: list[tuple[float, int]], target: str, filters: Filters | None = None) -> list[Hit]:
+        """Hits with their files; under `filters`, only the files that pass them (path and duplicates)."""
         ids = [i for _, i in pairs]
         hits: list[Hit] = []
         if target == IMAGE:
             rows = self.store.catalog.image_rows_for_vectors(ids)
+            if filters is not None:
+                folder = path_key_of(filters.folder) if filters.folder else None
+                rows = {v: kept for v, rs in rows.items() if (kept := [r for r in rs if _row_passes(r, filters, folder)])}
             for score, vid in pairs:
                 if vid in rows:
                     hits.append(Hit(len(hits) + 1, score, IMAGE, vid, _image_fields(rows[vid])))

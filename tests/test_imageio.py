@@ -111,3 +111,112 @@ def test_caption_readers(tmp_path):
     (tmp_path / "f.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(LoupeError, match="UTF-8"):
         read_captions(tmp_path / "f.txt")
+
+
+# ---- high bit depth: 16-bit and float pictures are scaled to 8 bits, not clipped ----------
+
+
+def _png16(arr: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (Pillow writes 16-bit grayscale only): gray, LA, RGB or RGBA."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[1 if arr.ndim == 2 else arr.shape[2]]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _tiff16_rgb(arr: np.ndarray) -> bytes:
+    """An uncompressed little-endian 16-bit RGB TIFF written by hand (Pillow cannot write one)."""
+    import struct
+
+    h, w, _ = arr.shape
+    data = arr.astype("<u2").tobytes()
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, None),
+            (277, 3, 1, 3), (278, 4, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1)]
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    data_at = bits_at + 6
+    ifd = b"".join(
+        struct.pack("<HHII", tag, kind, n, bits_at if tag == 258 else data_at if tag == 273 else value)
+        if kind == 4 or tag == 258 else struct.pack("<HHIHH", tag, kind, n, value, 0)
+        for tag, kind, n, value in tags
+    )
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + b"\x00" * 4 + struct.pack("<3H", 16, 16, 16) + data
+
+
+@pytest.fixture(scope="module")
+def photo8(flickr_images) -> np.ndarray:
+    """A real photo as 8-bit RGB, small, stretched to use the full 0..255 range in every channel."""
+    with Image.open(sorted(flickr_images.iterdir())[0]) as im:
+        rgb = np.asarray(im.convert("RGB").resize((96, 72)), dtype=np.float64)
+    lo, hi = rgb.min(axis=(0, 1)), rgb.max(axis=(0, 1))
+    return np.round((rgb - lo) * 255 / (hi - lo)).astype(np.uint8)
+
+
+def _deep(values8: np.ndarray) -> np.ndarray:
+    """The 16-bit picture whose 8-bit reduction is `values8`: x257 plus sub-8-bit detail."""
+    detail = np.random.default_rng(0).integers(-128, 129, size=values8.shape)
+    return np.clip(values8.astype(np.int64) * 257 + detail, 0, 65535).astype(np.uint16)
+
+
+def _high_depth_variants(photo8: np.ndarray) -> dict[str, tuple[bytes, bytes]]:
+    """name -> (high bit depth file, 8-bit file of the same picture)."""
+    gray8 = photo8[..., 1]
+    gray16 = _deep(gray8)
+    ref_gray = _encode(Image.fromarray(gray8), "PNG")
+    ref_rgb = _encode(Image.fromarray(photo8), "PNG")
+    stretched = gray8.astype(np.float32) * 3.5 - 120.0  # an HDR-like range: min-max scaled
+    big_ints = gray8.astype(np.int32) * 1000 - 5000  # beyond 16 bits: min-max scaled
+    return {
+        "png I;16": (_encode(Image.fromarray(gray16), "PNG"), ref_gray),
+        "png I;16 by hand": (_png16(gray16), ref_gray),
+        "tiff I;16B": (_encode(Image.frombytes("I;16B", gray16.shape[::-1], gray16.astype(">u2").tobytes()), "TIFF"), ref_gray),
+        "tiff I (16-bit values)": (_encode(Image.fromarray(gray16.astype(np.int32)), "TIFF"), ref_gray),
+        "tiff I (wide range)": (_encode(Image.fromarray(big_ints), "TIFF"), ref_gray),
+        "tiff F in [0, 1]": (_encode(Image.fromarray(gray16.astype(np.float32) / 65535), "TIFF"), ref_gray),
+        "tiff F any range": (_encode(Image.fromarray(stretched), "TIFF"), ref_gray),
+        "png 48-bit RGB": (_png16(_deep(photo8)), ref_rgb),
+        "png 64-bit RGBA": (_png16(np.dstack([_deep(photo8), np.full(gray8.shape, 65535, np.uint16)])), ref_rgb),
+        "tiff 48-bit RGB": (_tiff16_rgb(_deep(photo8)), ref_rgb),
+    }
+
+
+def test_high_bit_depth_decodes_like_its_8_bit_version(photo8):
+    for name, (deep, ref) in _high_depth_variants(photo8).items():
+        got = np.asarray(decode_image(deep, 16)[0], dtype=int)
+        want = np.asarray(decode_image(ref, 16)[0], dtype=int)
+        assert got.shape == want.shape, name
+        assert np.abs(got - want).max() <= 1, f"{name}: {np.abs(got - want).max()} levels off, mean {got.mean():.1f} vs {want.mean():.1f}"
+
+
+def test_high_bit_depth_embeds_like_its_8_bit_version(photo8, tiny_encoder):
+    """Same vector as the 8-bit file. The tiny random model puts even a blank white picture within
+    a cosine of ~0.9996 of the photo, so the bar is 0.99999, and a blank control must miss it."""
+    import torch
+
+    variants = _high_depth_variants(photo8)
+    files = [f for pair in variants.values() for f in pair] + [_encode(Image.new("L", photo8.shape[1::-1], 255), "PNG")]
+    batch = [decode_image(f, tiny_encoder.image_size, tiny_encoder.preprocess)[0] for f in files]
+    vecs = tiny_encoder.encode_images(torch.stack(batch)).astype(np.float64)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    assert float(vecs[-1] @ vecs[1]) < 0.99999  # the control: a blank picture does not pass
+    for i, name in enumerate(variants):
+        cosine = float(vecs[2 * i] @ vecs[2 * i + 1])
+        assert cosine >= 0.99999, f"{name}: cosine {cosine:.6f}"
+
+
+def test_float_pictures_with_non_finite_values_decode():
+    values = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    values[0, :4] = [np.nan, np.inf, -np.inf, 0.5]
+    out = np.asarray(decode_image(_encode(Image.fromarray(values), "TIFF"), 16)[0], dtype=int)
+    assert out.shape == (48, 64, 3)
+    assert out[47, 63, 0] == 255 and out[0, 4, 0] == 0  # the finite values still span 0..255
+    assert list(out[0, :4, 0]) == [0, 255, 0, 128]  # nan and -inf as the minimum, +inf as the maximum
+    flat = np.asarray(decode_image(_encode(Image.fromarray(np.full((8, 8), 7.5, np.float32)), "TIFF"), 16)[0])
+    assert flat.min() == flat.max()  # a constant picture stays uniform (no division by zero)
