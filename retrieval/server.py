@@ -15,14 +15,23 @@ Endpoints (JSON in and out):
 A query error (bad date, empty index...) answers 400 {"error": message}, the message `loupe
 search` would print.
 
+Every request is treated as hostile (retrieval/api.py holds the checks): it must carry
+`Authorization: Bearer <token>`, the secret in the 0600 state file (401 otherwise), a loopback
+Host and no foreign Origin (403); a POST body is at most `MAX_BODY` bytes with a valid
+Content-Length (411/400/413) and a well-formed query (400); the whole request must arrive within
+`REQUEST_TIMEOUT` seconds, however slowly it trickles in (408). Errors are JSON too.
+
 The client half (`search_via_server`) imports nothing heavy: no torch, faiss or SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import socket
+import stat
 import time
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -31,12 +40,15 @@ from typing import Any, Callable, Sequence
 
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
+from retrieval.api import (
+    RequestError, SearchRequest, check_auth, check_host, check_origin, content_length, decode_json, new_token, parse_search,
+)
 from retrieval.query import Term
 
 HOST = "127.0.0.1"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the token
 CLIENT_TIMEOUT = 60.0  # seconds for one search; a server that does not answer is bypassed
-REQUEST_TIMEOUT = 5.0  # seconds the server waits on a client that is slow to send its request
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request (line, headers, body) to arrive, and for each reply write
 
 
 def state_file(location: Location) -> Path:
@@ -57,6 +69,7 @@ class ServerState:
     device: str
     started: float
     text_precision: str = "fp32"
+    token: str = ""  # required on every request; the file is mode 0600
     version: int = STATE_VERSION
 
     @property
@@ -106,20 +119,18 @@ class SearchService:
             "vectors": {kind: index.ntotal for kind, index in store.loaded_indices().items()},
         }
 
-    def search(self, request: dict) -> dict:
+    def search(self, request: dict | SearchRequest) -> dict:
+        """Answer one query; a dict is checked first (`parse_search` raises a 400 RequestError)."""
         from retrieval.search import Filters
 
-        terms = [Term(float(t["weight"]), str(t["kind"]), str(t["value"])) for t in request["terms"]]
-        target = request.get("target", "image")
-        filters = Filters.parse(
-            request.get("folder"), request.get("globs"), request.get("after"), request.get("before"),
-            request.get("date_field") or "auto",
-        )
+        query = request if isinstance(request, SearchRequest) else parse_search(request)
+        for term in query.terms:
+            if term.kind == "image":
+                _regular_file(term.value)
+        filters = Filters.parse(query.folder, query.globs, query.after, query.before, query.date_field)
 
         self._refresh()
-        hits = self.searcher.search(
-            terms, target=target, k=int(request.get("k", 10)), filters=filters, min_score=request.get("min_score")
-        )
+        hits = self.searcher.search(list(query.terms), target=query.target, k=query.k, filters=filters, min_score=query.min_score)
         self.queries += 1
         return {
             "hits": [
@@ -139,35 +150,135 @@ class SearchService:
         self.searcher.encoder.encode_texts(["a photo"])
 
 
-def _handler(service: SearchService, port_ref: list[int]) -> type[BaseHTTPRequestHandler]:
+def _regular_file(path: str) -> None:
+    """Refuse a query image that is not a regular file: reading /dev/zero or a FIFO would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise LoupeError(f"cannot read query image {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise LoupeError(f"cannot read query image {path}: not a regular file")
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The request's socket, read under one deadline for the whole request.
+
+    A socket timeout bounds each read only, so a client trickling a byte every few seconds
+    could hold the single-threaded server forever; here every read waits at most until the
+    deadline. `expired` tells the handler to answer 408.
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise TimeoutError("request deadline passed")
+            self.sock.settimeout(remaining)
+            return self.sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = True
+            raise
+
+
+DRAIN_SECONDS = 1.0  # how long a refused request's unread body is drained, at most
+DRAIN_BYTES = 4 << 20
+
+
+def _drain(sock: socket.socket) -> None:
+    """Read and drop what a refused client is still sending, briefly, before the socket closes.
+
+    Closing a socket with unread data makes the kernel send a reset, and a client still busy
+    sending its body would see 'connection reset' instead of the 4xx it was answered.
+    """
+    deadline = time.monotonic() + DRAIN_SECONDS
+    left = DRAIN_BYTES
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            chunk = sock.recv(min(left, 1 << 16))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except OSError:
+        pass
+
+
+class _Server(HTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away is not worth a traceback; anything else gets one line."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            print(f"loupe serve: request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _handler(service: SearchService, port_ref: list[int], token: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "loupe"
         protocol_version = "HTTP/1.0"  # one request per connection: an idle client cannot hold the server
-        timeout = REQUEST_TIMEOUT  # nor can one that stalls mid-request
+        timeout = REQUEST_TIMEOUT  # nor can one that stalls mid-request (reads: `_DeadlineReader`)
         disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the default reader; ours bounds the whole request, not each read
+            self.reader = _DeadlineReader(self.connection, REQUEST_TIMEOUT)
+            self.rfile = io.BufferedReader(self.reader)
+            self.answered = False
+            self.unread_body = False  # refused before reading a body the client may still be sending
+            self.request_version = "HTTP/1.0"  # for a 408 before the request line was read
+
+        def handle(self) -> None:
+            self.close_connection = True
+            self.handle_one_request()  # catches a TimeoutError while reading the line or headers
+            if self.reader.expired and not self.answered:
+                self._send(408, {"error": f"the request did not arrive within {REQUEST_TIMEOUT:g} s"})
+
+        def finish(self) -> None:
+            super().finish()
+            if self.unread_body:
+                _drain(self.connection)
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error only
             pass
 
-        def _send(self, status: int, body: dict) -> None:
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (bad request line, headers, method) in JSON as well."""
+            self._send(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+            self.connection.settimeout(REQUEST_TIMEOUT)  # each write; the reads' deadline may be spent
+            self.answered = True
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
-        def _local_host(self) -> bool:
-            """Refuse requests whose Host is not this loopback address (DNS-rebinding guard)."""
-            host = (self.headers.get("Host") or "").rsplit(":", 1)
-            return host[0] in (HOST, "localhost") and (len(host) == 1 or host[1] == str(port_ref[0]))
+        def _guard(self) -> None:
+            """Who may ask, checked before anything else is read."""
+            check_host(self.headers.get("Host"), port_ref[0])
+            check_origin(self.headers.get("Origin"), port_ref[0])
+            check_auth(self.headers.get("Authorization"), token)
 
         def _answer(self, fn: Callable[[], dict]) -> None:
-            if not self._local_host():
-                self._send(403, {"error": "loupe serve answers local requests only"})
-                return
             try:
                 self._send(200, fn())
+            except RequestError as exc:
+                self._refuse(exc)
             except LoupeError as exc:
                 self._send(400, {"error": str(exc)})
             except (KeyError, TypeError, ValueError) as exc:
@@ -175,23 +286,68 @@ def _handler(service: SearchService, port_ref: list[int]) -> type[BaseHTTPReques
             except Exception as exc:  # noqa: BLE001 - reported to the client, which falls back
                 self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
 
+        def _refuse(self, exc: RequestError) -> None:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            self._send(exc.status, {"error": exc.message}, headers)
+
         def do_GET(self) -> None:
+            try:
+                self._guard()
+            except RequestError as exc:
+                return self._refuse(exc)
             if self.path.split("?", 1)[0] == "/health":
                 self._answer(service.health)
             else:
                 self._send(404, {"error": "unknown path: use GET /health or POST /search"})
 
         def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] != "/search":
-                self._send(404, {"error": "unknown path: use GET /health or POST /search"})
-                return
-            if not (self.headers.get("Content-Type") or "").startswith("application/json"):
-                self._send(415, {"error": "send the query as application/json"})
-                return
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self._answer(lambda: service.search(json.loads(body)))
+            self.unread_body = True
+            try:
+                self._guard()
+                if self.path.split("?", 1)[0] != "/search":
+                    raise RequestError(404, "unknown path: use GET /health or POST /search")
+                if not (self.headers.get("Content-Type") or "").startswith("application/json"):
+                    raise RequestError(415, "send the query as application/json")
+                if "Transfer-Encoding" in self.headers:
+                    raise RequestError(411, "send the query with a Content-Length, not chunked")
+                n = content_length(self.headers.get_all("Content-Length") or [])
+                try:
+                    body = self.rfile.read(n)
+                    self.unread_body = False
+                except TimeoutError:
+                    self.unread_body = False  # a slow sender is not waited for again
+                    raise RequestError(408, f"the request did not arrive within {REQUEST_TIMEOUT:g} s") from None
+                if len(body) < n:
+                    raise RequestError(400, f"the body is shorter than its Content-Length ({len(body)} < {n} bytes)")
+                request = decode_json(body)
+            except RequestError as exc:
+                return self._refuse(exc)
+            self._answer(lambda: service.search(request))
 
     return Handler
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` atomically, readable by its owner only from the first byte (it holds the token)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # created 0600
+    try:
+        os.fchmod(fd, 0o600)  # whatever mkstemp or the umask did
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def serve(
@@ -208,18 +364,17 @@ def serve(
     service = SearchService(searcher)
     service.warm_up()
     port_ref = [port]
-    httpd = HTTPServer((HOST, port), _handler(service, port_ref))
+    token = new_token()
+    httpd = _Server((HOST, port), _handler(service, port_ref, token))
     port_ref[0] = httpd.server_address[1]
     spec = searcher.encoder.spec
     state = ServerState(
         pid=os.getpid(), port=port_ref[0], catalog=searcher.store.location.url, model=spec.model,
         pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device, started=time.time(),
-        text_precision=searcher.encoder.text_precision,
+        text_precision=searcher.encoder.text_precision, token=token,
     )
     path = state_file(searcher.store.location)
-    from indexer.vectors import atomic_write
-
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(asdict(state))))
+    _write_private(path, json.dumps(asdict(state)))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if on_ready is not None:
@@ -316,7 +471,9 @@ def request(state: ServerState, method: str, path: str, body: dict | None = None
     conn = http.client.HTTPConnection(HOST, state.port, timeout=timeout)
     try:
         data = json.dumps(body).encode("utf-8") if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {"Authorization": f"Bearer {state.token}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read() or b"{}")
@@ -346,7 +503,8 @@ def search_via_server(
 
     Paths are made absolute here, since the server runs in another directory. A query error
     from the server is raised as the same LoupeError the in-process search would raise; a
-    server that fails in any other way is bypassed.
+    server that fails in any other way, or a query beyond the server's limits (`retrieval.api`),
+    is bypassed.
     """
     state = find_server(home, db, model, pretrained, checkpoint, device, text_precision)
     if state is None:
@@ -362,6 +520,10 @@ def search_via_server(
         "before": before,
         "date_field": date_field,
     }
+    try:
+        parse_search(body)
+    except RequestError:
+        return None  # e.g. -k over MAX_K: the in-process search has no such limit
     try:
         status, answer = request(state, "POST", "/search", body)
     except (OSError, ValueError):

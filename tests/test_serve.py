@@ -16,7 +16,7 @@ import pytest
 
 from indexer.errors import LoupeError
 from indexer.locations import resolve_location
-from retrieval.server import read_state, state_file
+from retrieval.server import STATE_VERSION, read_state, state_file
 
 START_TIMEOUT = 180  # model load on a busy 2-core machine
 
@@ -35,8 +35,9 @@ def wait_for_state(path, proc: subprocess.Popen):
 
 def http(state, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"{state.url}{path}", data=data, method=method, headers=headers or {})
-    if data is not None and not headers:
+    headers = {"Authorization": f"Bearer {state.token}", **(headers or {})}
+    req = urllib.request.Request(f"{state.url}{path}", data=data, method=method, headers=headers)
+    if data is not None and "Content-Type" not in headers:
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -140,7 +141,8 @@ def test_stale_state_file_is_ignored(loupe, tiny_checkpoint, photo_dir):
     path = state_file(resolve_location(loupe.home))
     path.write_text(json.dumps({
         "pid": dead.pid, "port": 9, "catalog": resolve_location(loupe.home).url, "model": "loupe-tiny",
-        "pretrained": None, "checkpoint": str(tiny_checkpoint), "device": "auto", "started": 0, "version": 1,
+        "pretrained": None, "checkpoint": str(tiny_checkpoint), "device": "auto", "started": 0, "version": STATE_VERSION,
+        "token": "x",
     }))
     assert len(loupe("search", "a dog", "-k", "2").stdout.splitlines()) == 3
 
