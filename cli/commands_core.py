@@ -44,20 +44,21 @@ def index(
     batch_size: BatchOpt = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", min=1, help="Decode threads (default: one per core).")] = None,
     index_factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS factory string for the vector index, e.g. 'IVF1024,SQ8' or 'HNSW32,Flat'; kept for later runs ('auto': chosen by size).")] = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Forget the files under the folders that are missing (not found), and their vectors; never applied to an offline folder.")] = False,
     home: HomeOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index photo folders; re-runs embed only new or changed files.
 
-    Moved or duplicate files reuse their vector, deleted files are dropped, and bad files
-    are skipped, kept in the catalog with their reason, and listed at the end.
+    Moved or duplicate files reuse their vector. Files not found are kept as missing (hidden
+    from results, back without re-embedding when they reappear) until --prune or `loupe remove`;
+    a folder that is gone or empty where photos were indexed (an unplugged drive) is reported
+    offline and nothing is removed. Bad files are skipped, kept with their reason, and listed.
     """
     from indexer.pipeline import index_folder
 
-    for folder in folders:
-        if not folder.is_dir():
-            raise fail(f"not a folder: {folder}")
+    _check_folders(folders, home, db)
     import functools
 
     store = _store(home, db)
@@ -68,7 +69,9 @@ def index(
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     for folder in folders:
-        report = index_folder(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
+        report = index_folder(
+            store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
+        )
         if as_json:
             out = {k: v for k, v in vars(report).items() if k != "bad_files"}
             out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
@@ -80,7 +83,33 @@ def index(
             raise typer.Exit(130)
 
 
+def _check_folders(folders: List[Path], home, db) -> None:
+    """Fail before any work on a path that is not a folder, unless files were indexed there (offline)."""
+    absent = [f for f in folders if not f.is_dir()]
+    if not absent:
+        return
+    from indexer.catalog import path_key_of
+    from indexer.locations import resolve_location
+
+    url = resolve_location(home, db).url
+    exists = not url.startswith("sqlite:///") or Path(url[len("sqlite:///") :].split("?", 1)[0]).exists()
+    store = _store(home, db) if exists else None  # no catalog yet: do not create one for a typo
+    for folder in absent:
+        if store is None or not store.catalog.has_images(path_key_of(folder)):
+            raise fail(f"not a folder: {folder}")
+
+
+OFFLINE_WHY = {"missing": "the folder is gone", "empty": "no photos found", "unreadable": "the folder cannot be read"}
+
+
 def _print_index_report(r) -> None:
+    if r.offline:  # one line on stderr: a cron job's run still succeeds
+        typer.echo(
+            f"loupe: {r.root} is offline ({OFFLINE_WHY.get(r.offline, r.offline)}; an unplugged drive?): nothing was removed, "
+            f"its files are kept, hidden from results until it is back (`loupe remove {r.root}` forgets them)",
+            err=True,
+        )
+        return
     rate = f" ({r.embedded / r.seconds:.1f} img/s)" if r.embedded and r.seconds else ""
     typer.echo(
         f"{r.root}: {r.files} images seen; {r.embedded} embedded{rate}, {r.reused} reused (same content), "
@@ -95,6 +124,10 @@ def _print_index_report(r) -> None:
             typer.echo(f"  ... and {len(r.bad_files) - 20} more (see `loupe info --skipped`)")
     if r.walk_errors:
         typer.echo(f"warning: {r.walk_errors} folders or files could not be read")
+    if r.restored:
+        typer.echo(f"{r.restored} missing files found again (nothing re-embedded)")
+    if r.missing:
+        typer.echo(f"{r.missing} files not found: kept as missing, hidden from results (`--prune` forgets them)")
 
 
 @app.command("index-text")
@@ -222,6 +255,7 @@ def info(
         "updated": meta.updated_at.isoformat(timespec="seconds"),
         **stats,
         "vector_files": files,
+        "roots": _roots(store),
     }
     if skipped:
         out["skipped_files"] = [
@@ -233,8 +267,17 @@ def info(
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
+    missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
     typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
-               f"{stats['images_skipped']} skipped, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")
+               f"{stats['images_skipped']} skipped{missing}, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")
+    for root in out["roots"]:
+        if root["offline"]:
+            since = f" since {root['offline_since']} UTC" if root["offline_since"] else ""
+            typer.echo(f"offline      {root['path']}: {OFFLINE_WHY.get(root['offline'], root['offline'])}{since} "
+                       f"({root['missing']} files kept, hidden from results)")
+        else:
+            typer.echo(f"folder       {root['path']}: {root['files']} images at the last scan ({root['scanned_at']} UTC)"
+                       + (f", {root['missing']} missing" if root["missing"] else ""))
     typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
     for path, size in files.items():
         typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")
@@ -243,6 +286,22 @@ def info(
         typer.echo(f"skipped      {n:>6}  {reason}")
     for row in out.get("skipped_files", []):
         typer.echo(f"  {row['path']}: {row['reason']}")
+
+
+def _roots(store) -> list[dict]:
+    """Indexed folders, offline ones marked: as the last run found them, or gone since."""
+    out = []
+    for root in store.catalog.roots():
+        offline = root.offline or (None if os.path.isdir(os.fsdecode(root.path_key)) else "missing")
+        out.append({
+            "path": root.path,
+            "files": root.files,
+            "missing": len(store.catalog.missing_ids(root.path_key)),
+            "scanned_at": root.scanned_at.isoformat(timespec="seconds") if root.scanned_at else None,
+            "offline": offline,
+            "offline_since": root.offline_since.isoformat(timespec="seconds") if root.offline and root.offline_since else None,
+        })
+    return out
 
 
 @app.command()

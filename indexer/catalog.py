@@ -5,6 +5,10 @@ content hash, so a renamed, moved or duplicated file reuses its vector, and the 
 are a cache that can always be brought back in line (see `store.py`). Every change is one
 transaction that also bumps `generation`; a FAISS file records the generation it reflects.
 SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL tested by URL only).
+
+A file that is no longer found is kept as 'missing' (with its hash and vector) and hidden from
+every result, so a drive that comes back costs no re-embedding. The schema version in `meta` is
+checked on open: an older catalog is migrated in place (one transaction), a newer one refused.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import (
@@ -26,20 +30,25 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     delete,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from indexer.errors import LoupeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: 'missing' files, the roots table, an index on (status, vector_id)
 IMAGE, TEXT = "image", "text"
+OK, SKIPPED, MISSING = "ok", "skipped", "missing"  # ImageRow.status
 
 
 def utcnow() -> datetime:
@@ -83,6 +92,7 @@ class ImageRow(Base):
     """A file seen on disk: indexed (vector_id set) or skipped (reason set)."""
 
     __tablename__ = "images"
+    __table_args__ = (Index("ix_images_status_vector", "status", "vector_id"),)  # visible vectors, missing files
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)  # os.fsencode(abs path)
     path: Mapped[str] = mapped_column(Text)  # display form (undecodable bytes replaced)
@@ -93,7 +103,7 @@ class ImageRow(Base):
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     taken_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     vector_id: Mapped[int | None] = mapped_column(ForeignKey("vectors.id"), nullable=True, index=True)
-    status: Mapped[str] = mapped_column(String(8))  # 'ok' | 'skipped'
+    status: Mapped[str] = mapped_column(String(8))  # 'ok' | 'skipped' | 'missing' (not found: kept, hidden)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -110,6 +120,19 @@ class CaptionRow(Base):
     image: Mapped[str | None] = mapped_column(Text, nullable=True)
     content_hash: Mapped[str] = mapped_column(String(64))
     vector_id: Mapped[int] = mapped_column(ForeignKey("vectors.id"), index=True)
+
+
+class RootRow(Base):
+    """A folder given to `loupe index`, and what its last run found (an offline root keeps its files)."""
+
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    files: Mapped[int] = mapped_column(BigInteger, default=0)  # images seen by the last run that found it
+    scanned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # that run
+    offline: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None | 'missing' | 'empty' | 'unreadable'
+    offline_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Setting(Base):
@@ -177,9 +200,43 @@ class Catalog:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
-            Base.metadata.create_all(self.engine)
+            self._open_schema()
         except OperationalError as exc:
             raise LoupeError(f"cannot open catalog {url}: {exc.orig}") from None
+
+    # ---- schema version -------------------------------------------------------------------
+    def _open_schema(self) -> None:
+        """Create a new catalog, migrate an older one, refuse one newer than this code."""
+        with self.engine.connect() as conn:
+            version = _stored_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
+            raise LoupeError(
+                f"catalog {self.url} has schema version {version}, newer than this loupe knows ({SCHEMA_VERSION}): "
+                "upgrade loupe, or use another --home/--db"
+            )
+        if version is not None and version < SCHEMA_VERSION:
+            self._migrate()
+        Base.metadata.create_all(self.engine)
+        if version is None:  # tables made before any model was bound may predate the current layout
+            with self.engine.begin() as conn:
+                _create_v2_objects(conn)
+
+    def _migrate(self) -> None:
+        """Bring an older catalog to SCHEMA_VERSION in place: every step and the version bump in ONE
+        transaction (DDL included), under a write lock, so a failure leaves it exactly as it was."""
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite would not open a transaction for DDL
+            elif self.engine.dialect.name == "postgresql":
+                conn.execute(text("LOCK TABLE meta IN EXCLUSIVE MODE"))
+            version = _stored_version(conn)  # again under the lock: another process may have migrated it
+            while version is not None and version < SCHEMA_VERSION:
+                if version not in MIGRATIONS:
+                    raise LoupeError(f"catalog {self.url} has schema version {version}, which this loupe cannot migrate")
+                MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(update(Meta).where(Meta.id == 1).values(schema_version=version))
+            conn.commit()
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -231,23 +288,45 @@ class Catalog:
             return dict(s.execute(select(Vector.content_hash, Vector.id).where(Vector.kind == kind)).all())
 
     def vector_ids(self, kind: str) -> np.ndarray:
+        """Ids of the searchable vectors of `kind`, sorted: for images, those of at least one visible
+        ('ok') file; a vector only missing files use stays stored but out of the FAISS index."""
         with self.session() as s:
-            ids = s.scalars(select(Vector.id).where(Vector.kind == kind)).all()
+            if kind == IMAGE:
+                q = select(ImageRow.vector_id).where(ImageRow.status == OK).distinct().order_by(ImageRow.vector_id)
+            else:
+                q = select(Vector.id).where(Vector.kind == kind).order_by(Vector.id)
+            ids = s.scalars(q).all()
         return np.asarray(ids, dtype=np.int64)
 
     def count_vectors(self, kind: str) -> int:
+        """How many ids `vector_ids(kind)` holds (what the FAISS index of `kind` should hold)."""
         with self.session() as s:
+            if kind == IMAGE:
+                return s.scalar(select(func.count(ImageRow.vector_id.distinct())).where(ImageRow.status == OK)) or 0
             return s.scalar(select(func.count()).select_from(Vector).where(Vector.kind == kind)) or 0
 
-    def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
-        """Vectors for `ids`, in that order."""
-        out = np.empty((len(ids), dim), dtype=np.float32)
-        pos = {int(i): n for n, i in enumerate(ids)}
+    def fetch_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, found) for `ids`, in that order. An id deleted meanwhile (by another process)
+        has found False and a zero row: callers drop it, so nothing uninitialised is ever scored."""
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        pos: dict[int, list[int]] = {}
+        for n, i in enumerate(ids):
+            pos.setdefault(int(i), []).append(n)
         with self.session() as s:
             for start in range(0, len(ids), chunk):
                 part = [int(i) for i in ids[start : start + chunk]]
                 for vid, data in s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(part))):
                     out[pos[vid]] = np.frombuffer(data, dtype=np.float32)
+                    found[pos[vid]] = True
+        return out, found
+
+    def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
+        """Vectors for `ids`, in that order; a LoupeError if any is no longer stored."""
+        out, found = self.fetch_vectors(ids, dim, chunk)
+        if not found.all():
+            lost = np.asarray(ids)[~found]
+            raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
         return out
 
     def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
@@ -294,6 +373,12 @@ class Catalog:
     def image_id(self, path_key: bytes) -> int | None:
         with self.session() as s:
             return s.scalar(select(ImageRow.id).where(ImageRow.path_key == path_key))
+
+    def has_images(self, folder_key: bytes) -> bool:
+        """Whether any file under `folder_key` is catalogued (whatever its status)."""
+        lo, hi = prefix_bounds(folder_key)
+        with self.session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.path_key >= lo, ImageRow.path_key < hi).limit(1)) is not None
 
     def write_images(
         self, records: Iterable[ImageRecord], new_vectors: list[tuple[str, np.ndarray]], known: dict[str, int]
@@ -343,6 +428,58 @@ class Catalog:
             for row_id, size, mtime_ns in updates:
                 s.execute(update(ImageRow).where(ImageRow.id == row_id).values(size=size, mtime_ns=mtime_ns))
 
+    def mark_missing(self, row_ids: Sequence[int], drop_moved: bool = True) -> tuple[int, int]:
+        """Files a walk did not find: keep them as 'missing' (hash and vector kept, hidden from results).
+
+        With `drop_moved`, a file whose content a visible file holds (a move or rename: nothing to
+        lose) is dropped instead. Returns (newly missing, dropped); one transaction.
+        """
+        if not row_ids:
+            return 0, 0
+        chunks = [list(row_ids[start : start + 5000]) for start in range(0, len(row_ids), 5000)]
+        dropped = 0
+        with self.session() as s, s.begin():
+            fresh: list[int] = []
+            for part in chunks:
+                fresh += s.scalars(select(ImageRow.id).where(ImageRow.id.in_(part), ImageRow.status != MISSING)).all()
+                s.execute(update(ImageRow).where(ImageRow.id.in_(part)).values(status=MISSING))
+            if drop_moved:  # after the update, so the rows marked here do not count as visible copies
+                visible = select(ImageRow.content_hash).where(ImageRow.status == OK)
+                for part in chunks:
+                    q = delete(ImageRow).where(ImageRow.id.in_(part), ImageRow.content_hash.in_(visible))
+                    dropped += s.execute(q).rowcount or 0
+            newly = 0
+            for start in range(0, len(fresh), 5000):
+                part = fresh[start : start + 5000]
+                newly += s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.id.in_(part))) or 0
+            if fresh or dropped:
+                self._bump(s)
+        return newly, dropped
+
+    def restore_images(self, row_ids: Sequence[int]) -> int:
+        """Missing files found again unchanged: visible again (or skipped, as before), no embedding.
+        Returns how many are visible again."""
+        visible = 0
+        with self.session() as s, s.begin():
+            for start in range(0, len(row_ids), 5000):
+                part = list(row_ids[start : start + 5000])
+                s.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id.in_(part), ImageRow.status == MISSING)
+                    .values(status=case((ImageRow.vector_id.is_(None), SKIPPED), else_=OK))
+                )
+                visible += s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.id.in_(part), ImageRow.status == OK)) or 0
+            self._bump(s)
+        return visible
+
+    def missing_ids(self, folder_key: bytes) -> list[int]:
+        """Rows of the missing files under `folder_key`."""
+        lo, hi = prefix_bounds(folder_key)
+        with self.session() as s:
+            return list(
+                s.scalars(select(ImageRow.id).where(ImageRow.path_key >= lo, ImageRow.path_key < hi, ImageRow.status == MISSING))
+            )
+
     def delete_images(self, row_ids: Sequence[int]) -> int:
         """Remove file rows and every vector no longer used; returns the rows removed."""
         removed = 0
@@ -363,10 +500,11 @@ class Catalog:
         return n
 
     def image_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[ImageRow]]:
-        """Indexed files per vector id (several when the same content is stored twice)."""
+        """Visible indexed files per vector id (several when the same content is stored twice)."""
         out: dict[int, list[ImageRow]] = {}
         with self.session() as s:
-            q = select(ImageRow).where(ImageRow.vector_id.in_([int(v) for v in vector_ids])).order_by(ImageRow.path)
+            q = select(ImageRow).where(ImageRow.vector_id.in_([int(v) for v in vector_ids]), ImageRow.status == OK)
+            q = q.order_by(ImageRow.path)  # missing files are never shown, not even as duplicates
             for row in s.scalars(q):
                 out.setdefault(row.vector_id, []).append(row)
         return out
@@ -426,6 +564,31 @@ class Catalog:
                 out.setdefault(row.vector_id, []).append(row)
         return out
 
+    # ---- indexed folders ----------------------------------------------------------------
+    def record_root(self, path_key: bytes, files: int, offline: str | None = None) -> None:
+        """Remember a folder given to `loupe index` and what this run found there."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            root = s.scalar(select(RootRow).where(RootRow.path_key == path_key))
+            if root is None:
+                root = RootRow(path_key=path_key, path=display_path(path_key), files=0)
+                s.add(root)
+            if offline is None:
+                root.files, root.scanned_at, root.offline, root.offline_since = files, now, None, None
+            else:
+                root.offline_since = root.offline_since if root.offline else now
+                root.offline = offline
+
+    def roots(self) -> list[RootRow]:
+        with self.session() as s:
+            return list(s.scalars(select(RootRow).order_by(RootRow.path)))
+
+    def forget_roots(self, path_key: bytes) -> None:
+        """Forget the folder `path_key` and any recorded folder under it (`loupe remove`)."""
+        lo, hi = prefix_bounds(path_key)
+        with self.session() as s, s.begin():
+            s.execute(delete(RootRow).where((RootRow.path_key == path_key) | ((RootRow.path_key >= lo) & (RootRow.path_key < hi))))
+
     # ---- reports ----------------------------------------------------------------------
     def stats(self) -> dict:
         with self.session() as s:
@@ -443,6 +606,7 @@ class Catalog:
         return {
             "images_indexed": by_status.get("ok", 0),
             "images_skipped": by_status.get("skipped", 0),
+            "images_missing": by_status.get(MISSING, 0),
             "skip_reasons": [(r, n) for r, n in reasons],
             "image_vectors": vec.get(IMAGE, 0),
             "text_vectors": vec.get(TEXT, 0),
@@ -450,6 +614,27 @@ class Catalog:
             "caption_sources": [(src, n) for src, n in sources],
             "indexed_bytes": int(total_bytes),
         }
+
+
+def _stored_version(conn: Connection) -> int | None:
+    """The catalog's recorded schema version; None for a new catalog (no model bound yet)."""
+    if not inspect(conn).has_table("meta"):
+        return None
+    return conn.execute(select(Meta.schema_version).where(Meta.id == 1)).scalar()
+
+
+def _create_v2_objects(conn: Connection) -> None:
+    RootRow.__table__.create(conn, checkfirst=True)
+    next(i for i in ImageRow.__table__.indexes if i.name == "ix_images_status_vector").create(conn, checkfirst=True)
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """Version 2: files not found are kept as 'missing' (no column change: status is free text),
+    indexed folders are recorded in `roots`, and (status, vector_id) is indexed for visible vectors."""
+    _create_v2_objects(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}  # version -> step to version + 1
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -4,6 +4,11 @@ Incremental by design: an unchanged file (same size and mtime) costs one dict lo
 changed or new file is read once, hashed and, only when its content hash has no vector yet,
 decoded and embedded. Every batch is committed to the catalog in one transaction, so an
 interrupted run keeps everything done so far and the next run continues from there.
+
+Nothing is dropped because a walk did not see it: a file not found is kept as 'missing' (with
+its vector, hidden from results) and comes back without embedding; a folder that is gone, empty
+or unreadable where files were indexed is reported offline (an unplugged drive, not a deletion).
+Only `loupe remove` and `--prune` forget files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from indexer.batching import parallel_map, reason_for
-from indexer.catalog import IMAGE, TEXT, ImageRecord, path_key_of
+from indexer.catalog import IMAGE, MISSING, TEXT, ImageRecord, path_key_of
 from indexer.errors import LoupeError
 from indexer.imageio import decode_image, probe_image
 from indexer.sources import FileEntry, WalkStats, read_captions, walk_images
@@ -41,7 +46,10 @@ class IndexReport:
     reused: int = 0
     touched: int = 0
     skipped: int = 0
-    removed: int = 0
+    removed: int = 0  # rows forgotten: moved files (their content is indexed at another path), --prune
+    missing: int = 0  # files newly not found: kept with their vector, hidden from results
+    restored: int = 0  # missing files found again unchanged (nothing embedded)
+    offline: str | None = None  # 'missing' | 'empty' | 'unreadable': the folder is away, nothing removed
     ignored: int = 0
     walk_errors: int = 0
     interrupted: bool = False
@@ -73,35 +81,49 @@ def index_folder(
     workers: int | None = None,
     progress: bool = False,
     max_batches: int | None = None,
+    prune: bool = False,
 ) -> IndexReport:
     """Bring the catalog and vector index in line with the images under `root`.
 
+    Files not found are marked missing, not dropped (see the module docstring); `prune` forgets
+    the missing files under `root` and the vectors only they used, unless `root` is offline.
     `max_batches` stops after that many model batches as if interrupted (used by tests to
     prove that a resumed run ends where an uninterrupted one does). `encoder` may be a function
     that loads it: it is then called only if some file needs embedding, so a re-scan that
     finds nothing new costs no model load.
     """
     root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise LoupeError(f"not a folder: {root_path}")
     t0 = time.perf_counter()
-    if not callable(encoder):
-        store.bind(encoder)
     catalog = store.catalog
     root_abs = os.path.abspath(root_path)
+    root_key = path_key_of(root_abs)
     report = IndexReport(root=root_abs)
-    states = catalog.image_states(path_key_of(root_abs))
+    if not root_path.is_dir():
+        if not catalog.has_images(root_key):
+            raise LoupeError(f"not a folder: {root_path}")
+        return _offline(store, report, "missing", [s.id for s in catalog.image_states(root_key).values()], t0)
+    if not callable(encoder):
+        store.bind(encoder)
+    states = catalog.image_states(root_key)
     walk_stats = WalkStats()
     todo: list[tuple[FileEntry, object]] = []
+    found_again: list[int] = []
     for entry in walk_images(root_abs, exclude=store.location.own_paths(), stats=walk_stats):
         report.files += 1
         state = states.pop(entry.key, None)
         if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:
             report.unchanged += 1
-            if state.status != "ok":
+            if state.status == MISSING:
+                found_again.append(state.id)
+            elif state.status != "ok":
                 report.skipped += 1
             continue
         todo.append((entry, state))
+    if report.files == 0 and states:  # photos were indexed here: an unplugged drive's mount point, not a deletion
+        return _offline(store, report, _why_empty(root_abs), [s.id for s in states.values()], t0)
+    if found_again:
+        report.restored = len(found_again)
+        report.skipped += report.restored - catalog.restore_images(found_again)
     gone = [s.id for s in states.values()]
     report.ignored, report.walk_errors = walk_stats.ignored, walk_stats.errors
     report.scan_seconds = time.perf_counter() - t0
@@ -208,10 +230,35 @@ def index_folder(
     finally:
         if bar is not None:
             bar.close()
-    if not report.interrupted and gone:
-        report.removed = catalog.delete_images(gone)  # also drops the vectors they alone used
-    elif todo:
+    if not report.interrupted:
+        report.missing, report.removed = catalog.mark_missing(gone)  # kept, hidden; moved files dropped
+        if prune:
+            missing = catalog.missing_ids(root_key)
+            report.removed += catalog.delete_images(missing) if missing else 0  # and the vectors they alone used
+        catalog.record_root(root_key, report.files)
+    if todo:
         catalog.collect_garbage()
+    store.sync_all()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _why_empty(root: str) -> str:
+    """Why a folder showed no photos: 'unreadable' if it cannot be listed, else 'empty'."""
+    try:
+        with os.scandir(root) as entries:
+            next(entries, None)
+    except OSError:
+        return "unreadable"
+    return "empty"
+
+
+def _offline(store: Store, report: IndexReport, why: str, row_ids: list[int], t0: float) -> IndexReport:
+    """An indexed folder that is gone, empty or unreadable: its files are marked missing (hidden
+    until it is back), nothing is dropped, and `--prune` is not applied to it."""
+    report.offline = why
+    report.missing, _ = store.catalog.mark_missing(row_ids, drop_moved=False)
+    store.catalog.record_root(path_key_of(report.root), 0, offline=why)
     store.sync_all()
     report.seconds = time.perf_counter() - t0
     return report
@@ -281,13 +328,15 @@ class RemoveReport:
 
 
 def remove_items(store: Store, paths: list[str | os.PathLike]) -> RemoveReport:
-    """Forget files, whole folders, or caption corpus files (the files on disk are untouched)."""
+    """Forget files, whole folders, or caption corpus files, missing ones included (the files on
+    disk are untouched)."""
     store.require_meta()
     catalog = store.catalog
     report = RemoveReport()
     row_ids: list[int] = []
     for p in paths:
         key = path_key_of(p)
+        catalog.forget_roots(key)
         ids = [s.id for s in catalog.image_states(key).values()]  # a folder's files
         exact = catalog.image_id(key)  # or the file itself
         ids += [exact] if exact is not None else []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.catalog import IMAGE, TEXT, Catalog, Meta
+from indexer.catalog import IMAGE, MISSING, TEXT, Catalog, Meta
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
 from indexer.vectors import AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, read_side_file
@@ -184,19 +184,23 @@ class Store:
         if index is None:
             index = VectorIndex.create(meta.dim, factory)
             if not index.is_trained:
-                index.train(self.catalog.load_vectors(_training_sample(want, factory), meta.dim))
+                sample, found = self.catalog.fetch_vectors(_training_sample(want, factory), meta.dim)
+                index.train(sample[found])
         missing = np.setdiff1d(want, have, assume_unique=True)
         index.remove(extra)
+        added = 0
         for start in range(0, len(missing), ADD_CHUNK):  # bounded memory on a large rebuild
             part = missing[start : start + ADD_CHUNK]
-            index.add(part, self.catalog.load_vectors(part, meta.dim))
+            vecs, found = self.catalog.fetch_vectors(part, meta.dim)  # ids deleted since listed: left out
+            index.add(part[found], vecs[found])
+            added += int(found.sum())
         self._attach(index, meta)
-        return index, SyncReport(int(len(missing)), int(len(extra)), rebuilt)
+        return index, SyncReport(added, int(len(extra)), rebuilt)
 
     def _attach(self, index: VectorIndex, meta: Meta) -> None:
         """Let an approximate index re-score its candidates against the catalog's float vectors."""
         if not index.exact:
-            index.exact_vectors = lambda ids: self.catalog.load_vectors(ids, meta.dim)
+            index.exact_vectors = lambda ids: self.catalog.fetch_vectors(ids, meta.dim)
 
     def loaded_indices(self) -> dict[str, VectorIndex]:
         return dict(self._indices)
@@ -290,7 +294,8 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
 
     Checks per kind: the file exists and loads, it records the current catalog generation,
     it holds exactly the catalog's vector ids, and a sample of its vectors equals the stored ones.
-    Also notes catalogued files that no longer exist on disk (a re-index will drop them).
+    Every file row with a vector, missing ones included (their vector must outlive them), points
+    at an image vector. Also notes missing files, and files no longer on disk (a re-index marks them).
     """
     from sqlalchemy import func, select
 
@@ -328,9 +333,10 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
         if len(common):
             rng = np.random.default_rng(0)
             picked = rng.choice(common, size=min(sample, len(common)), replace=False)
-            stored = store.catalog.load_vectors(picked, meta.dim)
+            stored, found = store.catalog.fetch_vectors(picked, meta.dim)  # a writer may delete some meanwhile
+            picked, stored = picked[found], stored[found]
             try:
-                got = np.stack([index.reconstruct(int(i)) for i in picked])
+                got = np.stack([index.reconstruct(int(i)) for i in picked]) if len(picked) else stored
                 if index.exact:
                     bad = int(np.sum(np.abs(got - stored).max(axis=1) > 1e-3))
                 else:  # quantised storage (SQ8, PQ...) holds an approximation of each vector
@@ -343,7 +349,7 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
     with store.catalog.session() as s:
         dangling = s.scalar(
             select(func.count()).select_from(ImageRow).join(Vector, ImageRow.vector_id == Vector.id, isouter=True)
-            .where(ImageRow.status == "ok", (Vector.id.is_(None)) | (Vector.kind != IMAGE))
+            .where((ImageRow.status == "ok") | ImageRow.vector_id.is_not(None), (Vector.id.is_(None)) | (Vector.kind != IMAGE))
         )
         if dangling:
             problems.append(f"{dangling} indexed files point at no image vector")
@@ -353,7 +359,16 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
         )
         if bad_caps:
             problems.append(f"{bad_caps} captions point at no text vector")
-    gone = sum(1 for row in store.catalog.iter_image_rows() if not os.path.exists(os.fsdecode(row.path_key)))
+    missing = 0
+    gone = 0
+    for row in store.catalog.iter_image_rows():
+        if row.status == MISSING:
+            missing += 1
+        elif not os.path.exists(os.fsdecode(row.path_key)):
+            gone += 1
+    if missing:
+        notes.append(f"{missing} files are missing (kept with their vectors, hidden from results; "
+                     "`loupe index DIR --prune` or `loupe remove PATH` forgets them)")
     if gone:
         notes.append(f"{gone} catalogued files no longer exist on disk (re-run `loupe index` on their folder)")
     return CheckReport(problems, notes)

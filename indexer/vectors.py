@@ -36,7 +36,7 @@ BLAS_THRESHOLD = 16  # faiss' default (128000 here) kept 100 batched flat querie
 
 _IVF = re.compile(r"(?:^|,)IVF(\d+)")
 
-VectorLoader = Callable[[np.ndarray], np.ndarray]
+VectorLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids -> (vectors, found)
 
 
 def faiss_module():
@@ -251,10 +251,12 @@ class VectorIndex:
             return self._exact_among(queries, k, allowed)  # the probed lists held too few allowed ids
         return self._rerank(queries, k, ids)
 
-    def _vectors(self, ids: np.ndarray) -> np.ndarray:
+    def _vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float vectors, found) for `ids`: an id the catalog deleted meanwhile is not found."""
         if self.exact_vectors is not None:
             return self.exact_vectors(ids)
-        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+        vecs = np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
+        return vecs, np.ones(len(ids), dtype=bool)
 
     def _rerank(self, queries: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k among each row's candidate ids (-1 = none)."""
@@ -262,7 +264,8 @@ class VectorIndex:
         uniq = np.unique(candidates[valid])
         if not len(uniq):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        sims = self._vectors(uniq) @ queries.T  # (unique candidates, queries)
+        vecs, found = self._vectors(uniq)
+        sims = np.where(found[:, None], vecs @ queries.T, -np.inf)  # (unique candidates, queries); gone: never ranked
         pos = np.searchsorted(uniq, np.where(valid, candidates, uniq[0]))
         scores = np.where(valid, sims[pos, np.arange(len(queries))[:, None]], -np.inf)
         return _top_k(scores, candidates, k)
@@ -270,7 +273,9 @@ class VectorIndex:
     def _exact_among(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the allowed ids' float vectors (a filter small enough to scan)."""
         allowed = np.unique(allowed)
-        scores = (self._vectors(allowed) @ queries.T).T if len(allowed) else np.zeros((len(queries), 0), np.float32)
+        vecs, found = self._vectors(allowed)
+        allowed, vecs = allowed[found], vecs[found]  # ids deleted meanwhile are not candidates
+        scores = (vecs @ queries.T).T if len(allowed) else np.zeros((len(queries), 0), np.float32)
         return _top_k(scores, np.broadcast_to(allowed, scores.shape), min(k, len(allowed)))
 
     def save(self, path: Path, generation: int) -> None:

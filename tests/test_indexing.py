@@ -83,9 +83,9 @@ def test_incremental_add_change_delete_rename_duplicate(store, tiny_encoder, pho
     assert (r.embedded, r.reused, r.removed) == (0, 2, 1)
     assert len(store.catalog.vector_ids(IMAGE)) == vectors_before
 
-    (photo_dir / names[4]).unlink()  # delete
-    r = index_folder(store, tiny_encoder, photo_dir)
-    assert (r.embedded, r.removed) == (0, 1)
+    (photo_dir / names[4]).unlink()  # delete: kept as missing (hidden) until --prune
+    r = index_folder(store, tiny_encoder, photo_dir, prune=True)
+    assert (r.embedded, r.missing, r.removed) == (0, 1, 1)
     assert len(store.catalog.vector_ids(IMAGE)) == vectors_before - 1
     assert check_store(store).ok
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.catalog import IMAGE
+from indexer.catalog import IMAGE, SCHEMA_VERSION
 from indexer.pipeline import index_captions, index_folder
 from indexer.store import Store, check_store
 from retrieval.query import parse_query
@@ -72,7 +72,8 @@ def test_index_search_and_rescan_on_postgres(pg_url, tmp_path, tiny_encoder, pho
     again = index_folder(store, tiny_encoder, photo_dir)
     assert (again.unchanged, again.embedded) == (13, 0)
     sorted(photo_dir.glob("*.jpg"))[5].unlink()
-    assert index_folder(store, tiny_encoder, photo_dir).removed == 1
+    r = index_folder(store, tiny_encoder, photo_dir, prune=True)
+    assert (r.missing, r.removed) == (1, 1)
     corpus = tmp_path / "c.txt"
     corpus.write_text("a dog\na boat\n")
     index_captions(store, tiny_encoder, corpus)
@@ -84,3 +85,22 @@ def test_index_search_and_rescan_on_postgres(pg_url, tmp_path, tiny_encoder, pho
     hit = searcher.search(parse_query([str(first)]), k=1)[0]
     assert hit.score == pytest.approx(1.0, abs=1e-4) and len(hit.fields["duplicates"]) == 1
     assert len(searcher.search(parse_query([str(first)]), target="text", k=5)) == 2
+
+
+def test_version_1_catalog_is_migrated_on_postgres(pg_url, tmp_path, tiny_encoder, photo_dir):
+    from sqlalchemy import inspect, text
+
+    url = pg_url.replace("/postgres?", "/v1?")
+    with Store.open(home=tmp_path / "home", db=pg_url).catalog.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE v1"))
+    store = Store.open(home=tmp_path / "home", db=url)
+    index_folder(store, tiny_encoder, photo_dir)
+    with store.catalog.engine.begin() as conn:  # the version 1 layout
+        conn.execute(text("DROP TABLE roots"))
+        conn.execute(text("DROP INDEX ix_images_status_vector"))
+        conn.execute(text("UPDATE meta SET schema_version = 1"))
+    store.catalog.engine.dispose()
+    migrated = Store.open(home=tmp_path / "home", db=url)
+    assert migrated.meta().schema_version == SCHEMA_VERSION and "roots" in inspect(migrated.catalog.engine).get_table_names()
+    assert index_folder(migrated, tiny_encoder, photo_dir).embedded == 0
+    assert check_store(migrated).ok
