@@ -218,16 +218,16 @@ def test_kill_loop_then_every_photo_indexed_once(loupe, tiny_checkpoint, flickr_
         shutil.copy2(src, folder / src.name)
     rng = random.Random(9)
     log = []
-    for i in range(6):
+    for how in ["int-int", "kill", "int", "kill", "int-int"]:
         before, _ = _db_counts(loupe.home)
         if before >= 40:
             break
         proc = loupe.popen("index", folder, "--checkpoint", tiny_checkpoint, "--batch-size", "2", "--workers", "1")
-        deadline = time.time() + 60
-        while _db_counts(loupe.home)[0] <= before and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
-        how = rng.choice(["int", "int-int", "kill"]) if i else "int-int"
+        target = before + rng.randint(1, 8)  # a random moment, in commits: independent of the machine's speed
+        deadline = time.time() + 120
+        while _db_counts(loupe.home)[0] < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05))
         try:
             if how == "kill":
                 proc.send_signal(signal.SIGKILL)
