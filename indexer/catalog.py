@@ -331,29 +331,28 @@ class Catalog:
             ids = self._insert_vectors(s, IMAGE, new_vectors)  # a hash stored already keeps its vector
             ids.update(self._vector_ids(s, IMAGE, wanted.difference(ids)))
             now = utcnow()
-            rows = []
+            rows: dict[bytes, dict] = {}  # by path: a file listed twice is written once (its last record)
             for r in records:
                 vid = ids.get(r.content_hash) if r.reason is None and r.content_hash else None
                 if vid is None and r.reason is None:
                     continue
-                rows.append(
-                    dict(
-                        path_key=r.path_key,
-                        path=display_path(r.path_key),
-                        size=r.size,
-                        mtime_ns=r.mtime_ns,
-                        content_hash=r.content_hash,
-                        width=r.width,
-                        height=r.height,
-                        taken_at=r.taken_at,
-                        vector_id=vid,
-                        status="ok" if vid is not None else "skipped",
-                        reason=None if vid is not None else r.reason,
-                        indexed_at=now,
-                    )
+                values = dict(
+                    path_key=r.path_key,
+                    path=display_path(r.path_key),
+                    size=r.size,
+                    mtime_ns=r.mtime_ns,
+                    content_hash=r.content_hash,
+                    width=r.width,
+                    height=r.height,
+                    taken_at=r.taken_at,
+                    vector_id=vid,
+                    status="ok" if vid is not None else "skipped",
+                    reason=None if vid is not None else r.reason,
+                    indexed_at=now,
                 )
+                rows[r.path_key] = values
             if rows:
-                _insert_or(s, ImageRow.__table__, rows, ["path_key"], update=True)
+                _insert_or(s, ImageRow.__table__, list(rows.values()), ["path_key"], update=True)
             self._bump(s)
         for h in wanted.difference(ids):
             known.pop(h, None)  # gone from the catalog (another writer's clean-up): embed it again
@@ -423,7 +422,7 @@ class Catalog:
     ) -> None:
         """Make the captions of `source` exactly `rows` (position, text, image, hash), in one transaction."""
         with self.session() as s, s.begin():
-            inserted = self._insert_vectors(s, TEXT, [(h, v) for h, v in new_vectors if h not in known])  # or reused
+            inserted = self._insert_vectors(s, TEXT, [(h, v) for h, v in new_vectors if h not in known])
             s.execute(delete(CaptionRow).where(CaptionRow.source == source))
             s.add_all(
                 CaptionRow(source=source, position=p, text=t, image=img, content_hash=h, vector_id=inserted.get(h) or known[h])

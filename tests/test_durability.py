@@ -156,6 +156,14 @@ def test_inserts_are_upserts_sqlite(tmp_path, tiny_encoder, photo_dir):
     _race_two_writers(dict(home=tmp_path / "home"), tiny_encoder, photo_dir)
 
 
+def test_inserts_are_upserts_without_on_conflict(tmp_path, tiny_encoder, photo_dir, monkeypatch):
+    """Catalogs whose dialect has no ON CONFLICT take the savepoint path (run here on SQLite)."""
+    from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+
+    monkeypatch.setattr(SQLiteDialect, "name", "other")
+    _race_two_writers(dict(home=tmp_path / "home"), tiny_encoder, photo_dir)
+
+
 def test_inserts_are_upserts_postgres(pg_url, tmp_path, tiny_encoder, photo_dir):  # noqa: F811
     _race_two_writers(dict(home=tmp_path / "home", db=pg_url), tiny_encoder, photo_dir)
 
