@@ -22,6 +22,18 @@ def _store(home, db):
     return Store.open(home, db)
 
 
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="Fail at once if another loupe process is writing this index, instead of waiting.")
+]
+
+
+def _writing(store, no_wait: bool = False):
+    """Hold the index's writer lock for a writing command (a second writer waits, or fails with --no-wait)."""
+    from indexer.locking import writer_lock
+
+    return writer_lock(store, wait=not no_wait)
+
+
 def _encoder_for(store, model, pretrained, checkpoint, device):
     """The model to index with: the options if given, else the one the index is bound to."""
     from indexer.encoder import load_encoder, resolve_spec
@@ -36,6 +48,7 @@ def _show_progress() -> bool:
 
 @app.command()
 def index(
+    ctx: typer.Context,
     folders: Annotated[List[Path], typer.Argument(help="Photo folders to index (re-runs only embed what changed).")],
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
@@ -48,6 +61,7 @@ def index(
     home: HomeOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Index photo folders; re-runs embed only new or changed files.
 
@@ -62,6 +76,7 @@ def index(
     import functools
 
     store = _store(home, db)
+    ctx.with_resource(_writing(store, no_wait))  # held until the command returns
     meta = store.meta()
     load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device))
     # the index's own model is loaded only once a file needs embedding: a no-change re-scan never loads it
@@ -141,6 +156,7 @@ def index_text(
     batch_size: BatchOpt = 256,
     home: HomeOpt = None,
     db: DbOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Add a caption corpus to the index, so an image can find the sentences that describe it."""
     from indexer.pipeline import index_captions
@@ -148,8 +164,9 @@ def index_text(
 
     read_captions(file, column)  # fail on a bad file before loading the model
     store = _store(home, db)
-    encoder = _encoder_for(store, model, pretrained, checkpoint, device)
-    r = index_captions(store, encoder, file, column=column, batch_size=batch_size, progress=_show_progress())
+    with _writing(store, no_wait):
+        encoder = _encoder_for(store, model, pretrained, checkpoint, device)
+        r = index_captions(store, encoder, file, column=column, batch_size=batch_size, progress=_show_progress())
     typer.echo(f"{r.source}: {r.captions} captions; {r.embedded} embedded, {r.reused} reused in {r.seconds:.2f}s")
 
 
@@ -309,6 +326,7 @@ def check(
     repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector files from the catalog if they disagree.")] = False,
     home: HomeOpt = None,
     db: DbOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Verify that the catalog and the vector index agree (exit 1 if not)."""
     from indexer.store import check_store
@@ -323,9 +341,11 @@ def check(
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     if repair:
-        for kind, r in store.sync_all().items():
-            typer.echo(f"repaired {kind} index: +{r.added} -{r.removed}{' (rebuilt)' if r.rebuilt else ''}")
-        if check_store(store).ok:
+        with _writing(store, no_wait):
+            for kind, r in store.sync_all().items():
+                typer.echo(f"repaired {kind} index: +{r.added} -{r.removed}{' (rebuilt)' if r.rebuilt else ''}")
+            repaired = check_store(store).ok
+        if repaired:
             typer.echo("ok: catalog and vector index agree")
             return
     raise typer.Exit(1)
@@ -336,11 +356,14 @@ def remove(
     paths: Annotated[List[Path], typer.Argument(help="Files, folders or caption files to forget (nothing is deleted on disk).")],
     home: HomeOpt = None,
     db: DbOpt = None,
+    no_wait: NoWaitOpt = False,
 ) -> None:
     """Remove files, folders or caption corpora from the index."""
     from indexer.pipeline import remove_items
 
-    r = remove_items(_store(home, db), list(paths))
+    store = _store(home, db)
+    with _writing(store, no_wait):
+        r = remove_items(store, list(paths))
     typer.echo(f"removed {r.images} images and {r.captions} captions")
 
 

@@ -44,15 +44,14 @@ def run() -> None:
     try:
         code = app(standalone_mode=False, prog_name="loupe")  # returns typer.Exit codes here
         if isinstance(code, int) and code:
-            sys.exit(code)
+            _exit(code)
     except LoupeError as exc:
         typer.echo(f"loupe: error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("loupe: interrupted", err=True)
-        sys.exit(130)
+        _exit(130, "loupe: interrupted")
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except typer.Abort:
         typer.echo("loupe: aborted", err=True)
         sys.exit(1)
@@ -63,6 +62,19 @@ def run() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _exit(code: int, message: str | None = None) -> None:
+    """Exit; one more Ctrl-C (people press it twice) no longer interrupts the way out with a traceback."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    if message:
+        typer.echo(message, err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # `python -m cli.main`: run the importable module's app, not __main__'s

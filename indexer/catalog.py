@@ -49,6 +49,7 @@ from indexer.errors import LoupeError
 SCHEMA_VERSION = 2  # 2: 'missing' files, the roots table, an index on (status, vector_id)
 IMAGE, TEXT = "image", "text"
 OK, SKIPPED, MISSING = "ok", "skipped", "missing"  # ImageRow.status
+LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
 
 def utcnow() -> datetime:
@@ -152,6 +153,12 @@ class ImageState:
     mtime_ns: int
     content_hash: str | None
     status: str
+    reason: str | None = None
+
+    @property
+    def needs_work(self) -> bool:
+        """A row with no vector and no real failure reason (an interrupted run's, e.g. 'no vector')."""
+        return self.status == "skipped" and self.reason in (None, "", LEGACY_NO_VECTOR)
 
 
 @dataclass
@@ -335,15 +342,26 @@ class Catalog:
         return None if data is None else np.frombuffer(data, dtype=np.float32).copy()
 
     def _insert_vectors(self, s: Session, kind: str, items: list[tuple[str, np.ndarray]]) -> dict[str, int]:
-        ids: dict[str, int] = {}
+        """Store vectors by content hash; a hash stored meanwhile (by another writer) keeps its vector.
+
+        Returns the vector id of every hash in `items`, whoever inserted it.
+        """
+        rows: dict[str, dict] = {}
         for content_hash, vec in items:
-            if content_hash in ids:  # the same content twice in one batch
-                continue
-            v = Vector(kind=kind, content_hash=content_hash, data=to_blob(vec))
-            s.add(v)
-            s.flush()
-            ids[content_hash] = v.id
-        return ids
+            rows.setdefault(content_hash, dict(kind=kind, content_hash=content_hash, data=to_blob(vec)))
+        if not rows:
+            return {}
+        _insert_or(s, Vector.__table__, list(rows.values()), ["kind", "content_hash"])
+        return self._vector_ids(s, kind, rows)
+
+    def _vector_ids(self, s: Session, kind: str, hashes: Iterable[str]) -> dict[str, int]:
+        """Content hash -> vector id for those of `hashes` the catalog holds now."""
+        hashes = list(hashes)
+        out: dict[str, int] = {}
+        for start in range(0, len(hashes), 5000):
+            part = hashes[start : start + 5000]
+            out.update(s.execute(select(Vector.content_hash, Vector.id).where(Vector.kind == kind, Vector.content_hash.in_(part))).all())
+        return out
 
     def _gc_vectors(self, s: Session) -> int:
         used_img = select(ImageRow.vector_id).where(ImageRow.vector_id.is_not(None))
@@ -360,14 +378,15 @@ class Catalog:
     def image_states(self, folder_key: bytes | None = None) -> dict[bytes, ImageState]:
         """Every catalogued file (under `folder_key` if given) with what a re-scan compares."""
         q = select(
-            ImageRow.path_key, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status
+            ImageRow.path_key, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status,
+            ImageRow.reason,
         )
         if folder_key is not None:
             lo, hi = prefix_bounds(folder_key)
             q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
         with self.session() as s:
             return {
-                bytes(row[0]): ImageState(row[1], row[2], row[3], row[4], row[5]) for row in s.execute(q)
+                bytes(row[0]): ImageState(row[1], row[2], row[3], row[4], row[5], row[6]) for row in s.execute(q)
             }
 
     def image_id(self, path_key: bytes) -> int | None:
@@ -385,19 +404,23 @@ class Catalog:
     ) -> int:
         """Insert or update file rows and any new vectors in ONE transaction; returns rows written.
 
-        `known` (content hash -> vector id) is updated in place with the vectors inserted here.
+        A file row is stored either with its vector or with the reason it failed, never with
+        neither: a record whose vector is in neither the catalog nor `new_vectors` is left out
+        (the next run redoes it). Vectors and rows written meanwhile by another writer are
+        reused and updated, not duplicated. `known` (content hash -> vector id) is brought in
+        line with the catalog for every hash seen here, once the transaction is committed.
         """
         records = list(records)
+        wanted = {r.content_hash for r in records if r.reason is None and r.content_hash}
         with self.session() as s, s.begin():
-            fresh = [(h, v) for h, v in new_vectors if h not in known]
-            inserted = self._insert_vectors(s, IMAGE, fresh)
-            keys = [r.path_key for r in records]
-            existing = dict(s.execute(select(ImageRow.path_key, ImageRow.id).where(ImageRow.path_key.in_(keys))).all())
+            ids = self._insert_vectors(s, IMAGE, new_vectors)  # a hash stored already keeps its vector
+            ids.update(self._vector_ids(s, IMAGE, wanted.difference(ids)))
             now = utcnow()
+            rows: dict[bytes, dict] = {}  # by path: a file listed twice is written once (its last record)
             for r in records:
-                vid = None
-                if r.reason is None and r.content_hash:
-                    vid = inserted.get(r.content_hash) or known.get(r.content_hash)
+                vid = ids.get(r.content_hash) if r.reason is None and r.content_hash else None
+                if vid is None and r.reason is None:
+                    continue
                 values = dict(
                     path_key=r.path_key,
                     path=display_path(r.path_key),
@@ -409,16 +432,17 @@ class Catalog:
                     taken_at=r.taken_at,
                     vector_id=vid,
                     status="ok" if vid is not None else "skipped",
-                    reason=None if vid is not None else (r.reason or "no vector"),
+                    reason=None if vid is not None else r.reason,
                     indexed_at=now,
                 )
-                if r.path_key in existing:
-                    s.execute(update(ImageRow).where(ImageRow.id == existing[r.path_key]).values(**values))
-                else:
-                    s.add(ImageRow(**values))
+                rows[r.path_key] = values
+            if rows:
+                _insert_or(s, ImageRow.__table__, list(rows.values()), ["path_key"], update=True)
             self._bump(s)
-        known.update(inserted)  # only once the transaction is committed
-        return len(records)
+        for h in wanted.difference(ids):
+            known.pop(h, None)  # gone from the catalog (another writer's clean-up): embed it again
+        known.update(ids)  # only once the transaction is committed
+        return len(rows)
 
     def touch_images(self, updates: Sequence[tuple[int, int, int]]) -> None:
         """Record a new (size, mtime) for files whose content did not change."""
@@ -635,6 +659,40 @@ def _v1_to_v2(conn: Connection) -> None:
 
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}  # version -> step to version + 1
+
+
+def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:
+    """INSERT `rows`; one whose `conflict` columns match a stored row updates it (`update`) or is dropped.
+
+    An upsert, so two writers that meet (no writer lock, or a row written since it was read)
+    never fail with an IntegrityError: ON CONFLICT on SQLite and PostgreSQL, a savepoint per
+    row elsewhere.
+    """
+    dialect = s.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = dialect_insert(table)
+        if update:
+            cols = [c for c in rows[0] if c not in conflict]
+            stmt = stmt.on_conflict_do_update(index_elements=conflict, set_={c: stmt.excluded[c] for c in cols})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=conflict)
+        s.execute(stmt, rows)
+        return
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    for row in rows:
+        try:
+            with s.begin_nested():
+                s.execute(insert(table).values(**row))
+        except IntegrityError:
+            if update:
+                where = [table.c[c] == row[c] for c in conflict]
+                s.execute(table.update().where(*where).values(**{c: v for c, v in row.items() if c not in conflict}))
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -24,8 +24,10 @@ import numpy as np
 
 from indexer.batching import parallel_map, reason_for
 from indexer.catalog import IMAGE, MISSING, TEXT, ImageRecord, path_key_of
+from indexer.critical import critical_section
 from indexer.errors import LoupeError
 from indexer.imageio import decode_image, probe_image
+from indexer.locking import holds_writer_lock
 from indexer.sources import FileEntry, WalkStats, read_captions, walk_images
 from indexer.store import Store
 
@@ -73,6 +75,7 @@ class _Loaded:
     info: object = None
 
 
+@holds_writer_lock
 def index_folder(
     store: Store,
     encoder: "Encoder | Callable[[], Encoder]",
@@ -111,7 +114,8 @@ def index_folder(
     for entry in walk_images(root_abs, exclude=store.location.own_paths(), stats=walk_stats):
         report.files += 1
         state = states.pop(entry.key, None)
-        if state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns:
+        same = state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns
+        if same and not state.needs_work:  # a row left without vector by an old interrupted run is redone
             report.unchanged += 1
             if state.status == MISSING:
                 found_again.append(state.id)
@@ -173,9 +177,14 @@ def index_folder(
             reason=reason,
         )
 
+    def commit(embedded: list[ImageRecord], new_vectors: list[tuple[str, np.ndarray]]) -> None:
+        """Write the decided rows, plus a batch's rows with their vectors, as one uninterruptible unit."""
+        with critical_section():  # a Ctrl-C lands before the commit or after `records`/`known` match it
+            catalog.write_images(records + embedded, new_vectors, known)
+            records.clear()
+
     def flush(embed: bool) -> None:
         nonlocal batches_done
-        new_vectors: list[tuple[str, np.ndarray]] = []
         if embed and batch:
             import torch  # here, not at the top: a run with nothing to embed never imports it
 
@@ -183,20 +192,23 @@ def index_folder(
             vecs = encoder.encode_images(torch.stack([b.tensor for b in batch]))
             report.encode_seconds += time.perf_counter() - t
             new_vectors = [(b.content_hash, v) for b, v in zip(batch, vecs)]
-            records.extend(record(b) for b in batch)
-            report.embedded += len(batch)
-            batches_done += 1
-            batch.clear()
-        if records or new_vectors:
-            catalog.write_images(records, new_vectors, known)
-            records.clear()
-        ready = [w for w in waiting if w.content_hash in known]
-        if ready:
-            catalog.write_images(ready, [], known)
-            waiting[:] = [w for w in waiting if w.content_hash not in known]
-        if touches:
-            catalog.touch_images(touches)
-            touches.clear()
+            embedded = [record(b) for b in batch]
+            batch.clear()  # from here these rows travel only with their vectors: committed, or redone next run
+            with critical_section():
+                commit(embedded, new_vectors)
+                report.embedded += len(embedded)
+                batches_done += 1
+        elif records:
+            commit([], [])
+        with critical_section():
+            ready = [w for w in waiting if w.content_hash in known]
+            if ready:
+                catalog.write_images(ready, [], known)
+                waiting[:] = [w for w in waiting if w.content_hash not in known]
+        with critical_section():
+            if touches:
+                catalog.touch_images(touches)
+                touches.clear()
 
     try:
         for job, result in parallel_map(load, todo, workers, window=max(64, 4 * batch_size)):
@@ -226,7 +238,8 @@ def index_folder(
         flush(embed=True)
     except KeyboardInterrupt:
         report.interrupted = True
-        flush(embed=False)  # keep decided rows; the unembedded batch is redone next run
+        with critical_section():  # a second Ctrl-C waits for this clean-up
+            flush(embed=False)  # keep decided rows; the unembedded batch is redone next run
     finally:
         if bar is not None:
             bar.close()
@@ -273,6 +286,7 @@ class TextReport:
     seconds: float = 0.0
 
 
+@holds_writer_lock
 def index_captions(
     store: Store,
     encoder: "Encoder",
@@ -315,7 +329,8 @@ def index_captions(
             bar.close()
     report.embedded = len(new_vectors)
     rows = [(c.position, c.text, c.image, h) for c, h in zip(captions, hashes)]
-    store.catalog.replace_captions(source, rows, new_vectors, known)
+    with critical_section():
+        store.catalog.replace_captions(source, rows, new_vectors, known)
     store.sync_all()
     report.seconds = time.perf_counter() - t0
     return report
@@ -327,6 +342,7 @@ class RemoveReport:
     captions: int = 0
 
 
+@holds_writer_lock
 def remove_items(store: Store, paths: list[str | os.PathLike]) -> RemoveReport:
     """Forget files, whole folders, or caption corpus files, missing ones included (the files on
     disk are untouched)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.catalog import IMAGE, MISSING, TEXT, Catalog, Meta
+from indexer.critical import critical_section
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
 from indexer.vectors import AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, read_side_file
@@ -164,7 +165,8 @@ class Store:
             self._attach(index, meta)
             return index, SyncReport(0, 0, False)
         index, report = self._update(kind, index, meta, wanted)
-        index.save(path, generation)
+        with critical_section():  # a Ctrl-C (even a second one) never cuts a save in half
+            index.save(path, generation)
         return index, report
 
     def _update(self, kind: str, index: VectorIndex | None, meta: Meta, factory: str) -> tuple[VectorIndex, SyncReport]:
