@@ -150,11 +150,7 @@ def search(
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Search the index by sentence, by image, or both (text->image, image->image, image->text).
-
-    --nprobe, --ef-search and --search-params tune an approximate index for this search; it then
-    runs in this process (a running `loupe serve` keeps the parameters it was started with).
-    """
+    """Search the index by sentence, by image, or both (text->image, image->image, image->text)."""
     from indexer.vectors import join_search_params, parse_search_params
     from retrieval.query import parse_query
     from retrieval.server import search_via_server
@@ -163,12 +159,11 @@ def search(
     parse_search_params(params)  # a bad string fails before any work
     terms = parse_query(query)
     target = "text" if captions else "image"
-    hits = None
-    if params is None:
-        hits = search_via_server(
-            home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint,
-            device, text_precision,
-        )
+    # a running `loupe serve` keeps the search parameters it was started with: with others, search here
+    hits = None if params else search_via_server(
+        home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
+        text_precision,
+    )
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
         from retrieval.search import Filters, open_searcher
 

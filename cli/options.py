@@ -49,5 +49,5 @@ EfSearchOpt = Annotated[
 ]
 SearchParamsOpt = Annotated[
     Optional[str],
-    typer.Option("--search-params", help="FAISS search parameters, e.g. 'nprobe=64,efSearch=128' (--nprobe/--ef-search win over it)."),
+    typer.Option("--search-params", help="FAISS search parameters, e.g. 'nprobe=64,efSearch=128' (--nprobe/--ef-search win over it). `loupe search` with any of these three searches in its own process, not on a running `loupe serve`."),
 ]
