@@ -84,9 +84,9 @@ def test_label_claiming_a_state_its_content_does_not_hold_is_not_accepted(writer
         path.write_bytes(state_a["images.faiss"][0])
         (path.parent / "images.faiss.gen").write_bytes(state_b["images.faiss.gen"][0])
     else:  # the label inside the file, after the FAISS bytes
-        content_a = state_a["images.faiss"][0][: vectors.read_label(path).faiss_bytes]  # same length as B's
-        cut = vectors.read_label(path).faiss_bytes
-        path.write_bytes(content_a + state_b["images.faiss"][0][cut:])
+        cut = vectors.read_label(path).faiss_bytes  # B's FAISS bytes end here; A's are as long (Flat, same count)
+        path.write_bytes(state_a["images.faiss"][0][:cut] + state_b["images.faiss"][0][cut:])
+        assert vectors.read_label(path).generation == writer.catalog.generation()  # the label claims B
     reader = Store.open(home=home)
     assert_holds_catalog(reader, reader.vector_index(IMAGE))
     assert not check_store(reader).ok
