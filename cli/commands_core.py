@@ -12,14 +12,16 @@ import typer
 
 from cli.main import app, fail
 from cli.options import (
-    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt, TextPrecisionOpt,
+    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, ModelOpt, NprobeOpt, PretrainedOpt,
+    SearchParamsOpt, TextPrecisionOpt,
 )
 
 
-def _store(home, db):
+def _store(home, db, writer: bool = True):
+    """The index; `writer=False` for commands that only read it (they never write vector files)."""
     from indexer.store import Store
 
-    return Store.open(home, db)
+    return Store.open(home, db, writer=writer)
 
 
 NoWaitOpt = Annotated[
@@ -187,6 +189,9 @@ def search(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     text_precision: TextPrecisionOpt = "auto",
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    search_params: SearchParamsOpt = None,
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
@@ -206,12 +211,16 @@ def search(
     has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
     are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
     """
+    from indexer.vectors import join_search_params, parse_search_params
     from retrieval.query import parse_query
     from retrieval.server import search_via_server
 
+    params = join_search_params(search_params, nprobe, ef_search)
+    parse_search_params(params)  # a bad string fails before any work
     terms = parse_query(query)
     target = "text" if captions else "image"
-    hits = search_via_server(
+    # a running `loupe serve` keeps the search parameters it was started with: with others, search here
+    hits = None if params else search_via_server(
         home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
         text_precision,
     )
@@ -219,7 +228,10 @@ def search(
         from retrieval.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
-        searcher = open_searcher(home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision)
+        searcher = open_searcher(
+            home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision,
+            search_params=params,
+        )
         hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:
         for hit in hits:
@@ -257,7 +269,7 @@ def info(
     db: DbOpt = None,
 ) -> None:
     """Show what the index holds: counts, skipped files and why, model, sizes, last update."""
-    store = _store(home, db)
+    store = _store(home, db, writer=False)
     meta = store.require_meta()
     stats = store.catalog.stats()
     files = {str(p): p.stat().st_size for p in store.vector_files() if p.exists()}
@@ -331,7 +343,7 @@ def check(
     """Verify that the catalog and the vector index agree (exit 1 if not)."""
     from indexer.store import check_store
 
-    store = _store(home, db)
+    store = _store(home, db, writer=repair)
     report = check_store(store)
     for note in report.notes:
         typer.echo(f"note: {note}")
@@ -342,7 +354,7 @@ def check(
         typer.echo(f"problem: {problem}")
     if repair:
         with _writing(store, no_wait):
-            for kind, r in store.sync_all().items():
+            for kind, r in store.sync_all(load=True).items():  # read every file: a label is checked against its content
                 typer.echo(f"repaired {kind} index: +{r.added} -{r.removed}{' (rebuilt)' if r.rebuilt else ''}")
             repaired = check_store(store).ok
         if repaired:

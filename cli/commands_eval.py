@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.main import app
-from cli.options import BatchOpt, CheckpointOpt, DeviceOpt, ModelOpt, PretrainedOpt
+from cli.options import BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, ModelOpt, NprobeOpt, PretrainedOpt, SearchParamsOpt
 
 ImagesOpt = Annotated[Path, typer.Option("--images", "-i", help="Folder holding the annotated images.")]
 AnnotationsOpt = Annotated[
@@ -32,6 +32,9 @@ def eval_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON to this file ('-' for stdout).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the images that exist when some are missing or unreadable (flagged as a subset).")] = False,
     index_factory: Annotated[Optional[str], typer.Option("--index-factory", help="Also score through this FAISS index (e.g. HNSW32, IVF256,Flat) to see what approximation costs.")] = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    search_params: SearchParamsOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -41,15 +44,18 @@ def eval_command(
 ) -> None:
     """Recall@1/5/10 of a model on a captioned image set, text->image and image->text (exact search)."""
     from indexer.encoder import load_encoder, resolve_spec
+    from indexer.vectors import join_search_params, parse_search_params
     from retrieval.annotations import load_annotations
     from retrieval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
 
+    params = join_search_params(search_params, nprobe, ef_search)
+    parse_search_params(params)  # a bad string fails before any work
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
     encoder = load_encoder(resolve_spec(model, pretrained, checkpoint), device)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
-        index_factory=index_factory, workers=workers, progress=_show_progress(),
+        index_factory=index_factory, workers=workers, progress=_show_progress(), search_params=params,
     )
     text = json.dumps(report.to_json(), indent=2)
     if json_out is not None and str(json_out) == "-":

@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 
 from cli.main import app
-from cli.options import CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, ModelOpt, PretrainedOpt, TextPrecisionOpt
+from cli.options import (
+    CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, ModelOpt, NprobeOpt, PretrainedOpt, SearchParamsOpt,
+    TextPrecisionOpt,
+)
 
 
 @app.command()
@@ -18,6 +21,9 @@ def serve(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     text_precision: TextPrecisionOpt = "auto",
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    search_params: SearchParamsOpt = None,
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
@@ -27,10 +33,14 @@ def serve(
     Changes made by `loupe index` meanwhile are picked up before the next query. Stop with
     Ctrl-C or SIGTERM. API: GET /health, POST /search (JSON; see retrieval/server.py).
     """
+    from indexer.vectors import join_search_params
     from retrieval.search import open_searcher
     from retrieval.server import serve as run_server
 
-    searcher = open_searcher(home, db, model, pretrained, checkpoint, device, text_precision=text_precision, long_lived=True)
+    searcher = open_searcher(
+        home, db, model, pretrained, checkpoint, device, text_precision=text_precision, long_lived=True,
+        search_params=join_search_params(search_params, nprobe, ef_search),
+    )
 
     def ready(state) -> None:
         typer.echo(f"loupe: serving {searcher.store.describe()} with {searcher.encoder.spec.describe()} on {state.url} (query text in {state.text_precision})", err=True)

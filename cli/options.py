@@ -39,3 +39,15 @@ DbOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per model batch.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")]
+NprobeOpt = Annotated[
+    Optional[int],
+    typer.Option("--nprobe", min=1, help="Inverted lists an IVF index visits per query (default 8*sqrt(lists)); more: better recall, slower."),
+]
+EfSearchOpt = Annotated[
+    Optional[int],
+    typer.Option("--ef-search", min=1, help="Search depth of an HNSW index (default 256); more: better recall, slower."),
+]
+SearchParamsOpt = Annotated[
+    Optional[str],
+    typer.Option("--search-params", help="FAISS search parameters, e.g. 'nprobe=64,efSearch=128' (--nprobe/--ef-search win over it). `loupe search` with any of these three searches in its own process, not on a running `loupe serve`."),
+]

@@ -1,9 +1,15 @@
 """An index on disk: the catalog plus its FAISS files, kept in agreement.
 
-The FAISS files are derived data. Whenever the catalog generation differs from the one a
-FAISS file records (an interrupted run, a crash, another process), `vector_index` brings the
-file back in line by difference: ids the catalog lacks are removed, missing ones are added
-from the stored vectors. That one mechanism serves incremental updates and crash recovery.
+The FAISS files are derived data. Each carries a label (`vectors.Label`) naming the catalog
+and the generation it reflects. Whenever a file is behind the catalog (an interrupted run, a
+crash, another process) or belongs to another catalog, the index is brought back in line by
+difference: ids the catalog lacks are removed, missing ones are added from the stored vectors.
+That one mechanism serves incremental updates and crash recovery.
+
+Only writers write files (`sync`, `sync_all`: `loupe index`, `index-text`, `remove`,
+`check --repair`). A reader (`vector_index`, `refresh`: searches, `loupe serve`, `loupe check`)
+brings its in-memory copy in line and leaves the file alone, so a reader never races a writer's
+save; a Store opened with `writer=False` refuses to write at all.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from indexer.catalog import IMAGE, MISSING, TEXT, Catalog, Meta
 from indexer.critical import critical_section
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
-from indexer.vectors import AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, read_side_file
+from indexer.vectors import (
+    AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, parse_search_params, read_label, side_file,
+)
 
 
 FACTORY_SETTING = "index_factory"
@@ -32,24 +40,42 @@ class SyncReport:
     rebuilt: bool
 
 
+def catalog_identity(meta: Meta) -> str:
+    """Which catalog this is, as index file labels record it: its creation time, to the microsecond.
+
+    A catalog deleted and rebuilt from scratch gets another one, so a file left by the old one is
+    not taken for current just because the new catalog reached the same generation.
+    """
+    return meta.created_at.isoformat(timespec="microseconds")
+
+
 class Store:
     """Open (or create) the index at a location."""
 
-    def __init__(self, location: Location, map_files: bool = True) -> None:
-        """`map_files`: memory-map a current IVF file instead of reading it (`VectorIndex.load`).
+    def __init__(
+        self, location: Location, map_files: bool = True, writer: bool = True, search_params: str | None = None
+    ) -> None:
+        """`writer=False` opens it for reading only: `sync`/`sync_all` refuse, nothing is written.
+        `search_params` (a FAISS parameter string, e.g. "nprobe=64") is set on every index handed out.
+        `map_files`: memory-map a current IVF file instead of reading it (`VectorIndex.load`).
 
         Mapping suits a process that searches once (1M vectors open in 0.05 s instead of 0.35 s);
         a long-lived searcher should read the file, since a query over mapped lists is slower
         (100k vectors: 3.9 ms instead of 1.4 ms, measured).
         """
+        self.search_params = parse_search_params(search_params)  # a bad string fails before any work
         self.location = location
         self.catalog = Catalog(location.url)
         self.map_files = map_files
+        self.writer = writer
         self._indices: dict[str, VectorIndex] = {}
 
     @classmethod
-    def open(cls, home: str | Path | None = None, db: str | None = None, map_files: bool = True) -> "Store":
-        return cls(resolve_location(home, db), map_files)
+    def open(
+        cls, home: str | Path | None = None, db: str | None = None, map_files: bool = True, writer: bool = True,
+        search_params: str | None = None,
+    ) -> "Store":
+        return cls(resolve_location(home, db), map_files, writer, search_params)
 
     def meta(self) -> Meta | None:
         return self.catalog.meta()
@@ -126,48 +152,73 @@ class Store:
         return self.catalog.set_setting(FACTORY_SETTING, factory)
 
     def vector_index(self, kind: str, factory: str | None = None) -> VectorIndex:
-        """The FAISS index for `kind`, synced to the catalog if it lags behind."""
+        """The FAISS index for `kind`, in line with the catalog; reads the file, never writes it.
+
+        A file behind the catalog is brought in line in memory (the next writer saves it).
+        """
         if kind in self._indices:
             return self._indices[kind]
         meta = self.require_meta()
-        index, _ = self.sync(kind, meta, factory)
+        index, _, _ = self._in_line(kind, meta, factory)
         self._indices[kind] = index
         return index
 
     def sync(
         self, kind: str, meta: Meta | None = None, factory: str | None = None, load: bool = True
     ) -> tuple[VectorIndex | None, SyncReport]:
-        """Make the FAISS file of `kind` hold exactly the catalog's vectors; save it if changed.
+        """Writers only: make the FAISS file of `kind` hold exactly the catalog's vectors; save it if changed.
 
         The index kind follows `factory`, else the stored setting, else the collection size
         (see `choose_factory`); a file of another kind is rebuilt. With `load=False` a file
-        whose side file says it is current is not even read (returns None for the index).
+        whose label says it is current is not even read (returns None for the index).
         """
+        if not self.writer:
+            raise LoupeError(
+                "this index was opened for reading: only `loupe index`, `index-text`, `remove` and `check --repair` write vector files"
+            )
         meta = meta or self.require_meta()
         path = self.location.vector_file(kind)
-        generation = self.catalog.generation()
+        index, report, changed = self._in_line(kind, meta, factory, load)
+        if changed:
+            with critical_section():  # a Ctrl-C (even a second one) never cuts a save in half
+                index.save(path, index.generation, index.catalog)
+        else:
+            side_file(path).unlink(missing_ok=True)  # a label file an older loupe kept beside it
+        return index, report
+
+    def _in_line(
+        self, kind: str, meta: Meta, factory: str | None = None, load: bool = True
+    ) -> tuple[VectorIndex | None, SyncReport, bool]:
+        """The index of `kind` holding exactly the catalog's vectors, and whether the file differs from it.
+
+        The file is used only if its label names this catalog; a file without one (an older
+        loupe's, whose label sat in a side file) or of another catalog is not trusted and the
+        index is built from the catalog instead. Nothing is written here.
+        """
+        path = self.location.vector_file(kind)
+        generation = self.catalog.generation()  # before the ids: a label may lag its content, never lead it
         n = self.catalog.count_vectors(kind)
-        exists = path.exists()
-        side_gen, side_factory, side_n = read_side_file(path) if exists else (-1, None, None)
-        wanted = choose_factory(n, factory or self.index_factory(), side_factory)
-        if not load and exists and (side_gen, side_factory, side_n) == (generation, wanted, n):
-            return None, SyncReport(0, 0, False)
+        identity = catalog_identity(meta)
+        label = read_label(path)
+        ours = label is not None and label.catalog == identity and label.dim == meta.dim
+        wanted = choose_factory(n, factory or self.index_factory(), label.factory if ours else None)
+        current = ours and (label.generation, label.ntotal, label.factory) == (generation, n, wanted)
+        if current and not load:
+            return None, SyncReport(0, 0, False), False
         index = None
-        if exists and side_factory == wanted:
-            current = (side_gen, side_n) == (generation, n)
+        if ours and label.factory == wanted:
             try:
                 index = VectorIndex.load(path, mmap=current and self.map_files)  # only searched: may map it
             except Exception:
-                index = None  # unreadable file: rebuilt below from the catalog
-        if index is not None and index.dim != meta.dim:
-            index = None
+                index = None  # unreadable, or its label does not match its content: rebuilt below
+        if index is not None and (index.catalog, index.dim) != (identity, meta.dim):
+            index = None  # replaced meanwhile by a file of another catalog
         if index is not None and index.generation == generation and index.ntotal == n:
             self._attach(index, meta)
-            return index, SyncReport(0, 0, False)
+            return index, SyncReport(0, 0, False), False
         index, report = self._update(kind, index, meta, wanted)
-        with critical_section():  # a Ctrl-C (even a second one) never cuts a save in half
-            index.save(path, generation)
-        return index, report
+        index.generation, index.catalog = generation, identity
+        return index, report, True
 
     def _update(self, kind: str, index: VectorIndex | None, meta: Meta, factory: str) -> tuple[VectorIndex, SyncReport]:
         """Apply the catalog's id difference to `index` (building a new `factory` index if None).
@@ -175,8 +226,12 @@ class Store:
         An index that cannot remove ids in place (HNSW, refine...) is rebuilt when ids went away.
         """
         if index is not None and index.mmapped:
-            index = VectorIndex.load(self.location.vector_file(kind))  # writable copy of the file
-            index = index if index.factory == factory and index.dim == meta.dim else None
+            try:
+                fresh = VectorIndex.load(self.location.vector_file(kind))  # writable copy of the file
+            except Exception:
+                fresh = None
+            same = fresh is not None and (fresh.factory, fresh.dim, fresh.catalog) == (factory, meta.dim, index.catalog)
+            index = fresh if same else None
         want = self.catalog.vector_ids(kind)
         have = index.ids() if index is not None else np.zeros(0, np.int64)
         extra = np.setdiff1d(have, want, assume_unique=True)
@@ -200,7 +255,9 @@ class Store:
         return index, SyncReport(added, int(len(extra)), rebuilt)
 
     def _attach(self, index: VectorIndex, meta: Meta) -> None:
-        """Let an approximate index re-score its candidates against the catalog's float vectors."""
+        """Set the search parameters asked for, and let an approximate index re-score its
+        candidates against the catalog's float vectors."""
+        index.configure(self.search_params)
         if not index.exact:
             index.exact_vectors = lambda ids: self.catalog.fetch_vectors(ids, meta.dim)
 
@@ -219,21 +276,30 @@ class Store:
         if not stale:
             return False
         meta = self.require_meta()
+        identity = catalog_identity(meta)
         for kind, index in stale.items():
             path = self.location.vector_file(kind)
-            side_gen, side_factory, _ = read_side_file(path)
+            label = read_label(path)
             wanted = choose_factory(self.catalog.count_vectors(kind), self.index_factory(), index.factory)
-            if side_gen == generation and side_factory == wanted and wanted != index.factory:
-                fresh = VectorIndex.load(path)
-                self._attach(fresh, meta)
-            else:
-                fresh, _ = self._update(kind, index if wanted == index.factory else None, meta, wanted)
-                fresh.generation = generation
+            fresh = None
+            if (
+                label is not None and (label.catalog, label.generation, label.factory) == (identity, generation, wanted)
+                and wanted != index.factory
+            ):
+                try:
+                    fresh = VectorIndex.load(path)
+                    self._attach(fresh, meta)
+                except Exception:
+                    fresh = None
+            if fresh is None:
+                same = wanted == index.factory and index.catalog == identity
+                fresh, _ = self._update(kind, index if same else None, meta, wanted)
+                fresh.generation, fresh.catalog = generation, identity
             self._indices[kind] = fresh
         return True
 
     def sync_all(self, load: bool = False) -> dict[str, SyncReport]:
-        """Bring both FAISS files in line with the catalog (files already current are not read)."""
+        """Writers only: bring both FAISS files in line with the catalog (files already current are not read)."""
         meta = self.require_meta()
         out = {}
         for kind in (IMAGE, TEXT):
@@ -294,10 +360,11 @@ class CheckReport:
 def check_store(store: Store, sample: int = 200) -> CheckReport:
     """Verify that catalog and FAISS files agree, without changing anything.
 
-    Checks per kind: the file exists and loads, it records the current catalog generation,
-    it holds exactly the catalog's vector ids, and a sample of its vectors equals the stored ones.
-    Every file row with a vector, missing ones included (their vector must outlive them), points
-    at an image vector. Also notes missing files, and files no longer on disk (a re-index marks them).
+    Checks per kind: the file exists, its label names this catalog and matches its content, it
+    records the current catalog generation, it holds exactly the catalog's vector ids, and a
+    sample of its vectors equals the stored ones. Every file row with a vector, missing ones
+    included (their vector must outlive them), points at an image vector. Also notes missing
+    files, and files no longer on disk (a re-index marks them).
     """
     from sqlalchemy import func, select
 
@@ -307,12 +374,23 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
     problems: list[str] = []
     notes: list[str] = []
     generation = store.catalog.generation()
+    identity = catalog_identity(meta)
     for kind in (IMAGE, TEXT):
         path = store.location.vector_file(kind)
         want = store.catalog.vector_ids(kind)
         if not path.exists():
             if len(want):
                 problems.append(f"{kind} index file missing: {path}")
+            continue
+        label = read_label(path)
+        if label is None:
+            if side_file(path).exists():
+                problems.append(f"{kind} index file has the old format (its label in a separate side file, not trusted): {path}")
+            else:
+                problems.append(f"{kind} index file carries no loupe label (damaged?): {path}")
+            continue
+        if label.catalog != identity:
+            problems.append(f"{kind} index file belongs to another catalog (created {label.catalog}, this one {identity}): {path}")
             continue
         try:
             index = VectorIndex.load(path)

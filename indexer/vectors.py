@@ -10,16 +10,24 @@ benchmarks/RESULTS.md); IVF also removes ids in place, while HNSW must be rebuil
 Ids are always those of the catalog's `vectors` table: an IVF index stores them itself (with a
 hash-table direct map, so ids can be removed and vectors reconstructed); every other kind is
 wrapped in an IndexIDMap2.
+
+A file is one atomic unit: the FAISS bytes, then a label (`Label`: which catalog, which
+generation, how many vectors, a digest of their ids, the factory), written to a temporary file
+and renamed into place once. A reader sees either the old unit or the new one, and a label can
+only describe the content it was written with.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import struct
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -35,6 +43,16 @@ EXACT_FILTER_MAX = 50_000  # filtered searches over at most this many ids are do
 BLAS_THRESHOLD = 16  # faiss' default (128000 here) kept 100 batched flat queries off BLAS: ~16x slower
 
 _IVF = re.compile(r"(?:^|,)IVF(\d+)")
+
+FILE_FORMAT = 1  # version of the label written after the FAISS bytes
+_MAGIC = b"LOUPEIX1"
+_FOOTER = struct.Struct("<Q8s")  # label length, magic: the last 16 bytes of every file `save` writes
+_LABEL_MAX = 1 << 20
+
+# FAISS search parameters (faiss.ParameterSpace names, whole numbers) a user may set; "quantizer_"
+# + a name sets it on an IVF's coarse quantizer. Those in _POSITIVE must be >= 1 (nprobe=0 finds nothing).
+SEARCH_PARAMS = ("nprobe", "efSearch", "max_codes", "ht", "k_factor", "k_factor_rf")
+_POSITIVE = ("nprobe", "efSearch", "k_factor", "k_factor_rf")
 
 VectorLoader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids -> (vectors, found)
 
@@ -111,21 +129,131 @@ def default_nprobe(nlist: int) -> int:
     return max(1, min(nlist, math.ceil(PROBES_PER_SQRT_LIST * math.sqrt(nlist))))
 
 
-class VectorIndex:
-    """A FAISS index whose ids are catalog vector ids, plus the catalog generation it reflects."""
+def parse_search_params(text: str | None) -> dict[str, int]:
+    """FAISS search parameters from 'nprobe=64,efSearch=128' (a later value of a name wins).
 
-    def __init__(self, index, factory: str, generation: int = -1) -> None:
+    Names are faiss.ParameterSpace's (`SEARCH_PARAMS`, optionally prefixed by "quantizer_");
+    anything else is a one-line LoupeError, raised before any index or model is loaded.
+    """
+    out: dict[str, int] = {}
+    if text is None or not text.strip():
+        return out
+    names = ", ".join(SEARCH_PARAMS)
+    for part in text.split(","):
+        name, sep, value = (x.strip() for x in part.partition("="))
+        base = name
+        while base.startswith("quantizer_"):
+            base = base[len("quantizer_") :]
+        if not sep or base not in SEARCH_PARAMS:
+            raise LoupeError(
+                f"bad FAISS search parameter {part.strip()!r} in {text.strip()!r}: use NAME=NUMBER[,NAME=NUMBER...] with NAME one of {names}"
+            )
+        try:
+            number = int(value)
+        except ValueError:
+            raise LoupeError(f"bad FAISS search parameter {part.strip()!r}: {name} takes a whole number") from None
+        if number < (1 if base in _POSITIVE else 0):
+            raise LoupeError(f"bad FAISS search parameter {part.strip()!r}: {name} must be at least {1 if base in _POSITIVE else 0}")
+        out[name] = number
+    return out
+
+
+def join_search_params(raw: str | None, nprobe: int | None = None, ef_search: int | None = None) -> str | None:
+    """One parameter string from `--search-params`, `--nprobe` and `--ef-search` (the last two win)."""
+    parts = [raw.strip()] if raw and raw.strip() else []
+    if nprobe is not None:
+        parts.append(f"nprobe={nprobe}")
+    if ef_search is not None:
+        parts.append(f"efSearch={ef_search}")
+    return ",".join(parts) or None
+
+
+def _nested_ivf(index):
+    """The IVF whose lists a search visits, wherever it sits (under IDMap, a transform, a refine); or None."""
+    faiss = faiss_module()
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _filtered_params(index, sel):
+    """SearchParameters for a search of `index` restricted to the ids `sel` accepts.
+
+    The tree mirrors the index's layers and carries the values `configure` set on each, because
+    a parameters object replaces them (SearchParametersIVF would probe 1 list); the selector sits
+    at the innermost layer, the only one FAISS filters in. Below an IndexIDMap2 the stored ids
+    are its own sequential ones, so our selector is translated through its id map.
+    """
+    faiss = faiss_module()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap):
+        return _filtered_params(index.index, faiss.IDSelectorTranslated(index.id_map, sel))
+    if isinstance(index, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=_filtered_params(index.index, sel))
+    if isinstance(index, faiss.IndexRefine):
+        return faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=_filtered_params(index.base_index, sel))
+    if isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(nprobe=index.nprobe, max_codes=index.max_codes, sel=sel)
+        quantizer = faiss.downcast_index(index.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            params.quantizer_params = faiss.SearchParametersHNSW(efSearch=quantizer.hnsw.efSearch)
+        return params
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=index.hnsw.efSearch, sel=sel)
+    return faiss.SearchParameters(sel=sel)
+
+
+class VectorIndex:
+    """A FAISS index whose ids are catalog vector ids, plus the catalog state it reflects.
+
+    `generation` and `catalog` (the catalog's identity, see `Store`) say which state of which
+    catalog the content holds: -1 and None when unknown.
+    """
+
+    def __init__(self, index, factory: str, generation: int = -1, catalog: str | None = None) -> None:
         self.index = index
         self.factory = factory
         self.generation = generation
+        self.catalog = catalog
         self.exact_vectors: VectorLoader | None = None  # set by the Store: float vectors by id
         faiss = faiss_module()
-        self._ivf = index if isinstance(index, faiss.IndexIVF) else None
-        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-        self._hnsw = inner if isinstance(inner, faiss.IndexHNSW) else None
-        self.nprobe = default_nprobe(self._ivf.nlist) if self._ivf is not None else None
+        self._ivf = index if isinstance(index, faiss.IndexIVF) else None  # stores our ids itself
+        self._probed = _nested_ivf(index)  # the IVF a search probes, if any, wherever it sits
         self.exact = factory == DEFAULT_FACTORY
         self.mmapped = False  # lists mapped from the file, read-only (see `load`)
+        self.search_params: dict[str, int] = {}
+        self.configure()
+
+    @property
+    def nprobe(self) -> int | None:
+        """Inverted lists a query visits (None: no IVF in this index)."""
+        return int(self._probed.nprobe) if self._probed is not None else None
+
+    def configure(self, params: str | Mapping[str, int] | None = None) -> None:
+        """Set search parameters through faiss.ParameterSpace, whatever the index's shape.
+
+        First loupe's defaults: `default_nprobe` lists for an IVF anywhere in the index (bare, under
+        a PCA/OPQ transform, wrapped in IndexIDMap2 or a refine), EF_SEARCH for HNSW; then `params`
+        (a faiss parameter string or a dict) over them. A parameter this index has no use for
+        (nprobe on Flat) is skipped; `search_params` records what was set.
+        """
+        faiss = faiss_module()
+        given = parse_search_params(params) if params is None or isinstance(params, str) else dict(params)
+        values: dict[str, int] = {}
+        if self._probed is not None:
+            values["nprobe"] = default_nprobe(self._probed.nlist)
+        values["efSearch"] = EF_SEARCH
+        values.update(given)
+        space = faiss.ParameterSpace()
+        applied = {}
+        for name, value in values.items():
+            try:
+                space.set_index_parameter(self.index, name, float(value))
+            except RuntimeError:  # "could not set parameter": not a knob of this kind of index
+                continue
+            applied[name] = value
+        self.search_params = applied
 
     @classmethod
     def create(cls, dim: int, factory: str = DEFAULT_FACTORY) -> "VectorIndex":
@@ -141,18 +269,32 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, mmap: bool = False) -> "VectorIndex":
-        """Read an index written by `save`.
+        """Read an index written by `save`, with the label inside the file.
 
-        `mmap` maps an IVF index's lists instead of reading them (1M vectors: 0.05 s instead of
-        0.35 s, and no copy in memory); such an index is read-only, so it is for searching a
-        file already current, and `Store` reads it fully before changing it.
+        The label is checked against the content (count, dimension, digest of the ids): a file
+        whose label does not describe its content, or that has no label (written by a loupe
+        that kept it in a side file), raises LoupeError. `mmap` maps an IVF index's lists instead
+        of reading them (1M vectors: 0.05 s instead of 0.35 s, and no copy in memory); such an
+        index is read-only, so it is for searching a file already current, and `Store` reads it
+        fully before changing it.
         """
         faiss = faiss_module()
-        generation, factory, _ = read_side_file(path)
-        mmap = mmap and ivf_lists(factory) is not None and factory.startswith("IVF")
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
-        out = cls(index, factory, generation)
-        out.mmapped = mmap
+        for _ in range(3):
+            before = os.stat(path)
+            label = read_label(path)
+            if label is None:
+                raise LoupeError(f"{path} carries no loupe label (written by an older loupe, or damaged)")
+            mapped = mmap and ivf_lists(label.factory) is not None and label.factory.startswith("IVF")
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mapped else 0)
+            after = os.stat(path)
+            if (before.st_ino, before.st_size, before.st_mtime_ns) == (after.st_ino, after.st_size, after.st_mtime_ns):
+                break  # label and content came from one file: no writer replaced it in between
+        else:
+            raise LoupeError(f"{path} kept being replaced while it was read")
+        out = cls(index, label.factory, label.generation, label.catalog)
+        out.mmapped = mapped
+        if (out.ntotal, out.dim) != (label.ntotal, label.dim) or ids_digest(out.ids()) != label.ids_digest:
+            raise LoupeError(f"{path}: its label does not describe its content (damaged, or pieced together from two files)")
         return out
 
     @property
@@ -212,15 +354,13 @@ class VectorIndex:
         return self.index.reconstruct(int(vector_id))
 
     def _params(self, sel=None, nq: int = 1):
-        """Search parameters of this kind of index (nprobe / efSearch), optionally with an id filter."""
+        """Per-search parameters: None (the values `configure` set apply), or with an id filter `sel`
+        a tree that keeps them (`_filtered_params`)."""
         faiss = faiss_module()
-        if self._ivf is not None:
+        if self._probed is not None:
             # one query: let both cores scan lists; many queries: one query per core
-            self._ivf.parallel_mode = 1 if nq < faiss.omp_get_max_threads() else 0
-            return faiss.SearchParametersIVF(nprobe=self.nprobe, sel=sel) if sel else faiss.SearchParametersIVF(nprobe=self.nprobe)
-        if self._hnsw is not None:
-            return faiss.SearchParametersHNSW(efSearch=EF_SEARCH, sel=sel) if sel else faiss.SearchParametersHNSW(efSearch=EF_SEARCH)
-        return faiss.SearchParameters(sel=sel) if sel else None
+            self._probed.parallel_mode = 1 if nq < faiss.omp_get_max_threads() else 0
+        return _filtered_params(self.index, sel) if sel is not None else None
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -278,17 +418,30 @@ class VectorIndex:
         scores = (vecs @ queries.T).T if len(allowed) else np.zeros((len(queries), 0), np.float32)
         return _top_k(scores, np.broadcast_to(allowed, scores.shape), min(k, len(allowed)))
 
-    def save(self, path: Path, generation: int) -> None:
-        """Write to a temporary file in the same folder, fsync, then rename over the old one.
+    def save(self, path: Path, generation: int, catalog: str | None = None) -> None:
+        """Write the index and its label as one file, renamed into place once.
 
-        A reader (or a crash) sees the old index or the new one, never half of one. The
-        generation, factory and size go in a small side file written the same way, after the index.
+        The FAISS bytes and then the label (`Label`: catalog identity, generation, count, digest
+        of the ids, factory) go to a temporary file in the same folder, which is fsynced and
+        renamed over the old one: a reader, or a crash, sees the old unit or the new one, never a
+        label over other content. A side file left by an older loupe is removed afterwards.
         """
         faiss = faiss_module()
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
-        atomic_write(side_file(path), lambda tmp: Path(tmp).write_text(f"{generation}\n{self.factory}\n{self.ntotal}\n"))
-        self.generation = generation
+
+        def write(tmp: str) -> None:
+            faiss.write_index(self.index, tmp)
+            label = Label(
+                generation=int(generation), ntotal=self.ntotal, ids_digest=ids_digest(self.ids()), factory=self.factory,
+                dim=self.dim, catalog=catalog, faiss_bytes=os.path.getsize(tmp),
+            )
+            blob = json.dumps(asdict(label), sort_keys=True).encode()
+            with open(tmp, "ab") as f:
+                f.write(blob + _FOOTER.pack(len(blob), _MAGIC))
+
+        atomic_write(path, write)
+        self.generation, self.catalog = int(generation), catalog
+        side_file(path).unlink(missing_ok=True)
 
 
 def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,26 +459,66 @@ def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return top_scores, top_ids.astype(np.int64)
 
 
-def side_file(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".gen")
+@dataclass(frozen=True)
+class Label:
+    """What an index file holds, stored in the file itself after the FAISS bytes (see `save`).
+
+    `catalog` is the identity of the catalog the vectors came from (a catalog rebuilt from scratch
+    is another one, whatever its generation), `generation` the catalog state they reflect (the
+    content may be newer, never older: the Store reads the generation before the ids),
+    `ids_digest` ties the label to the ids actually stored, `faiss_bytes` to the file's length.
+    """
+
+    generation: int
+    ntotal: int
+    ids_digest: str
+    factory: str
+    dim: int
+    catalog: str | None
+    faiss_bytes: int
+    format: int = FILE_FORMAT
 
 
-def read_side_file(path: Path) -> tuple[int, str, int | None]:
-    """(generation, factory, ntotal) recorded beside an index file; (-1, Flat, None) if unreadable.
+def ids_digest(ids: np.ndarray) -> str:
+    """An order-free digest of a set of ids (their count and the sum of a 64-bit mix of each)."""
+    x = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)  # splitmix64
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        total = int(z.sum(dtype=np.uint64))
+    return f"{len(x)}:{total:016x}"
 
-    Lets a caller decide whether an index file is current without loading it.
+
+def read_label(path: Path) -> Label | None:
+    """The label at the end of an index file, read without loading the index.
+
+    None when there is none: no file, a file written before labels moved into it (its label
+    was a separate `side_file`, which is never trusted), a damaged or truncated one.
     """
     try:
-        lines = side_file(path).read_text().split("\n")
-        generation = int(lines[0])
-    except (OSError, ValueError, IndexError):
-        return -1, DEFAULT_FACTORY, None
-    factory = (lines[1].strip() if len(lines) > 1 else "") or DEFAULT_FACTORY
-    try:
-        ntotal = int(lines[2])
-    except (IndexError, ValueError):
-        ntotal = None
-    return generation, factory, ntotal
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _FOOTER.size:
+                return None
+            f.seek(size - _FOOTER.size)
+            length, magic = _FOOTER.unpack(f.read(_FOOTER.size))
+            if magic != _MAGIC or length > min(_LABEL_MAX, size - _FOOTER.size):
+                return None
+            f.seek(size - _FOOTER.size - length)
+            data = json.loads(f.read(length))
+            label = Label(**{name: data[name] for name in Label.__dataclass_fields__})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if label.format != FILE_FORMAT or label.faiss_bytes + length + _FOOTER.size != size:
+        return None
+    return label
+
+
+def side_file(path: Path) -> Path:
+    """Where loupe kept an index file's label before it moved into the file (removed by writers)."""
+    return path.with_suffix(path.suffix + ".gen")
 
 
 def atomic_write(path: Path, writer) -> None:

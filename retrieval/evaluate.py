@@ -116,8 +116,10 @@ def ann_recall(
     caption_image: Sequence[int],
     factory: str,
     ks: Sequence[int] = DEFAULT_KS,
+    search_params: str | None = None,
 ) -> dict[str, object]:
-    """Recall@k as `loupe search`'s own index class returns results for this FAISS factory."""
+    """Recall@k as `loupe search`'s own index class returns results for this FAISS factory
+    (searched with loupe's defaults, or `search_params` over them, as `loupe search --search-params`)."""
     from indexer.vectors import VectorIndex
 
     caption_image = np.asarray(caption_image, dtype=np.int64)
@@ -133,6 +135,8 @@ def ann_recall(
             raise LoupeError(
                 f"FAISS index {factory!r} cannot be built over {len(items)} vectors: {str(exc).splitlines()[0]}"
             ) from None
+        index.configure(search_params)
+        out["search_params"] = dict(index.search_params)
         _, ids = index.search(queries, kmax)
         found = ids >= 0
         if direction == "text_to_image":
@@ -196,6 +200,7 @@ def evaluate(
     workers: int | None = None,
     progress: bool = False,
     ks: Sequence[int] = DEFAULT_KS,
+    search_params: str | None = None,
 ) -> EvalReport:
     """Embed every annotated image and caption with `encoder` and score retrieval both ways.
 
@@ -224,7 +229,7 @@ def evaluate(
     scores = score_embeddings(emb.vectors, text_emb, data_set.caption_image, data_set.captions, ks)
     t_scoring = time.perf_counter() - started
     if index_factory:
-        scores["ann"] = ann_recall(emb.vectors, text_emb, data_set.caption_image, index_factory, ks)
+        scores["ann"] = ann_recall(emb.vectors, text_emb, data_set.caption_image, index_factory, ks, search_params)
 
     warnings: list[str] = []
     absent = len(bound.missing) + len(unreadable)
@@ -315,7 +320,9 @@ def format_report(r: EvalReport) -> str:
         )
     ann = r.scores.get("ann")
     if ann:
-        lines.append(f"ANN index {ann['factory']} (what an approximate search index returns; {ann['seconds']:.2f}s)")
+        params = ",".join(f"{k}={v}" for k, v in ann.get("search_params", {}).items())
+        shown = f"{ann['factory']} [{params}]" if params else ann["factory"]
+        lines.append(f"ANN index {shown} (what an approximate search index returns; {ann['seconds']:.2f}s)")
         for d, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
             lines.append(_row(label, ann[d], ks))
             diff = {key: ann[d][key] - r.scores["exact"][d][key] for key in ann[d]}

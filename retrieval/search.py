@@ -248,6 +248,7 @@ def open_searcher(
     preload: Sequence[str] = (),
     text_precision: str = "auto",
     long_lived: bool = False,
+    search_params: str | None = None,
 ) -> Searcher:
     """Open the index and load its model (the one it was built with, unless told otherwise).
 
@@ -255,6 +256,8 @@ def open_searcher(
     the model loads (both mostly run outside the GIL), so a cold search pays for the larger
     of the two, not their sum. `text_precision` is the query encoder's (`Encoder.set_text_precision`);
     `long_lived` (a server) reads index files into memory rather than mapping them.
+    `search_params` (a FAISS parameter string, e.g. "nprobe=64,efSearch=128") tunes approximate
+    indices over loupe's defaults. The store is opened for reading: a search never writes files.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -263,7 +266,7 @@ def open_searcher(
 
     if text_precision not in TEXT_PRECISIONS:
         raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
-    store = Store.open(home, db, map_files=not long_lived)
+    store = Store.open(home, db, map_files=not long_lived, writer=False, search_params=search_params)
     meta = store.require_meta()
     spec = resolve_spec(model, pretrained, checkpoint, bound_spec(meta))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:

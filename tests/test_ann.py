@@ -11,7 +11,7 @@ from indexer import vectors
 from indexer.catalog import IMAGE, ImageRow, Meta, Vector
 from indexer.errors import LoupeError
 from indexer.store import Store, check_store
-from indexer.vectors import VectorIndex, auto_factory, choose_factory, read_side_file
+from indexer.vectors import VectorIndex, auto_factory, choose_factory, read_label
 
 DIM = 512  # CLIP-sized: the tuned defaults are for vectors like ViT-B-32's
 WORLD = ClipLike(dim=DIM, topics=20, subtopics=10, seed=3)
@@ -85,7 +85,8 @@ def test_ivf_sync_adds_and_removes_in_place(synthetic_store):
     index, report = store.sync(IMAGE)
     assert (report.added, report.removed, report.rebuilt) == (0, 110, False)
     assert sorted(index.ids()) == sorted(store.catalog.vector_ids(IMAGE))
-    assert read_side_file(store.location.vector_file(IMAGE))[1:] == ("IVF16,SQ8", 1_590)
+    label = read_label(store.location.vector_file(IMAGE))
+    assert (label.factory, label.ntotal) == ("IVF16,SQ8", 1_590)
     assert check_store(store).ok
 
 
@@ -107,7 +108,7 @@ def test_hnsw_is_rebuilt_when_ids_go_away(synthetic_store):
 def test_factory_setting_persists_and_switches(synthetic_store, tmp_path):
     store = synthetic_store
     insert_images(store, WORLD.images(1_000))
-    assert store.vector_index(IMAGE).factory == "Flat"
+    assert store.sync(IMAGE)[0].factory == "Flat"
     assert store.set_index_factory("IVF8,Flat", DIM)
     assert not store.set_index_factory("IVF8,Flat", DIM)  # unchanged: no generation bump
     path = store.location.vector_file(IMAGE)
