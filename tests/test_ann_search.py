@@ -34,7 +34,7 @@ def build(factory: str, vecs: np.ndarray, ids: np.ndarray, search_params: str | 
     index.train(vecs[np.random.default_rng(0).choice(len(vecs), min(len(vecs), 40 * NLIST), replace=False)])
     index.add(ids, vecs)
     pos = {int(i): n for n, i in enumerate(ids)}
-    index.exact_vectors = lambda want: vecs[[pos[int(i)] for i in want]]
+    index.exact_vectors = lambda want: (vecs[[pos[int(i)] for i in want]], np.ones(len(want), dtype=bool))
     if search_params:
         index.configure(search_params)
     return index
