@@ -34,6 +34,7 @@ RANKINGS_KEPT = 32
 TEXT_VECTORS_KEPT = 256
 UPLOADS_KEPT = 64
 MAX_QUERY = 4096
+FIRST_DEPTH = 256  # FAISS k of a new ranking, at least (a deeper page extends it, 4x at a time)
 
 
 class WebError(Exception):
@@ -409,7 +410,7 @@ class WebSearch:
         if total == 0:
             ranking.exhausted = True
             return
-        k = max(ranking.depth * 4, 256, (need or 0) * 2)
+        k = max(ranking.depth * 4, FIRST_DEPTH, (need or 0) * 2)
         while True:
             k = min(k, total)
             scores, ids = index.search(ranking.vector[None, :], k, ranking.allowed)
