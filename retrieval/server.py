@@ -246,6 +246,7 @@ def serve(
         service, token=token, port=port, host=host, allowed_hosts=tuple(allowed_hosts),
         upload_limit=upload_limit or UPLOAD_LIMIT,
     )
+    app.state.web.web.snapshot()  # the web's view of the catalog, read before the first page asks
     server = uvicorn_server(app)
     spec = searcher.encoder.spec
     state = ServerState(
