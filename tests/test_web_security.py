@@ -211,6 +211,19 @@ def test_cross_site_fetch_metadata_is_refused(client):
         assert_json_error(client.get("/api/thumb/1", headers={"Sec-Fetch-Site": site}), 403)
     for site in ("same-origin", "none"):
         assert client.get("/api/status", headers={"Sec-Fetch-Site": site}).status_code == 200
+    # a link elsewhere may open the page itself in a tab (a shared URL), but not frame it or read the API
+    tab = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert client.get("/?q=dog", headers=tab).status_code == 200
+    assert_json_error(client.get("/", headers={**tab, "Sec-Fetch-Dest": "iframe"}), 403)
+    assert_json_error(client.get("/api/status", headers=tab), 403)
+    assert_json_error(client.post("/api/search", json=GOOD, headers=tab), 403)
+
+
+def test_every_answer_forbids_framing_sniffing_and_foreign_scripts(client):
+    for r in (client.get("/"), client.get("/api/status"), client.get("/api/thumb/0"), client.get("/", headers={"Host": "evil"})):
+        csp = r.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+        assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
 
 
 # ---- only catalogued files ----------------------------------------------------------------------
@@ -265,6 +278,9 @@ def test_a_catalogued_file_swapped_for_a_symlink_or_fifo_is_not_served(client, w
         start = time.monotonic()
         assert "not a regular file" in assert_json_error(client.get(f"/api/photo/{pid}"), 404)
         assert time.monotonic() - start < 5
+        victim.unlink()
+        victim.write_bytes(b"\xff\xd8\xff garbage now")  # overwritten in place with something undecodable
+        assert_json_error(client.get(f"/api/photo/{pid}"), 404)
         victim.unlink()
         assert_json_error(client.get(f"/api/thumb/{pid}"), 404)  # gone (not yet re-indexed): 404, not 500
     finally:
