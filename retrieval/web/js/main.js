@@ -429,6 +429,13 @@ document.addEventListener("keydown", (e) => {
   els.q.select();
 });
 
+// from the search box, ArrowDown goes to the results (and the focused photo, when one was)
+els.q.addEventListener("keydown", (e) => {
+  if (e.key !== "ArrowDown" || !grid.items.length || S.target !== "images") return;
+  e.preventDefault();
+  grid.focus(grid.active);
+});
+
 window.addEventListener("popstate", () => {
   viewer.close();
   S = fromURL(location.search);

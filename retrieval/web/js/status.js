@@ -3,20 +3,33 @@
 
 import { bytes, count, date, h } from "./format.js";
 
+/** The status answer flattened to the counts shown (GET /api/status nests them per kind). */
+function flatCounts(s) {
+  const img = s && typeof s.images === "object" && s.images ? s.images : {};
+  const cap = s && typeof s.captions === "object" && s.captions ? s.captions : {};
+  const pick = (...vals) => vals.find((v) => typeof v === "number") ?? null;
+  return {
+    images: pick(img.ok, s?.images_indexed, s?.images),
+    captions: pick(cap.count, s?.captions),
+    missing: pick(img.missing, s?.images_missing),
+    skipped: pick(img.skipped, s?.images_skipped),
+    distinct: pick(img.distinct, s?.image_vectors),
+    bytes: pick(img.bytes, s?.indexed_bytes),
+  };
+}
+
 const COUNTS = [
-  ["images_indexed", "Photos"],
+  ["images", "Photos"],
   ["captions", "Captions"],
-  ["images_missing", "Missing (kept, hidden)"],
-  ["images_skipped", "Skipped"],
-  ["image_vectors", "Image vectors"],
-  ["text_vectors", "Caption vectors"],
+  ["missing", "Missing (kept, hidden)"],
+  ["skipped", "Skipped"],
+  ["distinct", "Distinct photos"],
 ];
 
 /** Photo and caption counts of a status answer (null when it does not say). */
 export function indexCounts(s) {
-  const c = s && typeof s.counts === "object" && s.counts ? { ...s, ...s.counts } : s || {};
-  const num = (...keys) => { for (const k of keys) if (typeof c[k] === "number") return c[k]; return null; };
-  return { images: num("images_indexed", "images"), captions: num("captions", "text_vectors") };
+  const c = flatCounts(s);
+  return { images: c.images, captions: c.captions };
 }
 
 function table(caption, head, rows) {
@@ -27,7 +40,7 @@ function table(caption, head, rows) {
 }
 
 export function renderStatus(body, s) {
-  const c = s && typeof s.counts === "object" && s.counts ? { ...s, ...s.counts } : s;
+  const c = flatCounts(s);
   const parts = [];
   parts.push(h("dl", { class: "counts", "aria-label": "Counts" }, COUNTS.filter(([k]) => typeof c[k] === "number").map(([k, label]) =>
     h("div", { class: "count" }, h("dt", {}, label), h("dd", {}, count(c[k]))))));
@@ -40,7 +53,7 @@ export function renderStatus(body, s) {
     ["Last update", s.updated || s.last_update ? date(s.updated || s.last_update) : "never"],
     ["Catalog", s.catalog],
     ["Vector index", s.index_factory],
-    ["Photos’ size", typeof c.indexed_bytes === "number" ? bytes(c.indexed_bytes) : null],
+    ["Photos’ size", c.bytes != null ? bytes(c.bytes) : null],
   ].filter(([, v]) => v != null && v !== "");
   parts.push(h("dl", { class: "facts" }, facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v))])));
 
@@ -56,7 +69,7 @@ export function renderStatus(body, s) {
       }))
     : h("p", { class: "muted" }, "No folder indexed yet. Run `loupe index FOLDER`."));
 
-  const skipped = s.skipped_files || [];
+  const skipped = s.skipped_files || (Array.isArray(s.skipped) ? s.skipped : []);
   const reasons = s.skip_reasons || [];
   parts.push(h("h2", {}, "Skipped files"));
   if (!skipped.length && !reasons.length) parts.push(h("p", { class: "muted" }, "None: every file was readable."));
@@ -65,7 +78,7 @@ export function renderStatus(body, s) {
   }
   if (skipped.length) {
     parts.push(table("Skipped files", ["File", "Reason"], skipped.map((f) => [h("code", {}, f.path), f.reason || ""])));
-    const total = typeof c.images_skipped === "number" ? c.images_skipped : skipped.length;
+    const total = c.skipped ?? skipped.length;
     if (total > skipped.length) parts.push(h("p", { class: "muted" }, `The first ${count(skipped.length)} of ${count(total)}; \`loupe info --skipped\` lists all.`));
   }
   body.replaceChildren(...parts);

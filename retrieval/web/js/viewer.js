@@ -109,15 +109,19 @@ export class Viewer {
       ["Score", score(r.score)],
       ["Folder", d.folder],
     ];
-    if (typeof d.duplicates === "number" && d.duplicates > 0) rows.push(["Identical files", `${d.duplicates} more`]);
-    if (Array.isArray(d.duplicates) && d.duplicates.length) {
-      rows.push(["Identical files", h("ul", { class: "dups" }, d.duplicates.map((p) => h("li", {}, h("code", {}, typeof p === "string" ? p : p.path ?? JSON.stringify(p)))))]);
+    const dupPaths = Array.isArray(d.duplicate_paths) ? d.duplicate_paths : Array.isArray(d.duplicates) ? d.duplicates : null;
+    if (dupPaths && dupPaths.length) {
+      rows.push(["Identical files", h("ul", { class: "dups" }, dupPaths.map((p) => h("li", {}, h("code", {}, typeof p === "string" ? p : p.path ?? JSON.stringify(p)))))]);
+    } else if (typeof d.duplicates === "number" && d.duplicates > 0) {
+      rows.push(["Identical files", `${d.duplicates} more`]);
     }
+    if (d.available === false && d.unavailable_reason) rows.push(["Unavailable", d.unavailable_reason]);
     if (d.content_hash) rows.push(["Content hash", h("code", {}, d.content_hash)]);
     this.facts.replaceChildren(...rows.filter(([, v]) => v !== "" && v != null).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     const exif = detail && detail.exif;
-    if (exif && typeof exif === "object" && Object.keys(exif).length) {
-      this.exif.querySelector("dl").replaceChildren(...Object.entries(exif).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "object" ? JSON.stringify(v) : String(v))]));
+    const exifRows = exif && typeof exif === "object" ? Object.entries(exif).filter(([, v]) => v != null && v !== "") : [];
+    if (exifRows.length) {
+      this.exif.querySelector("dl").replaceChildren(...exifRows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "object" ? JSON.stringify(v) : String(v))]));
       this.exif.hidden = false;
     }
   }
