@@ -64,7 +64,7 @@ export function renderStatus(body, s) {
         const path = typeof f === "string" ? f : f.path;
         const offline = typeof f === "object" && (f.offline === true || (typeof f.offline === "string" && f.offline) || f.online === false);
         return [h("code", {}, path), f.files != null ? count(f.files) : f.count != null ? count(f.count) : "",
-          f.missing ? count(f.missing) : "",
+          f.missing != null ? count(f.missing) : "",
           offline ? h("strong", { class: "offline" }, `offline${typeof f.offline === "string" ? ` (${f.offline})` : ""}`) : "online"];
       }))
     : h("p", { class: "muted" }, "No folder indexed yet. Run `loupe index FOLDER`."));
