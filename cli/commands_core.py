@@ -318,19 +318,10 @@ def info(
 
 
 def _roots(store) -> list[dict]:
-    """Indexed folders, offline ones marked: as the last run found them, or gone since."""
-    out = []
-    for root in store.catalog.roots():
-        offline = root.offline or (None if os.path.isdir(os.fsdecode(root.path_key)) else "missing")
-        out.append({
-            "path": root.path,
-            "files": root.files,
-            "missing": len(store.catalog.missing_ids(root.path_key)),
-            "scanned_at": root.scanned_at.isoformat(timespec="seconds") if root.scanned_at else None,
-            "offline": offline,
-            "offline_since": root.offline_since.isoformat(timespec="seconds") if root.offline and root.offline_since else None,
-        })
-    return out
+    """Indexed folders, offline ones marked (`retrieval.status`, shared with the web API)."""
+    from retrieval.status import indexed_folders
+
+    return indexed_folders(store)
 
 
 @app.command()

@@ -1,8 +1,8 @@
-"""serve: keep the model and indices loaded and answer `loupe search` over local HTTP."""
+"""serve: keep the model and indices loaded; serve the web page, its API and `loupe search`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -15,7 +15,10 @@ from cli.options import (
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port on 127.0.0.1 (0: any free port).")] = 0,
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback requires the printed token on every request.")] = "127.0.0.1",
+    allow_host: Annotated[Optional[List[str]], typer.Option("--allow-host", help="Another Host name this server answers to (a DNS name behind which it runs); repeatable.")] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest query image upload, in MiB.")] = 32,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -27,11 +30,12 @@ def serve(
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Serve searches from a long-lived process (127.0.0.1 only); `loupe search` uses it while it runs.
+    """Serve the web page and searches from a long-lived process; `loupe search` uses it while it runs.
 
-    The model and indices stay loaded, so a query costs milliseconds instead of a model load.
-    Changes made by `loupe index` meanwhile are picked up before the next query. Stop with
-    Ctrl-C or SIGTERM. API: GET /health, POST /search (JSON; see retrieval/server.py).
+    Open the printed URL in a browser. The model and indices stay loaded, so a query costs
+    milliseconds instead of a model load. Changes made by `loupe index` meanwhile are picked up
+    before the next query. Stop with Ctrl-C or SIGTERM. API: GET /api/openapi.json; the CLI's
+    GET /health and POST /search (retrieval/server.py).
     """
     from indexer.vectors import join_search_params
     from retrieval.search import open_searcher
@@ -44,6 +48,11 @@ def serve(
 
     def ready(state) -> None:
         typer.echo(f"loupe: serving {searcher.store.describe()} with {searcher.encoder.spec.describe()} on {state.url} (query text in {state.text_precision})", err=True)
+        shown = state.url if host == state.connect_host else f"http://{host}:{state.port}"
+        typer.echo(f"loupe: open {shown}/?token={state.token}", err=True)
 
-    run_server(searcher, port=port, device=device, on_ready=ready)
+    run_server(
+        searcher, port=port, device=device, on_ready=ready, host=host, allowed_hosts=tuple(allow_host or ()),
+        upload_limit=int(max_upload_mb * (1 << 20)),
+    )
     typer.echo("loupe: server stopped", err=True)

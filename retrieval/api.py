@@ -19,6 +19,7 @@ from typing import Any
 from retrieval.query import Term
 
 MAX_BODY = 1 << 20  # bytes of JSON in one request
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request (line, headers, body) to arrive
 MAX_K = 1000
 MAX_TERMS = 64
 MAX_STRING = 4096  # characters in a term, a folder, a glob (PATH_MAX on Linux)

@@ -45,6 +45,7 @@ _NOT_A_WEIGHT_AFTER = re.compile(r"\s|[+-]?\.?\d")  # `10:30`, `2: x`, `2:.5`: a
 _STANDALONE_OP = re.compile(r"(?:^|\s)[+-](?:\s|$)")
 _PATH_START = re.compile(r"\.{1,2}/|~[^/\s]*/|/+[^/\s]")
 IMAGE_PREFIX = "img:"
+WEB_IMAGE_REF = re.compile(r"(upload:[0-9a-f]{1,64}|photo:[0-9]{1,18})")  # web queries: images by id, never by path
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,10 @@ def looks_like_path(text: str) -> bool:
     return len(ext) > 1 and not any(c.isspace() for c in ext) and ext.lower() in _image_extensions()
 
 
-def _image_path(tok: _Token) -> str | None:
-    """The path of an image token (forced with img: or path-like), else None."""
+def _image_path(tok: _Token, web: bool = False) -> str | None:
+    """The path of an image token (forced with img: or path-like), else None; `web`: also upload:ID, photo:ID."""
+    if web and not tok.quoted and WEB_IMAGE_REF.fullmatch(tok.text):
+        return tok.text
     if tok.head.startswith(IMAGE_PREFIX):
         return tok.text[len(IMAGE_PREFIX):]
     if not tok.quoted and looks_like_path(tok.text):
@@ -145,8 +148,13 @@ def _resolve_image(raw: str, forced: bool) -> str:
     return path
 
 
-def parse_query(words: Sequence[str]) -> list[Term]:
-    """Parse the query words from the command line into weighted text/image terms (grammar above)."""
+def parse_query(words: Sequence[str], web: bool = False) -> list[Term]:
+    """Parse the query words from the command line into weighted text/image terms (grammar above).
+
+    `web`: a query typed into the web page, which must never name a file on the server: a path-like
+    or img: term is an error, and `upload:ID` (an uploaded image) and `photo:ID` (an indexed photo,
+    by catalog row id) are the image terms, kept as Term(weight, "image", "upload:ID"|"photo:ID").
+    """
     tokens = [tok for w in words for tok in _split(w)]
     if not tokens:
         raise LoupeError("empty query")
@@ -165,19 +173,24 @@ def parse_query(words: Sequence[str]) -> list[Term]:
         raise LoupeError("query ends with an operator (quote it to search for it as text)")
     heads = [_strip_weight(seg[0]) for seg in segments]
     expression = any(
-        tok.quoted or _image_path(tok) is not None for seg in segments for tok in seg
+        tok.quoted or _image_path(tok, web) is not None for seg in segments for tok in seg
     ) or any(w != 1.0 or stripped is not seg[0] for (w, stripped), seg in zip(heads, segments))
     if not expression:  # one sentence: standalone + and - are words of it
         return [Term(1.0, "text", " ".join(tok.text for tok in tokens))]
     terms: list[Term] = []
     for seg, sign, (weight, first) in zip(segments, signs, heads):
         seg = [first, *seg[1:]]
-        images = [(tok, p) for tok in seg if (p := _image_path(tok)) is not None]
+        images = [(tok, p) for tok in seg if (p := _image_path(tok, web)) is not None]
         if images:
             if len(seg) > 1:
                 words_ = " ".join(t.text for t in seg)
                 raise LoupeError(f"an image term must stand alone between + and -: '{words_}' (quote the text)")
             tok, raw = images[0]
+            if web:
+                if not WEB_IMAGE_REF.fullmatch(raw) or tok.quoted:
+                    raise LoupeError(f"the web query cannot name files: '{tok.text}' (use upload:ID or photo:ID, or quote it as text)")
+                terms.append(Term(sign * weight, "image", raw))
+                continue
             terms.append(Term(sign * weight, "image", _resolve_image(raw, tok.head.startswith(IMAGE_PREFIX))))
             continue
         text = " ".join(tok.text for tok in seg).strip()

@@ -1,32 +1,31 @@
-"""`loupe serve`: keep the model and the indices loaded, answer searches over local HTTP JSON.
+"""`loupe serve`: keep the model and the indices loaded; serve the web page, its API, and `loupe search`.
 
 A cold `loupe search` spends nearly all its time importing torch and loading the model; a
-long-lived server pays that once. It listens on 127.0.0.1 only (queries name local image files,
-which the server reads), writes a small state file beside the index (port, pid, catalog URL,
-model) so that `loupe search` finds it, and before each query checks the catalog generation, so
-a concurrent `loupe index` is picked up without a restart.
+long-lived server pays that once. It listens on 127.0.0.1 by default (uvicorn running the
+Starlette app of `retrieval.webapp`), writes a small state file beside the index (port, pid,
+catalog URL, model, token) so that `loupe search` finds it, and before each query checks the
+catalog generation, so a concurrent `loupe index` is picked up without a restart.
 
-Endpoints (JSON in and out):
+The CLI's endpoints (JSON in and out; unchanged):
     GET  /health   -> {"status": "ok", "pid", "catalog", "model", "text_precision", "generation",
                        "queries", "vectors"}
     POST /search   <- {"terms": [{"weight", "kind", "value"}], "target": "image"|"text", "k",
                        "min_score", "folder", "globs", "after", "before", "date_field"}
                    -> {"hits": [{"rank", "score", "kind", "vector_id", "fields", "json"}]}
 A query error (bad date, empty index...) answers 400 {"error": message}, the message `loupe
-search` would print.
+search` would print. The web API (/api/...) is described in `retrieval/openapi.py`.
 
-Every request is treated as hostile (retrieval/api.py holds the checks): it must carry
-`Authorization: Bearer <token>`, the secret in the 0600 state file (401 otherwise), a loopback
-Host and no foreign Origin (403); a POST body is at most `MAX_BODY` bytes with a valid
-Content-Length (411/400/413) and a well-formed query (400); the whole request must arrive within
-`REQUEST_TIMEOUT` seconds, however slowly it trickles in (408). Errors are JSON too.
+Every request is treated as hostile (`retrieval.webguard`, with the checks of `retrieval.api`):
+the CLI's endpoints need `Authorization: Bearer <token>`, the secret in the 0600 state file (401
+otherwise), every request a Host of this server and no foreign Origin (403); a body needs a valid
+Content-Length and is bounded (411/400/413), a query is checked (400), and the whole request must
+arrive within `REQUEST_TIMEOUT` seconds, however slowly it trickles in (408). Errors are JSON too.
 
-The client half (`search_via_server`) imports nothing heavy: no torch, faiss or SQLAlchemy.
+The client half (`search_via_server`) imports nothing heavy: no torch, faiss, SQLAlchemy or uvicorn.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -34,21 +33,17 @@ import socket
 import stat
 import time
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
-from retrieval.api import (
-    RequestError, SearchRequest, check_auth, check_host, check_origin, content_length, decode_json, new_token, parse_search,
-)
+from retrieval.api import REQUEST_TIMEOUT, RequestError, SearchRequest, new_token, parse_search
 from retrieval.query import Term
 
 HOST = "127.0.0.1"
 STATE_VERSION = 2  # 2: the token
 CLIENT_TIMEOUT = 60.0  # seconds for one search; a server that does not answer is bypassed
-REQUEST_TIMEOUT = 5.0  # seconds for a whole request (line, headers, body) to arrive, and for each reply write
 
 
 def state_file(location: Location) -> Path:
@@ -71,10 +66,17 @@ class ServerState:
     text_precision: str = "fp32"
     token: str = ""  # required on every request; the file is mode 0600
     version: int = STATE_VERSION
+    host: str = HOST  # the address it listens on
+
+    @property
+    def connect_host(self) -> str:
+        """Where a client on this machine reaches it (a wildcard bind answers on loopback)."""
+        return HOST if self.host in ("0.0.0.0", "::", "") else self.host
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        host = f"[{self.connect_host}]" if ":" in self.connect_host else self.connect_host
+        return f"http://{host}:{self.port}"
 
 
 # ---- server --------------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class SearchService:
         self.searcher = searcher
         self.queries = 0
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Catch up with changes made by `loupe index` since the last query (one query when none)."""
         store = self.searcher.store
         if store.catalog.generation() == self.searcher.meta.generation:
@@ -106,7 +108,7 @@ class SearchService:
         store.refresh()
 
     def health(self) -> dict:
-        self._refresh()
+        self.refresh()
         store = self.searcher.store
         return {
             "status": "ok",
@@ -129,7 +131,7 @@ class SearchService:
                 _regular_file(term.value)
         filters = Filters.parse(query.folder, query.globs, query.after, query.before, query.date_field)
 
-        self._refresh()
+        self.refresh()
         hits = self.searcher.search(list(query.terms), target=query.target, k=query.k, filters=filters, min_score=query.min_score)
         self.queries += 1
         return {
@@ -160,173 +162,6 @@ def _regular_file(path: str) -> None:
         raise LoupeError(f"cannot read query image {path}: not a regular file")
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The request's socket, read under one deadline for the whole request.
-
-    A socket timeout bounds each read only, so a client trickling a byte every few seconds
-    could hold the single-threaded server forever; here every read waits at most until the
-    deadline. `expired` tells the handler to answer 408.
-    """
-
-    def __init__(self, sock: socket.socket, seconds: float) -> None:
-        self.sock = sock
-        self.deadline = time.monotonic() + seconds
-        self.expired = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        remaining = self.deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise TimeoutError("request deadline passed")
-            self.sock.settimeout(remaining)
-            return self.sock.recv_into(buffer)
-        except TimeoutError:
-            self.expired = True
-            raise
-
-
-DRAIN_SECONDS = 1.0  # how long a refused request's unread body is drained, at most
-DRAIN_BYTES = 4 << 20
-
-
-def _drain(sock: socket.socket) -> None:
-    """Read and drop what a refused client is still sending, briefly, before the socket closes.
-
-    Closing a socket with unread data makes the kernel send a reset, and a client still busy
-    sending its body would see 'connection reset' instead of the 4xx it was answered.
-    """
-    deadline = time.monotonic() + DRAIN_SECONDS
-    left = DRAIN_BYTES
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            chunk = sock.recv(min(left, 1 << 16))
-            if not chunk:
-                return
-            left -= len(chunk)
-    except OSError:
-        pass
-
-
-class _Server(HTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        """A client that went away is not worth a traceback; anything else gets one line."""
-        import sys
-
-        exc = sys.exc_info()[1]
-        if not isinstance(exc, OSError):
-            print(f"loupe serve: request failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-
-
-def _handler(service: SearchService, port_ref: list[int], token: str) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "loupe"
-        protocol_version = "HTTP/1.0"  # one request per connection: an idle client cannot hold the server
-        timeout = REQUEST_TIMEOUT  # nor can one that stalls mid-request (reads: `_DeadlineReader`)
-        disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
-
-        def setup(self) -> None:
-            super().setup()
-            self.rfile.close()  # the default reader; ours bounds the whole request, not each read
-            self.reader = _DeadlineReader(self.connection, REQUEST_TIMEOUT)
-            self.rfile = io.BufferedReader(self.reader)
-            self.answered = False
-            self.unread_body = False  # refused before reading a body the client may still be sending
-            self.request_version = "HTTP/1.0"  # for a 408 before the request line was read
-
-        def handle(self) -> None:
-            self.close_connection = True
-            self.handle_one_request()  # catches a TimeoutError while reading the line or headers
-            if self.reader.expired and not self.answered:
-                self._send(408, {"error": f"the request did not arrive within {REQUEST_TIMEOUT:g} s"})
-
-        def finish(self) -> None:
-            super().finish()
-            if self.unread_body:
-                _drain(self.connection)
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per error only
-            pass
-
-        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-            """http.server's own refusals (bad request line, headers, method) in JSON as well."""
-            self._send(code, {"error": message or self.responses.get(code, ("error",))[0]})
-
-        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-            data = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
-            self.connection.settimeout(REQUEST_TIMEOUT)  # each write; the reads' deadline may be spent
-            self.answered = True
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _guard(self) -> None:
-            """Who may ask, checked before anything else is read."""
-            check_host(self.headers.get("Host"), port_ref[0])
-            check_origin(self.headers.get("Origin"), port_ref[0])
-            check_auth(self.headers.get("Authorization"), token)
-
-        def _answer(self, fn: Callable[[], dict]) -> None:
-            try:
-                self._send(200, fn())
-            except RequestError as exc:
-                self._refuse(exc)
-            except LoupeError as exc:
-                self._send(400, {"error": str(exc)})
-            except (KeyError, TypeError, ValueError) as exc:
-                self._send(400, {"error": f"bad request: {exc}"})
-            except Exception as exc:  # noqa: BLE001 - reported to the client, which falls back
-                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
-
-        def _refuse(self, exc: RequestError) -> None:
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            self._send(exc.status, {"error": exc.message}, headers)
-
-        def do_GET(self) -> None:
-            try:
-                self._guard()
-            except RequestError as exc:
-                return self._refuse(exc)
-            if self.path.split("?", 1)[0] == "/health":
-                self._answer(service.health)
-            else:
-                self._send(404, {"error": "unknown path: use GET /health or POST /search"})
-
-        def do_POST(self) -> None:
-            self.unread_body = True
-            try:
-                self._guard()
-                if self.path.split("?", 1)[0] != "/search":
-                    raise RequestError(404, "unknown path: use GET /health or POST /search")
-                if not (self.headers.get("Content-Type") or "").startswith("application/json"):
-                    raise RequestError(415, "send the query as application/json")
-                if "Transfer-Encoding" in self.headers:
-                    raise RequestError(411, "send the query with a Content-Length, not chunked")
-                n = content_length(self.headers.get_all("Content-Length") or [])
-                try:
-                    body = self.rfile.read(n)
-                    self.unread_body = False
-                except TimeoutError:
-                    self.unread_body = False  # a slow sender is not waited for again
-                    raise RequestError(408, f"the request did not arrive within {REQUEST_TIMEOUT:g} s") from None
-                if len(body) < n:
-                    raise RequestError(400, f"the body is shorter than its Content-Length ({len(body)} < {n} bytes)")
-                request = decode_json(body)
-            except RequestError as exc:
-                return self._refuse(exc)
-            self._answer(lambda: service.search(request))
-
-    return Handler
-
-
 def _write_private(path: Path, text: str) -> None:
     """Write `path` atomically, readable by its owner only from the first byte (it holds the token)."""
     import tempfile
@@ -350,41 +185,75 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (port 0: any free port); a bind error is a LoupeError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise LoupeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
 def serve(
     searcher,
     port: int = 0,
     device: str = "auto",
     on_ready: Callable[[ServerState], None] | None = None,
+    host: str = HOST,
+    allowed_hosts: Sequence[str] = (),
+    upload_limit: int | None = None,
 ) -> None:
-    """Answer searches on 127.0.0.1:`port` (0: any free port) until SIGTERM or Ctrl-C.
+    """Serve the page, its API and the CLI's searches on `host`:`port` (0: any free port) until
+    SIGTERM or Ctrl-C (uvicorn, one process, the model on this thread).
 
     The state file is written once the socket listens and removed on the way out (if it is
     still ours), so `loupe search` never waits on a server that is not there.
     """
+    import uvicorn
+
+    from retrieval.webapp import create_app
+    from retrieval.webguard import UPLOAD_LIMIT, DeadlineH11Protocol, check_bind
+
+    token = new_token()
+    check_bind(host, token)
     service = SearchService(searcher)
     service.warm_up()
-    port_ref = [port]
-    token = new_token()
-    httpd = _Server((HOST, port), _handler(service, port_ref, token))
-    port_ref[0] = httpd.server_address[1]
+    sock = listening_socket(host, port)
+    port = sock.getsockname()[1]
+    app = create_app(
+        service, token=token, port=port, host=host, allowed_hosts=tuple(allowed_hosts),
+        upload_limit=upload_limit or UPLOAD_LIMIT,
+    )
+    config = uvicorn.Config(
+        app, http=DeadlineH11Protocol, ws="none", lifespan="off", log_config=None, log_level="error",
+        access_log=False, proxy_headers=False, server_header=False, timeout_keep_alive=REQUEST_TIMEOUT,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
     spec = searcher.encoder.spec
     state = ServerState(
-        pid=os.getpid(), port=port_ref[0], catalog=searcher.store.location.url, model=spec.model,
+        pid=os.getpid(), port=port, catalog=searcher.store.location.url, model=spec.model,
         pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device, started=time.time(),
-        text_precision=searcher.encoder.text_precision, token=token,
+        text_precision=searcher.encoder.text_precision, token=token, host=host,
     )
     path = state_file(searcher.store.location)
     _write_private(path, json.dumps(asdict(state)))
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # uvicorn re-raises it after a graceful stop
     try:
         if on_ready is not None:
             on_ready(state)
-        httpd.serve_forever(poll_interval=0.2)  # on this (the model's) thread, until SIGTERM or Ctrl-C
+        server.run(sockets=[sock])  # on this (the model's) thread, until SIGTERM or Ctrl-C
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        httpd.server_close()
+        sock.close()
         current = read_state(path)
         if current is not None and current.pid == os.getpid():
             path.unlink(missing_ok=True)
@@ -468,7 +337,7 @@ def request(state: ServerState, method: str, path: str, body: dict | None = None
     """One JSON request to the server: (HTTP status, decoded body)."""
     import http.client
 
-    conn = http.client.HTTPConnection(HOST, state.port, timeout=timeout)
+    conn = http.client.HTTPConnection(state.connect_host, state.port, timeout=timeout)
     try:
         data = json.dumps(body).encode("utf-8") if body is not None else None
         headers = {"Authorization": f"Bearer {state.token}"}
