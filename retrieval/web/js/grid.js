@@ -4,6 +4,8 @@
 
 import { h, score } from "./format.js";
 
+const EAGER = 18; // tiles of the first page loaded eagerly: about the first screenful
+
 export class Grid {
   constructor(list, { onOpen, onNeedMore }) {
     this.list = list;
@@ -43,9 +45,11 @@ export class Grid {
       this.items.push(r);
       const w = Number(r.width) > 0 ? Number(r.width) : 4;
       const hgt = Number(r.height) > 0 ? Number(r.height) : 3;
+      // the first screenful loads at once (lazy loading waits a frame to see what is visible)
       const img = h("img", {
         src: r.thumb, alt: r.name, width: String(w), height: String(hgt),
-        loading: "lazy", decoding: "async", draggable: "false",
+        loading: index < EAGER ? "eager" : "lazy", fetchpriority: index < 8 ? "high" : null,
+        decoding: "async", draggable: "false",
       });
       const dups = Array.isArray(r.duplicates) ? r.duplicates.length : Number(r.duplicates) || 0;
       const extra = dups ? h("span", { class: "badge", "aria-hidden": "true", title: `${dups + 1} identical files` }, `×${dups + 1}`) : null;

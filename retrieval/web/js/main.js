@@ -22,6 +22,7 @@ const els = {
 
 let S = fromURL(location.search);
 const uploadPreviews = new Map();    // upload id -> object URL of the dropped file (this tab only)
+const photoNames = new Map();        // photo id -> file name, for "photo:ID" chips
 let index = { images: null, captions: null };
 const run = { gen: 0, ctrl: null, offset: 0, hasMore: false, loading: false, shown: 0, submitted: false };
 
@@ -68,6 +69,10 @@ function toControls() {
   els.minRange.value = S.min_score === "" ? "0" : S.min_score;
   els.sort.value = S.sort;
   els.collapse.checked = S.collapse;
+  els.filters.classList.toggle("captions-mode", S.target === "captions");
+  const active = activeFilters();
+  $("clear-filters").hidden = !active.length && S.sort === DEFAULTS.sort && S.collapse && S.date_field === DEFAULTS.date_field;
+  $("filters-toggle").textContent = active.length ? `Filters (${active.length})` : "Filters";
   renderChips();
 }
 
@@ -195,8 +200,9 @@ function summarize(data) {
 
 function activeFilters() {
   const names = [];
-  if (S.folder) names.push("folder");
-  if (S.after || S.before) names.push("dates");
+  const photos = S.target === "images";
+  if (photos && S.folder) names.push("folder");
+  if (photos && (S.after || S.before)) names.push("dates");
   if (S.min_score !== "") names.push("minimum score");
   return names;
 }
@@ -262,6 +268,7 @@ const viewer = new Viewer({
   onNeedMore: loadMoreNow,
   onClosed: (i) => grid.focus(i),
   onSimilar: (item) => {
+    photoNames.set(String(item.id), item.name);
     run.submitted = true;
     markSubmit();
     commit({ ...S, q: "", images: [`photo:${item.id}`], target: "images", view: "search" });
@@ -283,7 +290,13 @@ els.form.addEventListener("submit", (e) => {
 });
 
 function chipLabel(t) {
-  return t.kind === "upload" ? "your image" : `photo ${t.id}`;
+  if (t.kind === "upload") return "your image";
+  const name = photoNames.get(t.id);
+  if (name === undefined) {
+    photoNames.set(t.id, null);  // asked once
+    api.photo(t.id).then((d) => { photoNames.set(t.id, d.name); renderChips(); }).catch(() => {});
+  }
+  return name ? `like ${name}` : `photo ${t.id}`;
 }
 
 function renderChips() {
@@ -366,6 +379,10 @@ function clearFilters() {
   commit({ ...fromControls(), folder, after, before, date_field, min_score, sort, collapse });
 }
 $("clear-filters").addEventListener("click", clearFilters);
+$("filters-toggle").addEventListener("click", (e) => {
+  const open = els.filters.classList.toggle("open");
+  e.currentTarget.setAttribute("aria-expanded", String(open));
+});
 
 function ensureFolderOption(path) {
   if (!path || [...els.folder.options].some((o) => o.value === path)) return;

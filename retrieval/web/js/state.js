@@ -96,10 +96,11 @@ function realDate(v) {
 /** Problems the server would reject, said before asking it: {field: message}. */
 export function validate(s) {
   const errors = {};
-  for (const key of ["after", "before"]) {
+  const photos = s.target === "images";  // folder and dates filter photos only
+  for (const key of photos ? ["after", "before"] : []) {
     if (s[key] && !realDate(s[key])) errors[key] = `“${s[key]}” is not a date (use YYYY-MM-DD)`;
   }
-  if (!errors.after && !errors.before && s.after && s.before && s.after > s.before) {
+  if (photos && !errors.after && !errors.before && s.after && s.before && s.after > s.before) {
     errors.before = `“before” (${s.before}) is earlier than “after” (${s.after}): no photo can match`;
   }
   if (s.min_score !== "" && !Number.isFinite(Number(s.min_score))) {
@@ -111,18 +112,19 @@ export function validate(s) {
 /** The JSON body of POST /api/search for one page of this state. */
 export function searchBody(s, offset, limit) {
   const q = composeQuery(s.q, s.images);
+  const photos = s.target === "images";  // captions have no folder, date or duplicates
   return {
     q,
     target: s.target,
     offset,
     limit,
     min_score: s.min_score === "" ? null : Number(s.min_score),
-    folder: s.folder || null,
-    after: s.after || null,
-    before: s.before || null,
+    folder: (photos && s.folder) || null,
+    after: (photos && s.after) || null,
+    before: (photos && s.before) || null,
     date_field: s.date_field,
     // an empty query ranks nothing: browse the photos by date, newest first unless asked otherwise
-    sort: !q && s.sort === "relevance" ? "newest" : s.sort,
+    sort: !photos ? "relevance" : !q && s.sort === "relevance" ? "newest" : s.sort,
     collapse: s.collapse,
   };
 }
