@@ -212,6 +212,10 @@ def test_open_a_photo_then_more_like_this(page, library):
     expect(dialog).to_contain_text(f"{library.day[name].year}")
     expect(dialog.get_by_role("img", name=name)).to_be_visible()
     expect(dialog.get_by_role("button", name="Open")).to_have_attribute("target", "_blank")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    dialog.get_by_role("button", name="Copy path").click()
+    expect(dialog.get_by_role("status")).to_have_text("Path copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == str(library.path(name))
 
     dialog.get_by_role("button", name="Captions for this").click()
     expect(dialog.get_by_role("region", name="Captions for this photo").get_by_role("listitem")).to_have_count(8)
@@ -345,7 +349,9 @@ def test_status_view_and_caption_mode(page, library):
     assert shown == [r["text"] for r in expected]
 
 
-def test_empty_states(page):
+def test_empty_and_error_states(page):
+    page.goto(page.url.split("?")[0] + "?img=upload:0123abcd")  # an upload the server no longer holds
+    expect(page.get_by_role("alert")).to_contain_text("no upload 0123abcd")  # the server's own words
     page.goto(page.url.split("?")[0] + "?q=a+dog&min_score=0.999")
     expect(page.get_by_role("heading", name="No photos match")).to_be_visible()
     assert names(page) == []
