@@ -22,9 +22,12 @@ queries (the server caches rankings and text vectors per query, so none repeats)
 - cached: every photo's thumbnail was made beforehand (as after a first look at the library).
 
 Baselines measured in the same run: the POST /api/search round trip inside those page loads
-(Resource Timing), and the thumbnail maker alone (`retrieval.media.make_thumbnail`) on the
+(Resource Timing); after each page query, the CLI's fast path (`loupe search` through the server:
+POST /search, 60 hits, a distinct text) on the same server; and the thumbnail maker alone (`retrieval.media.make_thumbnail`) on the
 500x375 flickr photos and on synthetic 12 MP and 24 MP JPEGs made from them.
-Writes benchmarks/out/bench_page.json.
+Writes benchmarks/out/bench_page.json. On a machine shared with other jobs, run it as
+`nice -n -10 ...` (root) so that the figures measure loupe rather than the queue for the CPU;
+the JSON records the niceness and the load average of every sample.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -88,9 +92,8 @@ def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
 
     ckpt = checkpoint("ViT-B-32") if model == "ViT-B-32" else _tiny()
     home = OUT / f"page-{model}-{n}"
-    marker = home / "built"
-    tag = json.dumps({"queries": qtexts, "n": n})
-    if marker.exists() and marker.read_text() == tag:
+    marker = home / "built"  # the queries the fillers were made to lose against
+    if marker.exists() and set(qtexts) <= set(json.loads(marker.read_text())):
         return home, json.loads((home / "fillers.json").read_text())
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
@@ -120,7 +123,7 @@ def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     info["index_factory"] = store.index_factory()
     print(f"  {len(fillers)} filler vectors (beta {beta}, margin {margin:.3f}) and the vector index in {info['build_seconds']} s")
     (home / "fillers.json").write_text(json.dumps(info))
-    marker.write_text(tag)
+    marker.write_text(json.dumps(qtexts))
     return home, info
 
 
@@ -134,7 +137,7 @@ def _tiny() -> Path:
     return path
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_server(home: Path):
     from indexer.locations import resolve_location
     from retrieval.server import read_state, state_file
 
@@ -146,7 +149,7 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str, Path]:
     while time.monotonic() < deadline:
         state = read_state(path)
         if state is not None and state.pid == proc.pid:
-            return proc, state.url + "/", location.vector_dir / f"{location.prefix}thumbs"
+            return proc, state, location.vector_dir / f"{location.prefix}thumbs"
         if proc.poll() is not None:
             raise SystemExit(f"loupe serve exited:\n{proc.stderr.read()}")
         time.sleep(0.2)
@@ -163,7 +166,20 @@ READ = """() => {
 }"""
 
 
-def measure(page, query: str) -> dict:
+def cli_search(state, query: str) -> float:
+    """The baseline: the same kind of query through the CLI's endpoint (POST /search, 60 hits), in ms."""
+    import urllib.request
+
+    body = json.dumps({"terms": [{"weight": 1, "kind": "text", "value": query}], "k": PAGE}).encode()
+    req = urllib.request.Request(state.url + "/search", data=body, method="POST", headers={
+        "Authorization": f"Bearer {state.token}", "Content-Type": "application/json"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        resp.read()
+    return round((time.perf_counter() - t) * 1000, 1)
+
+
+def measure(page, query: str, state) -> dict:
     page.evaluate("performance.clearResourceTimings()")
     box = page.get_by_role("searchbox", name="Search photos")
     box.fill(query)
@@ -172,6 +188,8 @@ def measure(page, query: str) -> dict:
     out = page.evaluate(READ)
     page.wait_for_load_state("networkidle")  # the rest of the page's thumbnails, before the next query
     out["query"] = query
+    out["cli_ms"] = cli_search(state, f"{query} in a photo")  # distinct text: nothing cached
+    out["load"] = round(os.getloadavg()[0], 2)
     out["ms"] = round(out["ms"], 1)
     out["api_ms"] = None if out["api_ms"] is None else round(out["api_ms"], 1)
     return out
@@ -197,7 +215,8 @@ def warm_every_thumbnail(page) -> int:
 def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str]) -> dict:
     from playwright.sync_api import sync_playwright
 
-    proc, url, thumbs = start_server(home)
+    proc, state, thumbs = start_server(home)
+    url = state.url + "/"
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -209,13 +228,13 @@ def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str
             page.goto(url)
             page.wait_for_load_state("networkidle")
             for q in warmup:
-                measure(page, q)
+                measure(page, q, state)
             on_the_fly = []
             for q in fly:
                 shutil.rmtree(thumbs, ignore_errors=True)
-                on_the_fly.append(measure(page, q))
+                on_the_fly.append(measure(page, q, state))
             made = warm_every_thumbnail(page)
-            warm = [measure(page, q) for q in cached]
+            warm = [measure(page, q, state) for q in cached]
             page.screenshot(path=str(OUT / "bench_page.png"))
             browser.close()
     finally:
@@ -225,6 +244,9 @@ def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str
         "median_ms": round(median([r["ms"] for r in rows]), 1),
         "p90_ms": round(float(np.percentile([r["ms"] for r in rows], 90)), 1),
         "api_median_ms": round(median([r["api_ms"] for r in rows if r["api_ms"] is not None]), 1),
+        "page_over_api_median_ms": round(median([r["ms"] - r["api_ms"] for r in rows if r["api_ms"] is not None]), 1),
+        "cli_search_median_ms": round(median([r["cli_ms"] for r in rows]), 1),
+        "load_median": round(median([r["load"] for r in rows]), 2),
         "n": len(rows),
     }
     return {"on_the_fly": summary(on_the_fly), "cached": summary(warm), "thumbnails_made_beforehand": made,
@@ -279,7 +301,8 @@ def main() -> None:
 
     qs = queries(2 * a.queries + 3)
     warmup, fly, cached = qs[:3], qs[3 : 3 + a.queries], qs[3 + a.queries :]
-    out = {"machine": machine(), "model": a.model, "vectors": a.vectors, "load_before": load_average()}
+    out = {"machine": machine(), "model": a.model, "vectors": a.vectors, "load_before": load_average(),
+           "nice": os.getpriority(os.PRIO_PROCESS, 0)}
     print(f"building the index ({a.model}, {a.vectors} vectors)")
     home, out["fillers"] = build_home(a.model, a.vectors, qs)
     print("page latency in headless Chromium")
@@ -289,13 +312,14 @@ def main() -> None:
     out["load_after"] = load_average()
     write_json("bench_page.json", out)
     pg = out["page"]
-    print(f"\nCPU: {out['machine'].get('cpu')}, load {out['load_before']} -> {out['load_after']}")
+    print(f"\nCPU: {out['machine'].get('cpu')}, {out['machine'].get('cores')} cores, load {out['load_before']} -> {out['load_after']}, nice {out['nice']}")
     print(f"Enter -> first row painted, {a.vectors} vectors, {a.model}:")
     for key, target in (("cached", 150), ("on_the_fly", 400)):
         s = pg[key]
         print(f"  thumbnails {key.replace('_', ' ')}: median {s['median_ms']} ms (p90 {s['p90_ms']}, n={s['n']}), "
               f"target {target} ms -> {'met' if s['median_ms'] <= target else 'MISSED'}; "
-              f"of which the /api/search round trip {s['api_median_ms']} ms ({s['median_ms'] / s['api_median_ms']:.1f}x)")
+              f"/api/search round trip {s['api_median_ms']} ms (the page adds {s['page_over_api_median_ms']} ms); "
+              f"baseline `loupe search` endpoint {s['cli_search_median_ms']} ms -> {s['median_ms'] / s['cli_search_median_ms']:.2f}x")
     for r in out["thumbnails"]:
         print(f"  make_thumbnail {r['photos']}: {r['median_ms']} ms median ({r['original_kb']} KB -> {r['thumbnail_kb']} KB)")
 
