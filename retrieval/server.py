@@ -200,6 +200,24 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_server(app, request_timeout: float = REQUEST_TIMEOUT):
+    """A quiet uvicorn server for `app`: h11 with the whole-request deadline, no proxy headers,
+    no websockets, no lifespan, errors only on stderr. Run it with `.run(sockets=[sock])`."""
+    import uvicorn
+
+    from retrieval.webguard import DeadlineH11Protocol
+
+    protocol = DeadlineH11Protocol
+    if request_timeout != DeadlineH11Protocol.request_timeout:
+        protocol = type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"request_timeout": request_timeout})
+    config = uvicorn.Config(
+        app, http=protocol, ws="none", lifespan="off", log_config=None, log_level="error",
+        access_log=False, proxy_headers=False, server_header=False, timeout_keep_alive=int(REQUEST_TIMEOUT),
+        timeout_graceful_shutdown=2,
+    )
+    return uvicorn.Server(config)
+
+
 def serve(
     searcher,
     port: int = 0,
@@ -215,10 +233,8 @@ def serve(
     The state file is written once the socket listens and removed on the way out (if it is
     still ours), so `loupe search` never waits on a server that is not there.
     """
-    import uvicorn
-
     from retrieval.webapp import create_app
-    from retrieval.webguard import UPLOAD_LIMIT, DeadlineH11Protocol, check_bind
+    from retrieval.webguard import UPLOAD_LIMIT, check_bind
 
     token = new_token()
     check_bind(host, token)
@@ -230,12 +246,8 @@ def serve(
         service, token=token, port=port, host=host, allowed_hosts=tuple(allowed_hosts),
         upload_limit=upload_limit or UPLOAD_LIMIT,
     )
-    config = uvicorn.Config(
-        app, http=DeadlineH11Protocol, ws="none", lifespan="off", log_config=None, log_level="error",
-        access_log=False, proxy_headers=False, server_header=False, timeout_keep_alive=REQUEST_TIMEOUT,
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
+    app.state.web.web.snapshot()  # the web's view of the catalog, read before the first page asks
+    server = uvicorn_server(app)
     spec = searcher.encoder.spec
     state = ServerState(
         pid=os.getpid(), port=port, catalog=searcher.store.location.url, model=spec.model,

@@ -24,6 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from indexer.errors import LoupeError
+from indexer.imageio import BadImage
 from retrieval.api import RequestError, decode_json, parse_search
 from retrieval.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
 from retrieval.webguard import MAX_BODY, UPLOAD_LIMIT, Guard, own_hosts, send_json
@@ -82,12 +83,17 @@ class WebApp:
         self.thumbs = thumbs
         self.upload_limit = upload_limit
         self.thumbs_made = 0  # thumbnails decoded from an original (tests: a cached one is not)
+        self._roots_cache: tuple[int, list[str]] | None = None
 
     def _refresh(self) -> None:
         self.service.refresh()
 
     def _roots(self) -> list[str]:
-        return [r.path for r in self.service.searcher.store.catalog.roots()]
+        """Indexed folders (read once per catalog generation: every thumbnail asks)."""
+        generation = self.service.searcher.meta.generation
+        if self._roots_cache is None or self._roots_cache[0] != generation:
+            self._roots_cache = (generation, [r.path for r in self.service.searcher.store.catalog.roots()])
+        return self._roots_cache[1]
 
     async def _json_body(self, request: Request) -> Any:
         if not (request.headers.get("content-type") or "").startswith("application/json"):
@@ -176,7 +182,7 @@ class WebApp:
 
         try:
             data, media_type, actual = await anyio.to_thread.run_sync(make)
-        except NotServable as exc:
+        except (NotServable, BadImage) as exc:
             raise WebError(404, f"photo {photo.id}: {exc}") from None
         self.thumbs_made += 1
         if actual != digest:  # the file changed since it was indexed: not the catalogued picture
@@ -199,7 +205,7 @@ class WebApp:
 
         try:
             picture = await anyio.to_thread.run_sync(make)
-        except NotServable as exc:
+        except (NotServable, BadImage) as exc:
             raise WebError(404, f"photo {photo.id}: {exc}") from None
         return Response(picture.data, media_type=picture.media_type, headers=headers)
 

@@ -39,6 +39,19 @@ CLI_PATHS = ("/search", "/health")  # the CLI's endpoints: the token is always r
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOOPBACK_NAMES = ("localhost",)
+# Sent with every answer: scripts, styles and images from this server only (a file name is never
+# markup), no framing by other pages (clickjacking), no MIME sniffing, no Referer to other sites.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' blob: data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
 
 
 # ---- binding ------------------------------------------------------------------------------
@@ -135,10 +148,11 @@ class Guard:
                 await send({"type": "websocket.close", "code": 1008})
                 return
             return await self.app(scope, receive, send)
+        send = _with_security_headers(send)
         try:
             headers = _headers(scope)
             self.check_host(headers.get("host"))
-            self.check_origin(scope["method"], headers)
+            self.check_origin(scope["method"], headers, scope["path"])
             if self._token_in_query(scope):
                 return await self._enter_with_token(scope, send)
             self.check_auth(scope["path"], headers)
@@ -155,12 +169,12 @@ class Guard:
         if (host or "").strip().lower() not in self.hosts:
             raise RequestError(403, "loupe serve answers requests for its own address only (Host)")
 
-    def check_origin(self, method: str, headers: dict[str, str]) -> None:
+    def check_origin(self, method: str, headers: dict[str, str], path: str = "/api") -> None:
         origin = headers.get("origin")
         if origin is not None and origin.strip().lower() not in self.origins:
             raise RequestError(403, "loupe serve refuses requests from other web origins")
         site = headers.get("sec-fetch-site")
-        if site is not None and site.strip().lower() not in ("same-origin", "none"):
+        if site is not None and site.strip().lower() not in ("same-origin", "none") and not _opens_the_page(method, path, headers):
             raise RequestError(403, "loupe serve refuses cross-site requests")
         referer = headers.get("referer")
         if method not in SAFE_METHODS and origin is None and referer is not None:
@@ -221,6 +235,26 @@ class Guard:
                         (b"referrer-policy", b"no-referrer"), (b"content-length", b"0")],
         })
         await send({"type": "http.response.body", "body": b""})
+
+
+def _opens_the_page(method: str, path: str, headers: dict[str, str]) -> bool:
+    """A link from elsewhere opening the page itself in a tab (a shared or bookmarked URL): allowed,
+    it reads nothing (SameSite=Strict keeps the cookie away); a frame or a fetch is not."""
+    return (
+        method == "GET" and not path.startswith("/api/") and path not in CLI_PATHS
+        and headers.get("sec-fetch-mode") == "navigate" and headers.get("sec-fetch-dest") == "document"
+    )
+
+
+def _with_security_headers(send: Send) -> Send:
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            extra = [(k, v) for k, v in SECURITY_HEADERS if k not in present]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 def _bounded(receive: Receive, limit: int) -> Receive:

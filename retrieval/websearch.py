@@ -16,11 +16,11 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from indexer.catalog import IMAGE, OK, TEXT, ImageRow
+from indexer.catalog import IMAGE, OK, TEXT
 from indexer.errors import LoupeError
 from retrieval.query import Term, parse_query
 from retrieval.search import DATE_FIELDS, parse_date
@@ -34,6 +34,7 @@ RANKINGS_KEPT = 32
 TEXT_VECTORS_KEPT = 256
 UPLOADS_KEPT = 64
 MAX_QUERY = 4096
+FIRST_DEPTH = 256  # FAISS k of a new ranking, at least (a deeper page extends it, 4x at a time)
 
 
 class WebError(Exception):
@@ -45,9 +46,8 @@ class WebError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Photo:
-    """A visible (status ok) catalog image row, as the web shows it."""
+class Photo(NamedTuple):
+    """A visible (status ok) catalog image row, as the web shows it (a tuple: 100k load fast)."""
 
     id: int
     vector_id: int
@@ -100,24 +100,62 @@ class Snapshot:
         for p in photos:
             self.by_vector.setdefault(p.vector_id, []).append(p)
         self.folder_counts: dict[str, int] = {}
+        counts = self.folder_counts
         for p in photos:
-            folder = os.path.dirname(p.path)
-            self.folder_counts[folder] = self.folder_counts.get(folder, 0) + 1
+            folder = p.path.rpartition("/")[0] or "/"
+            counts[folder] = counts.get(folder, 0) + 1
         self.known_folders: set[str] = set()
         for folder in self.folder_counts:
             while folder not in self.known_folders and folder not in ("", "/"):
                 self.known_folders.add(folder)
                 folder = os.path.dirname(folder)
+        n = len(photos)  # columns for filtering and date order without a Python loop per photo
+        self.vector_ids = np.fromiter((p.vector_id for p in photos), np.int64, n)
+        self.modified_ts = np.fromiter((p.mtime_ns for p in photos), np.float64, n) / 1e9
+        self.taken_ts = np.fromiter((p.taken_at.timestamp() if p.taken_at else np.nan for p in photos), np.float64, n)
+
+    def dates(self, date_field: str) -> np.ndarray:
+        """Seconds (local time, as naive datetimes compare) per photo; NaN where unknown."""
+        if date_field == "taken":
+            return self.taken_ts
+        if date_field == "modified":
+            return self.modified_ts
+        return np.where(np.isnan(self.taken_ts), self.modified_ts, self.taken_ts)
+
+    def mask(self, filters: "WebFilters") -> np.ndarray:
+        """Which photos pass `filters`."""
+        keep = np.ones(len(self.photos), dtype=bool)
+        if filters.folder:
+            prefix = filters.folder.rstrip("/") + "/"
+            keep &= np.fromiter((p.path.startswith(prefix) for p in self.photos), bool, len(self.photos))
+        if filters.after or filters.before:
+            ts = self.dates(filters.date_field)
+            with np.errstate(invalid="ignore"):
+                if filters.after:
+                    keep &= ts >= filters.after.timestamp()
+                if filters.before:
+                    keep &= ts < filters.before.timestamp()
+            keep &= ~np.isnan(ts)
+        return keep
 
     @classmethod
     def load(cls, catalog, generation: int) -> "Snapshot":
-        from sqlalchemy import select
+        """Read the visible photos: plain SQL, no ORM objects (100k rows in a fraction of a second)."""
+        from sqlalchemy import bindparam, text
 
-        cols = (ImageRow.id, ImageRow.vector_id, ImageRow.path, ImageRow.size, ImageRow.width, ImageRow.height,
-                ImageRow.taken_at, ImageRow.mtime_ns, ImageRow.content_hash)
+        query = text(
+            "SELECT id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash FROM images "
+            "WHERE status = :ok AND vector_id IS NOT NULL ORDER BY path"
+        ).bindparams(bindparam("ok", OK))
+        photos = []
         with catalog.session() as s:
-            rows = s.execute(select(*cols).where(ImageRow.status == OK, ImageRow.vector_id.is_not(None)).order_by(ImageRow.path)).all()
-        return cls([Photo(*r) for r in rows], generation)
+            rows = s.execute(query).fetchall()
+        for row in rows:
+            taken = row[6]
+            if isinstance(taken, str):  # SQLite hands back the stored text
+                taken = datetime.fromisoformat(taken)
+            photos.append(Photo(row[0], row[1], row[2], row[3], row[4], row[5], taken, row[7], row[8]))
+        return cls(photos, generation)
 
 
 @dataclass(frozen=True)
@@ -391,8 +429,7 @@ class WebSearch:
             raise WebError(400, f"the index holds no {what}")
         allowed = None
         if query.target == IMAGE and query.filters.active():
-            ids = {p.vector_id for p in snap.photos if query.filters.passes(p)}
-            allowed = np.fromiter(ids, dtype=np.int64, count=len(ids))
+            allowed = np.unique(snap.vector_ids[snap.mask(query.filters)])
         ranking = _Ranking([], allowed is not None and len(allowed) == 0, self.query_vector(terms), allowed)
         if query.sort != "relevance":  # the best DATE_POOL (or all above min_score), ordered by date
             self._deepen(ranking, query, snap, DATE_POOL if query.min_score is None else None)
@@ -409,7 +446,7 @@ class WebSearch:
         if total == 0:
             ranking.exhausted = True
             return
-        k = max(ranking.depth * 4, 256, (need or 0) * 2)
+        k = max(ranking.depth * 4, FIRST_DEPTH, (need or 0) * 2)
         while True:
             k = min(k, total)
             scores, ids = index.search(ranking.vector[None, :], k, ranking.allowed)
@@ -461,18 +498,27 @@ class WebSearch:
         return sorted(entries, key=when, reverse=newest)
 
     def _browse(self, query: WebQuery, snap: Snapshot) -> _Ranking:
-        """The whole collection (filtered) by date: no model call."""
-        filters = query.filters
-        photos = [p for p in snap.photos if filters.passes(p)] if filters.active() else snap.photos
+        """The whole collection (filtered) by date, newest first unless sort=oldest: no model call."""
+        rows = np.nonzero(snap.mask(query.filters))[0] if query.filters.active() else np.arange(len(snap.photos))
+        if query.collapse:  # one entry per content: its first file (path order) among those shown
+            _, first = np.unique(snap.vector_ids[rows], return_index=True)
+            rows = rows[np.sort(first)]
+        ts = snap.dates(query.filters.date_field)[rows]
+        newest = query.sort != "oldest"
+        key = np.where(np.isnan(ts), -np.inf if newest else np.inf, ts)  # unknown dates last
+        order = np.argsort(-key if newest else key, kind="stable")
+        photos = snap.photos
         if query.collapse:
-            groups: dict[int, list[Photo]] = {}
-            for p in photos:
-                groups.setdefault(p.vector_id, []).append(p)
-            entries = [(None, g) for g in groups.values()]
+            filters = query.filters if query.filters.active() else None
+            entries = []
+            for i in rows[order]:
+                group = snap.by_vector[photos[i].vector_id]
+                if filters is not None and len(group) > 1:
+                    group = [p for p in group if filters.passes(p)]
+                entries.append((None, group if group[0] is photos[i] else [photos[i], *(p for p in group if p is not photos[i])]))
         else:
-            entries = [(None, [p]) for p in photos]
-        order = "oldest" if query.sort == "oldest" else "newest"
-        return _Ranking(self._by_date(entries, WebQuery(sort=order, filters=filters)), True)
+            entries = [(None, [photos[i]]) for i in rows[order]]
+        return _Ranking(entries, True)
 
     # ---- one photo --------------------------------------------------------------------------
     def captions_for(self, photo_id: int, limit: int) -> dict[str, Any]:

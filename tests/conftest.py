@@ -106,3 +106,82 @@ def _default_sigint() -> None:
 @pytest.fixture
 def loupe(tmp_path) -> LoupeRunner:
     return LoupeRunner(tmp_path / "loupe-home")
+
+
+# ---- a small real index for the web API (tests/test_webapp.py, tests/test_web_security.py) ------
+
+
+WEB_DATES = {"a": (2020, 6, 15), "b": (2022, 3, 10)}
+
+
+class WebIndex:
+    """Photos in two dated folders (a: 2020-06-15, b: 2022-03-10), indexed with the tiny model.
+
+    a/ has 6 real photos, `broken.jpg` (skipped), `rotated.jpg` (EXIF orientation 6, camera and
+    capture time 2019-05-01) and `victim.jpg` (which a security test replaces by a symlink);
+    b/ has 6 other photos and `dup.jpg`, a copy of a/'s first photo. `outside/secret.jpg` lies
+    outside the indexed folder; `captions.json` holds the 12 photos' captions (indexed).
+    """
+
+    def __init__(self, root: Path, encoder) -> None:
+        self.root = root
+        self.photos = root / "photos"
+        self.home = root / "home"
+        self.outside = root / "outside"
+        self.encoder = encoder
+
+    def path(self, name: str) -> Path:
+        return self.photos / name
+
+
+def _make_rotated(src: Path, dst: Path) -> None:
+    from datetime import datetime as _dt
+
+    from PIL import Image
+
+    with Image.open(src) as img:
+        rgb = img.convert("RGB")
+    w, h = rgb.size
+    for x in range(w // 3):  # a dark band on the stored left edge: the top edge once rotated
+        for y in range(h):
+            rgb.putpixel((x, y), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    exif[0x010F] = "Canon"
+    exif[0x0110] = "Canon EOS 5D"
+    exif[0x0132] = _dt(2019, 5, 1, 10, 0, 0).strftime("%Y:%m:%d %H:%M:%S")
+    rgb.save(dst, "JPEG", quality=90, exif=exif.tobytes())
+
+
+@pytest.fixture(scope="session")
+def web_index(tmp_path_factory, tiny_encoder, flickr_images) -> WebIndex:
+    import json as _json
+    from datetime import datetime as _dt
+
+    from indexer.pipeline import index_captions, index_folder
+    from indexer.store import Store
+
+    idx = WebIndex(tmp_path_factory.mktemp("web"), tiny_encoder)
+    sources = sorted(flickr_images.iterdir())
+    for folder, chosen in (("a", sources[:6]), ("b", sources[6:12])):
+        (idx.photos / folder).mkdir(parents=True)
+        for src in chosen:
+            shutil.copy2(src, idx.photos / folder / src.name)
+    shutil.copy2(sources[0], idx.photos / "b" / "dup.jpg")
+    (idx.photos / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    _make_rotated(sources[20], idx.photos / "a" / "rotated.jpg")
+    shutil.copy2(sources[21], idx.photos / "a" / "victim.jpg")
+    for folder, (y, m, d) in WEB_DATES.items():
+        stamp = _dt(y, m, d, 12, 0, 0).timestamp()
+        for p in (idx.photos / folder).iterdir():
+            os.utime(p, (stamp, stamp))
+    idx.outside.mkdir()
+    shutil.copy2(sources[30], idx.outside / "secret.jpg")
+    names = {p.name for p in sources[:12]}
+    data = [item for item in _json.loads((FLICKR8K / "captions.json").read_text()) if item["image"] in names]
+    captions = idx.root / "captions.json"
+    captions.write_text(_json.dumps(data))
+    store = Store.open(home=idx.home)
+    index_folder(store, tiny_encoder, idx.photos, batch_size=8, workers=1)
+    index_captions(store, tiny_encoder, captions)
+    return idx

@@ -122,13 +122,16 @@ def test_server_refuses_foreign_requests(server):
     assert status == 415
     status, body = http(state, "GET", "/nope")
     assert status == 404
+    with urllib.request.urlopen(f"{state.url}/", timeout=60) as resp:  # the page: on 127.0.0.1, no token needed
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
 
 
 def test_clean_shutdown_and_fallback(server, loupe):
     state, proc, path = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    assert "server stopped" in proc.stderr.read()
+    err = proc.stderr.read()
+    assert "server stopped" in err and f"open http://127.0.0.1:{state.port}/?token={state.token}" in err
     assert not path.exists()
     out = loupe("search", "a dog", "-k", "2")  # no server: searched in-process
     assert len(out.stdout.splitlines()) == 3
