@@ -74,14 +74,21 @@ def library(tmp_path_factory) -> Library:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_checkpoint, library):
-    """A real `loupe serve` on the library; yields the page URL."""
+def server(tmp_path_factory, tiny_encoder, library):
+    """A real `loupe serve` on the library; yields the page URL.
+
+    The index is built in this process by the functions behind `loupe index` and `loupe
+    index-text` (the model is loaded here already); the server runs as a user runs it."""
     from indexer.locations import resolve_location
+    from indexer.pipeline import index_captions, index_folder
+    from indexer.store import Store
     from retrieval.server import read_state, state_file
 
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
-    loupe("index", *library.folders, "--checkpoint", tiny_checkpoint)
-    loupe("index-text", library.captions)
+    store = Store.open(home=loupe.home)
+    for folder in library.folders:
+        index_folder(store, tiny_encoder, folder, batch_size=32, workers=1)
+    index_captions(store, tiny_encoder, library.captions)
     proc = loupe.popen("serve", "--port", "0")
     path = state_file(resolve_location(loupe.home))
     try:
@@ -112,7 +119,7 @@ def page_url(state) -> str:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):  # closed before the server stops, so no open connection delays its exit
     with playwright_sync.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
