@@ -9,6 +9,7 @@ dialog), the URL, the keyboard.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -175,6 +176,22 @@ def api_search(page, **body) -> dict:
     )
 
 
+def send_image(page, event: str, path: Path) -> None:
+    """Drop an image file on the page, or paste one, as the browser delivers it."""
+    page.evaluate(
+        """([event, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+            const e = event === 'drop'
+                ? new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})
+                : new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true});
+            document.body.dispatchEvent(e);
+        }""",
+        [event, path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+
+
 def url_params(page) -> dict:
     return parse_qs(urlparse(page.url).query)
 
@@ -251,6 +268,13 @@ def test_image_upload_is_a_query_and_combines_with_words(page, library):
 
     page.get_by_role("button", name="Remove your image").click()
     assert "img" not in url_params(page)
+
+    for event, other in (("drop", sorted(library.day)[11]), ("paste", sorted(library.day)[12])):
+        page.get_by_role("searchbox", name="Search photos").fill("")
+        send_image(page, event, library.path(other))
+        expect(page.get_by_role("button", name="Remove your image")).to_be_visible()
+        assert settle(page)[0] == other, event
+        page.get_by_role("button", name="Remove your image").click()
 
     page.get_by_label("Search with an image").set_input_files(
         files=[{"name": "broken.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8\xff\xe0 not really a jpeg"}])
