@@ -1,0 +1,163 @@
+// The photo dialog: large preview, facts, actions. Left/right step through the results;
+// Esc (or ×) closes it and gives focus back to the photo it was showing.
+
+import * as api from "./api.js";
+import { bytes, date, h, score } from "./format.js";
+
+export class Viewer {
+  constructor({ getItem, count, onSimilar, onClosed, onNeedMore }) {
+    this.dialog = document.getElementById("viewer");
+    this.img = document.getElementById("viewer-img");
+    this.title = document.getElementById("viewer-title");
+    this.facts = document.getElementById("viewer-facts");
+    this.note = document.getElementById("viewer-note");
+    this.capSection = document.getElementById("viewer-captions");
+    this.exif = document.getElementById("viewer-exif");
+    this.btnCaptions = document.getElementById("act-captions");
+    this.linkOpen = document.getElementById("act-open");
+    this.getItem = getItem;
+    this.count = count;
+    this.onClosed = onClosed;
+    this.onNeedMore = onNeedMore;
+    this.index = -1;
+    this.hasCaptions = false;
+    this.token = 0;
+
+    document.getElementById("viewer-close").addEventListener("click", () => this.close());
+    document.getElementById("viewer-prev").addEventListener("click", () => this.step(-1));
+    document.getElementById("viewer-next").addEventListener("click", () => this.step(+1));
+    document.getElementById("act-similar").addEventListener("click", () => {
+      const item = this.item();
+      this.close();
+      onSimilar(item);
+    });
+    this.btnCaptions.addEventListener("click", () => this.showCaptions());
+    document.getElementById("act-copy").addEventListener("click", () => this.copyPath());
+    this.dialog.addEventListener("close", () => this.onClosed(this.index));
+    this.dialog.addEventListener("keydown", (e) => {
+      if (e.target.closest("input, textarea, select")) return;
+      if (e.key === "ArrowRight") { this.step(+1); e.preventDefault(); }
+      else if (e.key === "ArrowLeft") { this.step(-1); e.preventDefault(); }
+    });
+    // a click on the backdrop (outside the dialog's box) closes it, as in every photo app
+    this.dialog.addEventListener("click", (e) => {
+      if (e.target !== this.dialog) return;
+      const r = this.dialog.getBoundingClientRect();
+      if (e.clientX < r.left || e.clientX > r.right || e.clientY < r.top || e.clientY > r.bottom) this.close();
+    });
+  }
+
+  item() {
+    return this.getItem(this.index);
+  }
+
+  get isOpen() {
+    return this.dialog.open;
+  }
+
+  open(index) {
+    this.index = index;
+    this.#render();
+    if (!this.dialog.open) this.dialog.showModal();
+    document.getElementById("viewer-close").focus();
+  }
+
+  close() {
+    if (this.dialog.open) this.dialog.close();
+  }
+
+  step(dir) {
+    const next = this.index + dir;
+    if (next < 0) return;
+    if (next >= this.count() - 2) this.onNeedMore();
+    if (next >= this.count()) return;
+    this.index = next;
+    this.#render();
+  }
+
+  #render() {
+    const r = this.item();
+    if (!r) return;
+    const token = ++this.token;
+    this.title.textContent = r.name;
+    this.img.alt = r.name;
+    this.img.width = Number(r.width) || 0;
+    this.img.height = Number(r.height) || 0;
+    this.img.src = r.thumb;                       // the cached thumbnail at once, the preview when it arrives
+    const big = new Image();
+    big.onload = () => { if (token === this.token) this.img.src = big.src; };
+    big.src = r.preview;
+    this.linkOpen.href = r.preview;
+    this.note.textContent = "";
+    this.capSection.hidden = true;
+    this.capSection.querySelector("ol").replaceChildren();
+    this.btnCaptions.hidden = !this.hasCaptions;
+    this.exif.hidden = true;
+    document.getElementById("viewer-prev").disabled = this.index === 0;
+    document.getElementById("viewer-next").disabled = this.index >= this.count() - 1;
+    this.#facts(r, null);
+    api.photo(r.id).then((d) => { if (token === this.token) this.#facts(r, d); }).catch(() => {});
+  }
+
+  #facts(r, detail) {
+    const d = { ...r, ...(detail || {}) };
+    const rows = [
+      ["Path", h("code", { class: "path" }, d.path)],
+      ["Size", bytes(d.size)],
+      ["Dimensions", d.width && d.height ? `${d.width} × ${d.height}` : ""],
+      ["Date", d.date ? `${date(d.date)}${d.date_source ? ` (${d.date_source})` : ""}` : "unknown"],
+      ["Score", score(r.score)],
+      ["Folder", d.folder],
+    ];
+    const dupPaths = Array.isArray(d.duplicate_paths) ? d.duplicate_paths : Array.isArray(d.duplicates) ? d.duplicates : null;
+    if (dupPaths && dupPaths.length) {
+      rows.push(["Identical files", h("ul", { class: "dups" }, dupPaths.map((p) => h("li", {}, h("code", {}, typeof p === "string" ? p : p.path ?? JSON.stringify(p)))))]);
+    } else if (typeof d.duplicates === "number" && d.duplicates > 0) {
+      rows.push(["Identical files", `${d.duplicates} more`]);
+    }
+    if (d.available === false && d.unavailable_reason) rows.push(["Unavailable", d.unavailable_reason]);
+    if (d.content_hash) rows.push(["Content hash", h("code", {}, d.content_hash)]);
+    this.facts.replaceChildren(...rows.filter(([, v]) => v !== "" && v != null).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+    const exif = detail && detail.exif;
+    const exifRows = exif && typeof exif === "object" ? Object.entries(exif).filter(([, v]) => v != null && v !== "") : [];
+    if (exifRows.length) {
+      this.exif.querySelector("dl").replaceChildren(...exifRows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "object" ? JSON.stringify(v) : String(v))]));
+      this.exif.hidden = false;
+    }
+  }
+
+  async showCaptions() {
+    const r = this.item();
+    const token = this.token;
+    const ol = this.capSection.querySelector("ol");
+    this.capSection.hidden = false;
+    this.capSection.setAttribute("aria-busy", "true");
+    ol.replaceChildren(h("li", { class: "muted" }, "Looking for captions…"));
+    try {
+      const data = await api.captions(r.id, 8);
+      if (token !== this.token) return;
+      const list = Array.isArray(data) ? data : data.results || data.captions || [];
+      ol.replaceChildren(...(list.length ? list.map((c) => h("li", {}, h("span", {}, c.text), " ", h("span", { class: "score" }, score(c.score)))) : [h("li", { class: "muted" }, "No captions.")]));
+    } catch (err) {
+      if (token !== this.token) return;
+      ol.replaceChildren(h("li", { class: "error" }, err.message));
+    } finally {
+      this.capSection.setAttribute("aria-busy", "false");
+    }
+  }
+
+  async copyPath() {
+    const path = this.item().path;
+    try {
+      await navigator.clipboard.writeText(path);
+    } catch {
+      const ta = h("textarea", { class: "sr-only" }, path);
+      this.dialog.append(ta);
+      ta.select();
+      const ok = document.execCommand("copy");
+      ta.remove();
+      if (!ok) { this.note.textContent = "Could not copy: select the path above instead."; return; }
+    }
+    this.note.textContent = "Path copied.";
+  }
+}
