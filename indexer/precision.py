@@ -7,7 +7,8 @@ encoder checks it at run time on the first images it embeds (`Encoder.set_image_
 - bf16: the image tower's weights cast once to bfloat16 (not autocast, which is slower on CPU).
   Fast only on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16); elsewhere it is emulated.
 - int8: dynamic quantisation of the tower's Linear layers (weights int8, activations quantised
-  per batch). Pays on x86 CPUs for transformer towers, whose work is mostly in Linear layers.
+  per batch), attention projections included (`indexer.quantize`). Pays on x86 CPUs for
+  transformer towers, whose work is mostly in those layers.
 - fp16: CUDA's mixed precision (autocast), as loupe always ran on NVIDIA GPUs, checked the same way.
 
 An index records, per precision that made its vectors, the lowest cosine to fp32 its checks
@@ -109,13 +110,9 @@ def lowered(visual: "torch.nn.Module", precision: str) -> "torch.nn.Module":
     if precision == "bf16":
         return copy.deepcopy(visual).to(torch.bfloat16)
     if precision == "int8":
-        import warnings
+        from indexer.quantize import quantize_int8
 
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-
-            return quantize_dynamic(visual, {torch.nn.Linear}, dtype=torch.qint8, inplace=False)
+        return quantize_int8(visual)
     raise ValueError(precision)
 
 

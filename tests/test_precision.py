@@ -181,3 +181,19 @@ def test_cli_records_shows_refuses_and_falls_back(loupe, tiny_checkpoint, photo_
     assert json.loads(fresh("info", "--json").stdout)["image_precision"] == {"fp32": 1.0}
     bad = loupe("index", c, "--precision", "fp8", ok=False)
     assert bad.returncode == 1 and "unknown precision 'fp8'" in bad.stderr
+
+
+def test_unpacked_attention_is_the_same_arithmetic(vit_encoder, pixels):
+    """int8 quantises the attention projections too; before quantising, that rewrite changes nothing."""
+    import copy
+
+    from indexer.quantize import LinearSelfAttention, unpack_attention
+
+    vit_encoder.set_image_precision("fp32")
+    tower = copy.deepcopy(vit_encoder.model.visual)
+    assert unpack_attention(tower) == TINY_VIT_CONFIG["vision_cfg"]["layers"]
+    assert all(isinstance(b.attn, LinearSelfAttention) for b in tower.transformer.resblocks)
+    with torch.inference_mode():
+        a = torch.nn.functional.normalize(vit_encoder.model.visual(pixels), dim=-1)
+        b = torch.nn.functional.normalize(tower(pixels), dim=-1)
+    assert float((a * b).sum(1).min()) >= 0.99999
