@@ -12,8 +12,8 @@ import typer
 
 from cli.main import app, fail
 from cli.options import (
-    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, ModelOpt, NprobeOpt, PretrainedOpt,
-    SearchParamsOpt, TextPrecisionOpt,
+    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NprobeOpt,
+    PrecisionOpt, PretrainedOpt, SearchParamsOpt, TextPrecisionOpt,
 )
 
 
@@ -56,6 +56,8 @@ def index(
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    min_cosine: MinCosineOpt = 0.999,
     batch_size: BatchOpt = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", min=1, help="Decode threads (default: one per core).")] = None,
     index_factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS factory string for the vector index, e.g. 'IVF1024,SQ8' or 'HNSW32,Flat'; kept for later runs ('auto': chosen by size).")] = None,
@@ -73,14 +75,23 @@ def index(
     offline and nothing is removed. Bad files are skipped, kept with their reason, and listed.
     """
     from indexer.pipeline import index_folder
+    from indexer.precision import CHOICES
 
+    if precision not in CHOICES:
+        raise fail(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
     _check_folders(folders, home, db)
     import functools
 
     store = _store(home, db)
     ctx.with_resource(_writing(store, no_wait))  # held until the command returns
     meta = store.meta()
-    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device))
+
+    def load_with_precision():
+        encoder = _encoder_for(store, model, pretrained, checkpoint, device)
+        encoder.set_image_precision(precision, min_cosine)  # checked against fp32 on the first batch
+        return encoder
+
+    load = functools.cache(load_with_precision)
     # the index's own model is loaded only once a file needs embedding: a no-change re-scan never loads it
     encoder = load() if (model or pretrained or checkpoint or meta is None) else load
     if index_factory:
@@ -89,6 +100,10 @@ def index(
         report = index_folder(
             store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
         )
+        notice = load.cache_info().currsize and load().precision_notice
+        if notice:
+            typer.echo(f"loupe: {notice}", err=True)
+            load().precision_notice = None  # once per run
         if as_json:
             out = {k: v for k, v in vars(report).items() if k != "bad_files"}
             out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
@@ -127,7 +142,7 @@ def _print_index_report(r) -> None:
             err=True,
         )
         return
-    rate = f" ({r.embedded / r.seconds:.1f} img/s)" if r.embedded and r.seconds else ""
+    rate = f" ({r.embedded / r.seconds:.1f} img/s, {r.precision})" if r.embedded and r.seconds else ""
     typer.echo(
         f"{r.root}: {r.files} images seen; {r.embedded} embedded{rate}, {r.reused} reused (same content), "
         f"{r.touched} touched, {r.unchanged} unchanged, {r.removed} removed, {len(r.bad_files)} newly skipped "
@@ -280,6 +295,7 @@ def info(
         "checkpoint": meta.checkpoint_path,
         "weights": meta.weights_id,
         "dim": meta.dim,
+        "image_precision": store.image_precisions(),
         "created": meta.created_at.isoformat(timespec="seconds"),
         "updated": meta.updated_at.isoformat(timespec="seconds"),
         **stats,
@@ -296,6 +312,9 @@ def info(
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
+    from indexer.precision import describe_record
+
+    typer.echo(f"precision    image vectors {describe_record(out['image_precision'])}")
     missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
     typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
                f"{stats['images_skipped']} skipped{missing}, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")

@@ -11,7 +11,10 @@ from typing import Annotated, Optional
 import typer
 
 from cli.main import app
-from cli.options import BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, ModelOpt, NprobeOpt, PretrainedOpt, SearchParamsOpt
+from cli.options import (
+    BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, MinCosineOpt, ModelOpt, NprobeOpt, PrecisionOpt, PretrainedOpt,
+    SearchParamsOpt,
+)
 
 ImagesOpt = Annotated[Path, typer.Option("--images", "-i", help="Folder holding the annotated images.")]
 AnnotationsOpt = Annotated[
@@ -39,10 +42,16 @@ def eval_command(
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "fp32",
+    min_cosine: MinCosineOpt = 0.999,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
 ) -> None:
-    """Recall@1/5/10 of a model on a captioned image set, text->image and image->text (exact search)."""
+    """Recall@1/5/10 of a model on a captioned image set, text->image and image->text (exact search).
+
+    Images are embedded in fp32 unless --precision says otherwise (e.g. `auto`, to score what
+    `loupe index` would store).
+    """
     from indexer.encoder import load_encoder, resolve_spec
     from indexer.vectors import join_search_params, parse_search_params
     from retrieval.annotations import load_annotations
@@ -53,15 +62,20 @@ def eval_command(
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
     encoder = load_encoder(resolve_spec(model, pretrained, checkpoint), device)
+    encoder.set_image_precision(precision, min_cosine)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
         index_factory=index_factory, workers=workers, progress=_show_progress(), search_params=params,
     )
+    if encoder.precision_notice:
+        typer.echo(f"loupe: {encoder.precision_notice}", err=True)
     text = json.dumps(report.to_json(), indent=2)
     if json_out is not None and str(json_out) == "-":
         typer.echo(text)
         return
     typer.echo(report.format())
+    if encoder.image_precision != "fp32":
+        typer.echo(f"images embedded in {encoder.image_precision} (cosine >= {encoder.image_cosine:.5f} to fp32 on the first images)")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n", encoding="utf-8")

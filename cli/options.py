@@ -29,6 +29,19 @@ TextPrecisionOpt = Annotated[
         help="Query text encoding on CPU: auto (bf16 where the CPU has AMX/AVX512-BF16: faster, cosine ~0.9999 to fp32), fp32, or bf16.",
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Image encoding arithmetic: auto (bf16 on CPUs with AMX/AVX512-BF16, int8 for ViT towers on other x86 CPUs, "
+        "fp16 mixed precision on CUDA, else fp32), fp32, bf16 or int8. Anything but fp32 is checked on the first batch "
+        "against fp32 (--min-cosine) and falls back to fp32 if it strays.",
+    ),
+]
+MinCosineOpt = Annotated[
+    float,
+    typer.Option("--min-cosine", min=0.0, max=1.0, help="How close (cosine) image vectors of a faster precision must stay to fp32's."),
+]
 HomeOpt = Annotated[
     Optional[Path],
     typer.Option("--home", help="Where the catalog and vector files live (default $LOUPE_HOME or the user data dir).", envvar="LOUPE_HOME"),

@@ -17,11 +17,12 @@ from typing import Sequence
 
 import numpy as np
 
+from indexer import precision as precisions
 from indexer.errors import LoupeError
 
 DEFAULT_MODEL = "ViT-B-32"
 TEXT_PRECISIONS = ("auto", "fp32", "bf16")
-BF16_MIN_COSINE = 0.999  # a bf16 text tower must agree this well with fp32 on a probe, else fp32 stays
+BF16_MIN_COSINE = precisions.MIN_COSINE  # a bf16 text tower must agree this well with fp32 on a probe, else fp32 stays
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -224,6 +225,13 @@ class Encoder:
     dim: int
     image_size: int
     text_precision: str = "fp32"  # of query-time text encoding; see `set_text_precision`
+    image_precision: str = "fp32"  # of image encoding ('fp16': CUDA autocast); see `set_image_precision`
+    image_cosine: float = 1.0  # lowest cosine to fp32 its check measured
+    image_bound: float = precisions.MIN_COSINE  # what that check required
+    precision_notice: str | None = None  # set when a faster precision failed its check and fp32 took over
+    fidelity_seconds: float = 0.0  # what that check cost
+    _pending: tuple[str, float] | None = field(default=None, repr=False)
+    _fp32_visual: "torch.nn.Module | None" = field(default=None, repr=False)  # kept while a lowered copy runs
     _checkpoint_sha: str | None = field(default=None, repr=False)
 
     @property
@@ -280,14 +288,82 @@ class Encoder:
         self.text_precision = "bf16"
         return self.text_precision
 
-    def encode_images(self, pixels: "torch.Tensor") -> np.ndarray:
-        """Embed a preprocessed batch (N, 3, H, W) into L2-normalised float32 rows."""
+    def set_image_precision(self, precision: str = "auto", min_cosine: float = precisions.MIN_COSINE) -> str:
+        """Choose the arithmetic of image encoding (`indexer.precision`); returns the one chosen.
+
+        A precision other than fp32 is checked once, on the first images embedded after this
+        call: they are embedded in fp32 too, and unless every vector agrees within `min_cosine`,
+        fp32 takes over for the rest of the run (`precision_notice` says so). Text encoding is
+        `set_text_precision`'s business.
+        """
+        self._restore_fp32()
+        chosen = precisions.resolve(precision, self.device, self.model.visual)
+        self._pending = None if chosen == "fp32" else (chosen, min_cosine)
+        self.image_bound, self.precision_notice, self.fidelity_seconds = min_cosine, None, 0.0
+        return chosen
+
+    def _restore_fp32(self) -> None:
+        if self._fp32_visual is not None:
+            self.model.visual = self._fp32_visual
+            self._fp32_visual = None
+        self.image_precision, self.image_cosine = "fp32", 1.0
+
+    def _image_autocast(self):
+        import contextlib
+
         import torch
 
-        with torch.inference_mode(), self._autocast():
+        if self.device.type == "cuda" and self.image_precision in ("fp16", "bf16"):
+            return torch.autocast("cuda", dtype=torch.float16 if self.image_precision == "fp16" else torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Embed a preprocessed batch (N, 3, H, W) into L2-normalised float32 rows."""
+        if self._pending is not None:
+            return self._encode_checked(pixels)
+        return self._encode(pixels)
+
+    def _encode_checked(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Switch to the pending precision if its vectors of the first images agree with fp32's."""
+        import time
+
+        chosen, bound = self._pending
+        self._pending = None
+        t = time.perf_counter()
+        sample = min(precisions.FIDELITY_SAMPLE, len(pixels))
+        reference = self._encode(pixels[:sample])
+        fp32_visual = self.model.visual
+        if self.device.type == "cpu":
+            self.model.visual = precisions.lowered(fp32_visual, chosen)
+        self.image_precision = chosen
+        self.fidelity_seconds = time.perf_counter() - t
+        try:
+            out = self._encode(pixels)
+            cosine = float(np.min(np.sum(out[:sample] * reference, axis=1)))
+            why = f"strayed from fp32 on the first images (cosine {cosine:.5f} < {bound})"
+        except Exception as exc:  # a tower that cannot run in this precision (e.g. ModifiedResNet's pool in int8)
+            cosine, why = float("nan"), f"cannot be computed ({type(exc).__name__}: {str(exc)[:80]})"
+        if cosine >= bound:
+            self.image_cosine = cosine
+            self._fp32_visual = fp32_visual if self.model.visual is not fp32_visual else None
+            return out
+        self._fp32_visual = fp32_visual if self.model.visual is not fp32_visual else None
+        self._restore_fp32()
+        self.precision_notice = f"{chosen} image vectors of {self.spec.model} {why}: embedding in fp32"
+        t = time.perf_counter()
+        out = self._encode(pixels)
+        self.fidelity_seconds += time.perf_counter() - t
+        return out
+
+    def _encode(self, pixels: "torch.Tensor") -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), self._image_autocast():
             if self.device.type == "cuda":
                 pixels = pixels.pin_memory()  # page-locked, so the copy below is truly asynchronous
             pixels = pixels.to(self.device, non_blocking=True)
+            if self.image_precision == "bf16" and self.device.type == "cpu":
+                pixels = pixels.to(torch.bfloat16)
             feats = self.model.encode_image(pixels)
             feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy().astype(np.float32, copy=False)
@@ -312,13 +388,7 @@ _NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # top-level parameters outs
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 matrix products natively (AMX or AVX512-BF16)."""
-    import torch
-
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    try:
-        return any(bool(probe()) for probe in probes if probe is not None)
-    except RuntimeError:
-        return False
+    return precisions.cpu_has_bf16()
 
 
 def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
@@ -434,4 +504,6 @@ def load_encoder(spec: ModelSpec | None = None, device: str = "auto") -> Encoder
         device=dev,
         dim=dim,
         image_size=_image_size(model),
+        # CUDA embeds images under fp16 autocast (checked on the first batch) unless `set_image_precision` says otherwise
+        _pending=("fp16", precisions.MIN_COSINE) if dev.type == "cuda" else None,
     )

@@ -58,6 +58,8 @@ class IndexReport:
     seconds: float = 0.0
     scan_seconds: float = 0.0
     encode_seconds: float = 0.0
+    precision: str | None = None  # of the image vectors embedded (None: nothing embedded)
+    precision_check_seconds: float = 0.0  # the first-batch fidelity check of a precision other than fp32
     bad_files: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -163,6 +165,7 @@ def index_folder(
     touches: list[tuple[int, int, int]] = []
     batch: list[_Loaded] = []
     batches_done = 0
+    admitted = False  # whether this run's image precision was checked against the index's
 
     def record(item: _Loaded, reason: str | None = None) -> ImageRecord:
         info = item.info
@@ -184,13 +187,17 @@ def index_folder(
             records.clear()
 
     def flush(embed: bool) -> None:
-        nonlocal batches_done
+        nonlocal batches_done, admitted
         if embed and batch:
             import torch  # here, not at the top: a run with nothing to embed never imports it
 
             t = time.perf_counter()
             vecs = encoder.encode_images(torch.stack([b.tensor for b in batch]))
             report.encode_seconds += time.perf_counter() - t
+            if not admitted:  # the first batch fixed the precision: refused before any vector is written
+                store.admit_precision(encoder)
+                admitted = True
+                report.precision, report.precision_check_seconds = encoder.image_precision, encoder.fidelity_seconds
             new_vectors = [(b.content_hash, v) for b, v in zip(batch, vecs)]
             embedded = [record(b) for b in batch]
             batch.clear()  # from here these rows travel only with their vectors: committed, or redone next run

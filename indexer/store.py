@@ -135,6 +135,22 @@ class Store:
                 f"({weights[:19]}): use the same weights, or another --home/--db"
             )
 
+    def image_precisions(self) -> dict[str, float]:
+        """The precisions that made this index's image vectors, each with its lowest cosine to fp32."""
+        from indexer import precision
+
+        return precision.parse_record(self.catalog.setting(precision.SETTING))
+
+    def admit_precision(self, encoder: "Encoder") -> None:
+        """Record the precision of the image vectors `encoder` makes, or refuse them (one-line error)
+        when they could stray from the vectors already here by more than the fidelity bound."""
+        from indexer import precision
+
+        record = self.image_precisions()
+        new = precision.admit(record, encoder.image_precision, encoder.image_cosine, encoder.image_bound)
+        if new != record:
+            self.catalog.set_setting(precision.SETTING, precision.format_record(new))
+
     # ---- vector indices -------------------------------------------------------------------
     def index_factory(self) -> str:
         """The FAISS factory setting: a factory string, or 'auto' (chosen by collection size)."""

@@ -252,6 +252,8 @@ def evaluate(
             "description": spec.describe(),
             "dim": encoder.dim,
             "device": str(encoder.device),
+            "image_precision": encoder.image_precision,
+            "image_cosine": round(encoder.image_cosine, 6),  # lowest cosine to fp32 its first-batch check measured
         },
         data={
             "images_dir": str(Path(images_dir).resolve()),
