@@ -194,6 +194,7 @@ def search(
     search_params: SearchParamsOpt = None,
     home: HomeOpt = None,
     db: DbOpt = None,
+    timings: Annotated[bool, typer.Option("--timings", help="Print how the query was answered on stderr, as one JSON line (seconds, text encoder, query-cache hits).")] = False,
 ) -> None:
     """Search the index by sentence, by image, or both (text->image, image->image, image->text).
 
@@ -211,6 +212,9 @@ def search(
     has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
     are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
     """
+    import time
+
+    started = time.perf_counter()
     from indexer.vectors import join_search_params, parse_search_params
     from retrieval.query import parse_query
     from retrieval.server import search_via_server
@@ -224,23 +228,36 @@ def search(
         home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
         text_precision,
     )
+    searcher = None
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
         from retrieval.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
         searcher = open_searcher(
             home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision,
-            search_params=params,
+            search_params=params, texts=[t.value for t in terms if t.kind == "text"],
         )
         hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:
         for hit in hits:
             typer.echo(json.dumps(hit.to_json(), ensure_ascii=False))
-        return
-    if not hits:
+    elif not hits:
         typer.echo("no results", err=True)
-        return
-    _print_table(hits, captions)
+    else:
+        _print_table(hits, captions)
+    report = {"seconds": round(time.perf_counter() - started, 4), "server": searcher is None}
+    if searcher is not None:
+        from indexer.text_tower import OnnxTextTower
+
+        report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
+                      text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
+                      torch_imported="torch" in sys.modules)
+        sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
+        from retrieval.search import cache_text_tower
+
+        report["text_tower"] = cache_text_tower(searcher)
+    if timings:
+        typer.echo(json.dumps(report), err=True)
 
 
 def _print_table(hits, captions: bool) -> None:
