@@ -81,8 +81,15 @@ def index(
     ctx.with_resource(_writing(store, no_wait))  # held until the command returns
     meta = store.meta()
     load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device))
-    # the index's own model is loaded only once a file needs embedding: a no-change re-scan never loads it
-    encoder = load() if (model or pretrained or checkpoint or meta is None) else load
+    # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
+    # model options are checked against the index's binding by name, tag and checkpoint hash
+    if meta is not None and (model or pretrained or checkpoint):
+        from indexer.binding import check_binding
+        from indexer.encoder import resolve_spec
+        from indexer.store import bound_spec
+
+        check_binding(store, meta, resolve_spec(model, pretrained, checkpoint, bound_spec(meta)))
+    encoder = load() if meta is None else load
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     for folder in folders:
@@ -92,12 +99,28 @@ def index(
         if as_json:
             out = {k: v for k, v in vars(report).items() if k != "bad_files"}
             out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
+            out["model_loaded"] = load.cache_info().currsize > 0
             typer.echo(json.dumps(out))
         else:
             _print_index_report(report)
         if report.interrupted:
             typer.echo("loupe: interrupted; everything committed so far is kept, re-run to continue", err=True)
             raise typer.Exit(130)
+    if load.cache_info().currsize:  # the model is loaded anyway: cache its text tower for cold searches
+        _cache_text_tower(store, load())
+
+
+def _cache_text_tower(store, encoder) -> None:
+    """Export the index model's text tower (`indexer.text_tower`) unless it is cached or known not to export."""
+    from indexer.text_tower import export_text_tower, tower_enabled, tower_state
+
+    meta = store.meta()
+    if meta is None or not tower_enabled() or encoder.device.type != "cpu" or tower_state(store.location, meta.model, meta.weights_id) != "absent":
+        return
+    try:
+        export_text_tower(encoder, store.location, meta.weights_id)
+    except OSError as exc:  # searches keep using torch; the index itself is fine
+        typer.echo(f"loupe: note: could not cache the text tower for fast searches ({exc})", err=True)
 
 
 def _check_folders(folders: List[Path], home, db) -> None:
@@ -251,7 +274,7 @@ def search(
 
         report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
                       text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
-                      torch_imported="torch" in sys.modules)
+                      heavy_imports=[m for m in ("torch", "open_clip") if m in sys.modules])
         sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
         from retrieval.search import cache_text_tower
 

@@ -57,12 +57,12 @@ class OnnxEncoder:
     backend = "onnx"
     text_precision = "fp32"
 
-    def __init__(self, spec, tower, dim: int, device: str = "auto", weights_id: str | None = None) -> None:
+    def __init__(self, spec, tower, dim: int, device: str = "auto") -> None:
         self.spec = spec
         self.tower = tower
         self.dim = dim
         self.device_name = device
-        self._identity = SpecOnly(spec, dim, weights_id)
+        self._identity = SpecOnly(spec, dim)
         self._torch = None
 
     @property
@@ -70,9 +70,15 @@ class OnnxEncoder:
         return self._identity.weights_id
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """fp32 vectors from the ONNX tower; if it cannot run here (a damaged file, no onnxruntime), from torch."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.tower.encode(list(texts), batch_size=batch_size)
+        if self.backend == "onnx":
+            try:
+                return self.tower.encode(list(texts), batch_size=batch_size)
+            except Exception:  # the same vectors come from the model itself, only slower
+                self.backend = "torch"
+        return self.torch_encoder().encode_texts(list(texts), batch_size=batch_size)
 
     def torch_encoder(self):
         """The full open_clip model (image queries that are not indexed), loaded on first use."""

@@ -39,6 +39,11 @@ PROBES = (
 )
 
 
+def tower_enabled() -> bool:
+    """`LOUPE_TEXT_TOWER=0` turns the cached tower off: searches load torch, nothing is exported."""
+    return os.environ.get("LOUPE_TEXT_TOWER", "1") != "0"
+
+
 def manifest_path(location: Location) -> Path:
     return location.vector_dir / f"{location.prefix}text-tower.json"
 
@@ -150,7 +155,8 @@ def _export(encoder, folder: Path, stem: str) -> dict:
 
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+    # traced with grad enabled: under no_grad torch may pick fused attention kernels ONNX has no op for
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             TextTower(encoder.model).eval(),

@@ -310,24 +310,25 @@ def open_searcher(
 
 def tower_eligible(text_precision: str, device: str, long_lived: bool) -> bool:
     """Whether a search may use the exported fp32 ONNX text tower: a one-off CPU search, not bf16."""
-    return not long_lived and text_precision in ("auto", "fp32") and device in ("auto", "cpu")
+    from indexer.text_tower import tower_enabled
+
+    return not long_lived and text_precision in ("auto", "fp32") and device in ("auto", "cpu") and tower_enabled()
 
 
 def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str]):
     """An `OnnxEncoder` over the cached tower of the index's model, or None (absent, or other options)."""
-    from indexer.binding import OnnxEncoder, check_binding
+    from indexer.binding import OnnxEncoder
     from indexer.text_tower import cached_tower, open_tower
 
     manifest = cached_tower(store.location, meta.model, meta.weights_id)
     if manifest is None or int(manifest.get("dim", -1)) != meta.dim:
         return None
-    check_binding(store, meta, spec)  # options naming other weights: the same error as with torch
     # a query whose sentences are all cached never builds the session (it loads on first use)
     from retrieval.query_cache import QueryCache, cache_path
 
     cached = QueryCache(cache_path(store.location), meta.weights_id, meta.dim).get(list(texts), "fp32") if texts else [None]
     tower = open_tower(store.location, manifest, background=any(v is None for v in cached))
-    return OnnxEncoder(spec, tower, meta.dim, device, weights_id=meta.weights_id)
+    return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
 
 
 def cache_text_tower(searcher: Searcher) -> str:
@@ -336,12 +337,12 @@ def cache_text_tower(searcher: Searcher) -> str:
     Called after a search has printed its results, so the first search after indexing is not
     slower to answer; later cold searches then need no torch. Returns the tower's state.
     """
-    from indexer.text_tower import export_text_tower, tower_state
+    from indexer.text_tower import export_text_tower, tower_enabled, tower_state
 
     encoder = searcher.encoder
     meta = searcher.meta
     state = tower_state(searcher.store.location, meta.model, meta.weights_id)
-    if state != "absent" or getattr(encoder, "backend", "torch") != "torch" or encoder.text_precision != "fp32":
+    if state != "absent" or not tower_enabled() or getattr(encoder, "backend", "torch") != "torch" or encoder.text_precision != "fp32":
         return state
     if getattr(encoder.device, "type", "cpu") != "cpu":
         return state
