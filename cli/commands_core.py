@@ -253,12 +253,18 @@ def search(
     )
     searcher = None
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
+        texts = [t.value for t in terms if t.kind == "text"]
+        if text_precision in ("auto", "fp32") and device in ("auto", "cpu"):
+            from indexer.locations import resolve_location
+            from indexer.text_tower import prestart
+
+            prestart(resolve_location(home, db), texts)  # the text tower loads while the catalog opens
         from retrieval.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
         searcher = open_searcher(
             home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision,
-            search_params=params, texts=[t.value for t in terms if t.kind == "text"],
+            search_params=params, texts=texts,
         )
         hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:

@@ -254,6 +254,31 @@ class OnnxTextTower:
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+_started: dict[Path, OnnxTextTower] = {}
+
+
 def open_tower(location: Location, manifest: dict, background: bool = True) -> OnnxTextTower:
+    """The tower a manifest names; one `prestart` already began loading is handed over."""
     folder = location.vector_dir
-    return OnnxTextTower(folder / manifest["file"], folder / manifest["bpe"], int(manifest["context_length"]), background)
+    path = folder / manifest["file"]
+    if path in _started:
+        return _started.pop(path)
+    return OnnxTextTower(path, folder / manifest["bpe"], int(manifest["context_length"]), background)
+
+
+def prestart(location: Location, texts: Sequence[str]) -> None:
+    """Begin loading the index's cached tower before the catalog is even opened (a cold search).
+
+    ONNX Runtime builds its session outside the GIL, so the catalog's imports (SQLAlchemy, FAISS)
+    run meanwhile. Only a guess until `open_tower` is asked for the same file by a search that has
+    checked the manifest against the catalog; skipped when every sentence is in the query cache.
+    """
+    data = read_manifest(location)
+    if not tower_enabled() or data is None or not data.get("usable"):
+        return
+    from retrieval.query_cache import QueryCache, cache_path
+
+    if texts and all(v is not None for v in QueryCache(cache_path(location), data["weights_id"], int(data["dim"])).get(list(texts), "fp32")):
+        return
+    path = location.vector_dir / data["file"]
+    _started[path] = OnnxTextTower(path, location.vector_dir / data["bpe"], int(data["context_length"]), background=True)
