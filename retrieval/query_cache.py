@@ -65,9 +65,12 @@ class QueryCache:
         if db is not None and texts:
             keys = [self._key(t, precision) for t in texts]
             try:
-                rows = dict(db.execute(
-                    f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(keys))})", keys
-                ).fetchall())
+                rows = {}
+                for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+                    chunk = keys[start : start + 500]
+                    rows.update(db.execute(
+                        f"SELECT key, vector FROM vectors WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                    ).fetchall())
                 found = [k for k in keys if k in rows]
                 if found:
                     db.executemany("UPDATE vectors SET used = ? WHERE key = ?", [(time.time(), k) for k in found])
