@@ -274,11 +274,11 @@ def prestart(location: Location, texts: Sequence[str]) -> None:
     checked the manifest against the catalog; skipped when every sentence is in the query cache.
     """
     data = read_manifest(location)
-    if not tower_enabled() or data is None or not data.get("usable"):
+    if not texts or not tower_enabled() or data is None or not data.get("usable"):
         return
     from retrieval.query_cache import QueryCache, cache_path
 
-    if texts and all(v is not None for v in QueryCache(cache_path(location), data["weights_id"], int(data["dim"])).get(list(texts), "fp32")):
+    if all(v is not None for v in QueryCache(cache_path(location), data["weights_id"], int(data["dim"])).get(list(texts), "fp32")):
         return
     path = location.vector_dir / data["file"]
     _started[path] = OnnxTextTower(path, location.vector_dir / data["bpe"], int(data["context_length"]), background=True)

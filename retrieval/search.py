@@ -265,7 +265,7 @@ def open_searcher(
     text_precision: str = "auto",
     long_lived: bool = False,
     search_params: str | None = None,
-    texts: Sequence[str] = (),
+    texts: Sequence[str] | None = None,
 ) -> Searcher:
     """Open the index and load its model (the one it was built with, unless told otherwise).
 
@@ -280,7 +280,7 @@ def open_searcher(
     tower cached (`indexer.text_tower`) loads no torch at all: sentences go through ONNX Runtime in
     fp32, within cosine 0.9999 of torch. Otherwise the model loads as before (in fp32 for such a
     search, so that `cache_text_tower` can export it afterwards). `texts`, the query's sentences
-    when known, let a query answered entirely from the query cache skip loading the tower.
+    when known, let a query answered entirely from the query cache (or by images) skip loading the tower.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -315,7 +315,7 @@ def tower_eligible(text_precision: str, device: str, long_lived: bool) -> bool:
     return not long_lived and text_precision in ("auto", "fp32") and device in ("auto", "cpu") and tower_enabled()
 
 
-def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str]):
+def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str] | None):
     """An `OnnxEncoder` over the cached tower of the index's model, or None (absent, or other options)."""
     from indexer.binding import OnnxEncoder
     from indexer.text_tower import cached_tower, open_tower
@@ -326,8 +326,12 @@ def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str]):
     # a query whose sentences are all cached never builds the session (it loads on first use)
     from retrieval.query_cache import QueryCache, cache_path
 
-    cached = QueryCache(cache_path(store.location), meta.weights_id, meta.dim).get(list(texts), "fp32") if texts else [None]
-    tower = open_tower(store.location, manifest, background=any(v is None for v in cached))
+    if texts is None:  # not known in advance: start loading at once
+        background = True
+    else:  # an image-only query, or one whose sentences are all cached, may never need the session
+        cache = QueryCache(cache_path(store.location), meta.weights_id, meta.dim)
+        background = any(v is None for v in cache.get(list(texts), "fp32"))
+    tower = open_tower(store.location, manifest, background=background)
     return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
 
 
