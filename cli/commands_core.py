@@ -92,8 +92,15 @@ def index(
         return encoder
 
     load = functools.cache(load_with_precision)
-    # the index's own model is loaded only once a file needs embedding: a no-change re-scan never loads it
-    encoder = load() if (model or pretrained or checkpoint or meta is None) else load
+    # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
+    # model options are checked against the index's binding by name, tag and checkpoint hash
+    if meta is not None and (model or pretrained or checkpoint):
+        from indexer.binding import check_binding
+        from indexer.encoder import resolve_spec
+        from indexer.store import bound_spec
+
+        check_binding(store, meta, resolve_spec(model, pretrained, checkpoint, bound_spec(meta)))
+    encoder = load() if meta is None else load
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     for folder in folders:
@@ -107,12 +114,28 @@ def index(
         if as_json:
             out = {k: v for k, v in vars(report).items() if k != "bad_files"}
             out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
+            out["model_loaded"] = load.cache_info().currsize > 0
             typer.echo(json.dumps(out))
         else:
             _print_index_report(report)
         if report.interrupted:
             typer.echo("loupe: interrupted; everything committed so far is kept, re-run to continue", err=True)
             raise typer.Exit(130)
+    if load.cache_info().currsize:  # the model is loaded anyway: cache its text tower for cold searches
+        _cache_text_tower(store, load())
+
+
+def _cache_text_tower(store, encoder) -> None:
+    """Export the index model's text tower (`indexer.text_tower`) unless it is cached or known not to export."""
+    from indexer.text_tower import export_text_tower, tower_enabled, tower_state
+
+    meta = store.meta()
+    if meta is None or not tower_enabled() or encoder.device.type != "cpu" or tower_state(store.location, meta.model, meta.weights_id) != "absent":
+        return
+    try:
+        export_text_tower(encoder, store.location, meta.weights_id)
+    except OSError as exc:  # searches keep using torch; the index itself is fine
+        typer.echo(f"loupe: note: could not cache the text tower for fast searches ({exc})", err=True)
 
 
 def _check_folders(folders: List[Path], home, db) -> None:
@@ -209,6 +232,7 @@ def search(
     search_params: SearchParamsOpt = None,
     home: HomeOpt = None,
     db: DbOpt = None,
+    timings: Annotated[bool, typer.Option("--timings", help="Print how the query was answered on stderr, as one JSON line (seconds, text encoder, query-cache hits).")] = False,
 ) -> None:
     """Search the index by sentence, by image, or both (text->image, image->image, image->text).
 
@@ -226,6 +250,9 @@ def search(
     has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
     are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
     """
+    import time
+
+    started = time.perf_counter()
     from indexer.vectors import join_search_params, parse_search_params
     from retrieval.query import parse_query
     from retrieval.server import search_via_server
@@ -239,23 +266,42 @@ def search(
         home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
         text_precision,
     )
+    searcher = None
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
+        texts = [t.value for t in terms if t.kind == "text"]
+        if text_precision in ("auto", "fp32") and device in ("auto", "cpu"):
+            from indexer.locations import resolve_location
+            from indexer.text_tower import prestart
+
+            prestart(resolve_location(home, db), texts)  # the text tower loads while the catalog opens
         from retrieval.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
         searcher = open_searcher(
             home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision,
-            search_params=params,
+            search_params=params, texts=texts,
         )
         hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
     if as_json:
         for hit in hits:
             typer.echo(json.dumps(hit.to_json(), ensure_ascii=False))
-        return
-    if not hits:
+    elif not hits:
         typer.echo("no results", err=True)
-        return
-    _print_table(hits, captions)
+    else:
+        _print_table(hits, captions)
+    report = {"seconds": round(time.perf_counter() - started, 4), "server": searcher is None}
+    if searcher is not None:
+        from indexer.text_tower import OnnxTextTower
+
+        report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
+                      text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
+                      heavy_imports=[m for m in ("torch", "open_clip") if m in sys.modules])
+        sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
+        from retrieval.search import cache_text_tower
+
+        report["text_tower"] = cache_text_tower(searcher)
+    if timings:
+        typer.echo(json.dumps(report), err=True)
 
 
 def _print_table(hits, captions: bool) -> None:

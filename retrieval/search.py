@@ -125,11 +125,15 @@ def _image_fields(rows: list[ImageRow]) -> dict:
 class Searcher:
     """A loaded index plus the encoder bound to it; answers any number of queries."""
 
-    def __init__(self, store: Store, encoder: "Encoder") -> None:
+    def __init__(self, store: Store, encoder: "Encoder", query_cache: "QueryCache | None" = None) -> None:
+        from retrieval.query_cache import QueryCache, cache_path
+
         self.store = store
         self.encoder = encoder
         self.meta = store.require_meta()
         store.check_compatible(self.meta, encoder)
+        self.query_cache = query_cache or QueryCache(cache_path(store.location), self.meta.weights_id, self.meta.dim)
+        self.stats = {"cache_hits": 0, "encoded": 0}  # text terms answered by the query cache / by the model
 
     # ---- query vectors -----------------------------------------------------------------
     def image_vector(self, path: str) -> np.ndarray:
@@ -158,7 +162,7 @@ class Searcher:
         total = np.zeros(self.meta.dim, dtype=np.float32)
         texts = [t for t in terms if t.kind == "text"]
         if texts:
-            for term, vec in zip(texts, self.encoder.encode_texts([t.value for t in texts])):
+            for term, vec in zip(texts, self.text_vectors([t.value for t in texts])):
                 total += term.weight * vec
         for term in terms:
             if term.kind == "image":
@@ -167,6 +171,18 @@ class Searcher:
         if norm < 1e-8:
             raise LoupeError("the query terms cancel out: nothing left to search for")
         return total / norm
+
+    def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Embed sentences, reusing the on-disk query cache: a repeated sentence is not encoded again."""
+        precision = self.encoder.text_precision
+        cached = self.query_cache.get(texts, precision)
+        todo = sorted({t for t, v in zip(texts, cached) if v is None})
+        fresh = dict(zip(todo, self.encoder.encode_texts(todo))) if todo else {}
+        if todo:
+            self.query_cache.put(todo, [fresh[t] for t in todo], precision)
+        self.stats["encoded"] += len(todo)
+        self.stats["cache_hits"] += sum(v is not None for v in cached)
+        return [fresh[t] if v is None else v for t, v in zip(texts, cached)]
 
     # ---- filters -------------------------------------------------------------------------
     def allowed_image_vectors(self, filters: Filters) -> np.ndarray | None:
@@ -249,6 +265,7 @@ def open_searcher(
     text_precision: str = "auto",
     long_lived: bool = False,
     search_params: str | None = None,
+    texts: Sequence[str] | None = None,
 ) -> Searcher:
     """Open the index and load its model (the one it was built with, unless told otherwise).
 
@@ -257,7 +274,13 @@ def open_searcher(
     of the two, not their sum. `text_precision` is the query encoder's (`Encoder.set_text_precision`);
     `long_lived` (a server) reads index files into memory rather than mapping them.
     `search_params` (a FAISS parameter string, e.g. "nprobe=64,efSearch=128") tunes approximate
-    indices over loupe's defaults. The store is opened for reading: a search never writes files.
+    indices over loupe's defaults. The store is opened for reading: a search never writes index files.
+
+    A one-off CPU search (not `long_lived`, text precision auto or fp32) whose index has its text
+    tower cached (`indexer.text_tower`) loads no torch at all: sentences go through ONNX Runtime in
+    fp32, within cosine 0.9999 of torch. Otherwise the model loads as before (in fp32 for such a
+    search, so that `cache_text_tower` can export it afterwards). `texts`, the query's sentences
+    when known, let a query answered entirely from the query cache (or by images) skip loading the tower.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -269,10 +292,65 @@ def open_searcher(
     store = Store.open(home, db, map_files=not long_lived, writer=False, search_params=search_params)
     meta = store.require_meta()
     spec = resolve_spec(model, pretrained, checkpoint, bound_spec(meta))
+    if tower_eligible(text_precision, device, long_lived):
+        encoder = _tower_encoder(store, meta, spec, device, texts)
+        if encoder is not None:
+            for kind in preload:  # while the text tower loads in its own thread
+                store.vector_index(kind)
+            return Searcher(store, encoder)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = [pool.submit(store.vector_index, kind) for kind in preload]
         encoder = load_encoder(spec, device)
-        encoder.set_text_precision(text_precision)
+        if not tower_eligible(text_precision, device, long_lived) or encoder.device.type != "cpu":
+            encoder.set_text_precision(text_precision)  # else fp32, the precision of the ONNX tower to come
         for job in loading:
             job.result()
     return Searcher(store, encoder)
+
+
+def tower_eligible(text_precision: str, device: str, long_lived: bool) -> bool:
+    """Whether a search may use the exported fp32 ONNX text tower: a one-off CPU search, not bf16."""
+    from indexer.text_tower import tower_enabled
+
+    return not long_lived and text_precision in ("auto", "fp32") and device in ("auto", "cpu") and tower_enabled()
+
+
+def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str] | None):
+    """An `OnnxEncoder` over the cached tower of the index's model, or None (absent, or other options)."""
+    from indexer.binding import OnnxEncoder
+    from indexer.text_tower import cached_tower, open_tower
+
+    manifest = cached_tower(store.location, meta.model, meta.weights_id)
+    if manifest is None or int(manifest.get("dim", -1)) != meta.dim:
+        return None
+    # a query whose sentences are all cached never builds the session (it loads on first use)
+    from retrieval.query_cache import QueryCache, cache_path
+
+    if texts is None:  # not known in advance: start loading at once
+        background = True
+    else:  # an image-only query, or one whose sentences are all cached, may never need the session
+        cache = QueryCache(cache_path(store.location), meta.weights_id, meta.dim)
+        background = any(v is None for v in cache.get(list(texts), "fp32"))
+    tower = open_tower(store.location, manifest, background=background)
+    return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
+
+
+def cache_text_tower(searcher: Searcher) -> str:
+    """Export the text tower of a torch-loaded searcher's model if the index has none yet.
+
+    Called after a search has printed its results, so the first search after indexing is not
+    slower to answer; later cold searches then need no torch. Returns the tower's state.
+    """
+    from indexer.text_tower import export_text_tower, tower_enabled, tower_state
+
+    encoder = searcher.encoder
+    meta = searcher.meta
+    state = tower_state(searcher.store.location, meta.model, meta.weights_id)
+    if state != "absent" or not tower_enabled() or getattr(encoder, "backend", "torch") != "torch" or encoder.text_precision != "fp32":
+        return state
+    if getattr(encoder.device, "type", "cpu") != "cpu":
+        return state
+    try:
+        return "ready" if export_text_tower(encoder, searcher.store.location, meta.weights_id)["usable"] else "unusable"
+    except OSError:  # a read-only index folder: searches keep using torch
+        return "absent"

@@ -19,6 +19,9 @@ from indexer.random_weights import save_random_model  # noqa: F401  (tests impor
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang ~47 s before failing
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# exporting a model's text tower to ONNX (`indexer.text_tower`) costs seconds per fresh index: tests
+# that are not about it keep the torch path; tests/test_cold_search.py turns it on where it tests it
+os.environ.setdefault("LOUPE_TEXT_TOWER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,0 +1,128 @@
+"""CLIP's byte-pair tokenizer without torch or open_clip: token ids as a numpy array.
+
+A cold `loupe search` must not import torch (1.8 s) or open_clip (4.2 s) just to turn a sentence
+into token ids. This is the algorithm of open_clip's `SimpleTokenizer` with its default settings
+(the 'lower' cleaning, truncation, the BPE file open_clip ships), which most open_clip text towers
+use; `text_tower.export_text_tower` checks that a model's tokenizer is that one, and that this
+module gives the same ids on probe sentences, before a cached text tower relies on it.
+Plain printable ASCII (the usual query) skips `ftfy`, which leaves such text unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import os
+import re
+from functools import lru_cache
+
+import numpy as np
+
+VOCAB_SIZE = 49408
+SOT, EOT = "<start_of_text>", "<end_of_text>"
+NO_MERGE = 1 << 30
+N_MERGES = 49152 - 256 - 2  # the merges open_clip's tokenizer uses (the file holds more)
+_PLAIN = re.compile(r"[\x20-\x25\x27-\x7e]*")  # printable ASCII without '&': ftfy and unescape are no-ops
+
+
+def default_bpe_path() -> str:
+    """open_clip's BPE merges file, found without importing open_clip."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip is not installed: its BPE vocabulary file is needed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
+
+
+def read_merges(path: str) -> list[str]:
+    """The BPE merge lines ("first second") open_clip uses, from its .gz file or a plain copy."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        lines = f.read().decode("utf-8").split("\n")
+    if lines and "#version" in lines[0]:  # open_clip's file starts with a version line
+        lines = lines[1:]
+    return lines[:N_MERGES]
+
+
+@lru_cache()
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _clean(text: str) -> str:
+    """open_clip's 'lower' cleaning: ftfy, HTML unescape twice, whitespace collapsed, lower case."""
+    if not _PLAIN.fullmatch(text):
+        import ftfy
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.strip().split()).lower()
+
+
+class ClipTokenizer:
+    """Token ids exactly as open_clip's default `SimpleTokenizer` gives them, padded with zeros."""
+
+    def __init__(self, context_length: int = 77, bpe_path: str | None = None) -> None:
+        import regex  # \p{L} classes; a small import (open_clip depends on it)
+
+        self.merges = read_merges(bpe_path or default_bpe_path())
+        byte_chars = list(_bytes_to_unicode().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + [m.replace(" ", "") for m in self.merges] + [SOT, EOT]
+        self.encoder = dict(zip(vocab, range(len(vocab))))
+        self.ranks = dict(zip(self.merges, range(len(self.merges))))  # keyed by "first second"
+        self.byte_encoder = _bytes_to_unicode()
+        self.cache = {SOT: SOT, EOT: EOT}
+        self.pattern = regex.compile(
+            rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
+        )
+        self.context_length = context_length
+        self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
+
+    def _bpe(self, token: str) -> str:
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        while len(word) > 1:
+            ranked = [(self.ranks.get(f"{a} {b}", NO_MERGE), a, b) for a, b in zip(word, word[1:])]
+            rank, first, second = min(ranked)
+            if rank == NO_MERGE:
+                break
+            merged: list[str] = []
+            i = 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = tuple(merged)
+        out = " ".join(word)
+        self.cache[token] = out
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of one text, without the start and end tokens."""
+        ids: list[int] = []
+        for token in self.pattern.findall(_clean(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self._bpe(token).split(" "))
+        return ids
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), context_length) int64 ids: start, text, end, zeros; too long ends in the end token."""
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in enumerate(texts):
+            ids = [self.sot_id, *self.encode(text), self.eot_id]
+            if len(ids) > self.context_length:
+                ids = ids[: self.context_length]
+                ids[-1] = self.eot_id
+            out[row, : len(ids)] = ids
+        return out
