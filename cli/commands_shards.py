@@ -68,3 +68,30 @@ def import_(
     with _writing(store, no_wait):
         report = import_shards(store, folder, model=model, pretrained=pretrained, checkpoint=checkpoint, path_column=path_column)
     typer.echo(json.dumps(vars(report)) if as_json else describe_import(report))
+
+
+@app.command("build-index")
+def build_index(
+    shards: Annotated[Path, typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`).")],
+    out: Annotated[Path, typer.Argument(help="Folder for the index (index.faiss + lists.ivfdata + ondisk.json).")],
+    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~2 sqrt n>,PQ<dim/8>).")] = None,
+    texts: Annotated[bool, typer.Option("--texts", help="Index text_emb/ instead of img_emb/.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an IVF index larger than memory from npy shards: lists on disk, memory-mapped for search.
+
+    Trains on a sample, adds shard by shard (memory bounded by one shard's codes), merges the
+    lists into one on-disk file; an interrupted build resumes with the shards already added.
+    Searches re-rank their candidates exactly against the shards' float vectors.
+    """
+    from indexer.ondisk import build_ondisk, report_dict
+    from indexer.shards import IMG, TXT
+
+    report = build_ondisk(shards, out, factory=factory, kind=TXT if texts else IMG, progress=lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(report_dict(report)))
+    else:
+        typer.echo(
+            f"{report.out}: {report.rows} vectors from {report.shards} shards, {report.factory}, "
+            f"{report.disk_bytes / 1e6:.1f} MB on disk in {report.seconds['total']:.1f}s"
+        )
