@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--shard-size", type=int, default=1_000_000)
-    ap.add_argument("--spread", type=float, default=1.2)
+    ap.add_argument("--spread", type=float, default=1.5, help="synthetic content noise (bench_query.py's harder default; 1.2: more clustered)")
     ap.add_argument("--factory", default="", help="FAISS factory (default: indexer.ondisk.auto_factory)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256])

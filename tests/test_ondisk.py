@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -135,8 +136,19 @@ def test_training_sample_and_factory_choice(shard_dir):
     assert len(sample) == 500 and all(s.tobytes() in rows for s in sample)  # real rows, read exactly
     assert len({s.tobytes() for s in sample}) == 500
     assert auto_factory(10_000_000, 512).endswith(",PQ64") and auto_factory(10_000_000, 512).startswith("IVF")
-    assert auto_factory(1_000, 512).startswith("IVF256,")
+    assert auto_factory(1_000, 512) == "IVF256,PQ64" and auto_factory(10_000_000, 512) == "IVF4096,PQ64"
     with pytest.raises(LoupeError, match="not an inverted-file index"):
         build_ondisk(shard_dir, shard_dir.parent / "flat", factory="Flat")
     with pytest.raises(LoupeError, match="bad FAISS factory"):
         build_ondisk(shard_dir, shard_dir.parent / "bad", factory="IVF12,Nope")
+
+
+def test_cli_build_index(loupe, shard_dir, tmp_path, world):
+    out = tmp_path / "cli-index"
+    r = loupe("build-index", shard_dir, out, "--index-factory", "IVF16,SQ8", "--json")
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (report["rows"], report["factory"]) == (N, "IVF16,SQ8")
+    scores, ids = OnDiskIndex(out, nprobe=16).search(world.texts(3, seed=1), 5)
+    assert (ids >= 0).all() and (np.diff(scores, axis=1) <= 0).all()
+    r = loupe("build-index", tmp_path / "nothing-here", out, ok=False)
+    assert r.returncode == 1 and r.stderr.startswith("loupe: error: ") and "no img_emb" in r.stderr
