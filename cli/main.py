@@ -28,6 +28,7 @@ def fail(message: str, code: int = 1) -> "typer.Exit":
 def _register() -> None:
     from cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
     from cli import commands_serve  # noqa: F401  (registers serve)
+    from cli import commands_shards  # noqa: F401  (registers export/import/build-index)
 
     try:
         from cli import commands_eval  # noqa: F401  (registers eval/train)

@@ -1,0 +1,97 @@
+"""export, import, build-index: embedding shards in clip-retrieval's layout (option parsing only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.commands_core import NoWaitOpt, _store, _writing
+from cli.main import app
+from cli.options import CheckpointOpt, DbOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt
+
+
+@app.command("export")
+def export_(
+    folder: Annotated[Path, typer.Argument(help="New or empty folder for img_emb/, metadata/, captions/ and the manifest.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 (exact) or float16 (clip-retrieval's default, half the size).")] = "float32",
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per npy/parquet shard.")] = 1_000_000,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    no_wait: NoWaitOpt = False,
+) -> None:
+    """Write the index's vectors and metadata as clip-retrieval embedding shards.
+
+    Photos go to img_emb/img_emb_N.npy with metadata/metadata_N.parquet (image_path, the catalog
+    key hash/vector_id, size, mtime_ns, width, height, taken_at); the caption corpus to
+    captions/text_emb/ and captions/metadata/ (caption, image, source, position, hash,
+    vector_id); loupe_manifest.json names the model. autofaiss, embedding-reader and
+    clip-retrieval read it as is; `loupe import` reads it back.
+    """
+    from indexer.shards import require_pyarrow
+    from indexer.transfer import describe_export, export_catalog
+
+    require_pyarrow()
+    store = _store(home, db, writer=False)
+    store.require_meta()
+    with _writing(store, no_wait):
+        report = export_catalog(store, folder, dtype=dtype, shard_size=shard_size)
+    typer.echo(json.dumps(vars(report)) if as_json else describe_export(report))
+
+
+@app.command("import")
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A folder of embedding shards written by `loupe export` or clip-retrieval.")],
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    path_column: Annotated[Optional[str], typer.Option("--path-column", help="Metadata column that keys photos (default image_path, else url).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    no_wait: NoWaitOpt = False,
+) -> None:
+    """Add embedding shards (clip-retrieval's layout) to the index: photos by path, captions as a corpus.
+
+    The shards' model must be the index's: a loupe export names it in its manifest; for
+    clip-retrieval's output (no manifest) say which weights made the vectors with --model and
+    --pretrained, or --checkpoint. Re-importing adds nothing; the vector files are synced at the end.
+    """
+    from indexer.shards import require_pyarrow
+    from indexer.transfer import describe_import, import_shards
+
+    require_pyarrow()
+    store = _store(home, db)
+    with _writing(store, no_wait):
+        report = import_shards(store, folder, model=model, pretrained=pretrained, checkpoint=checkpoint, path_column=path_column)
+    typer.echo(json.dumps(vars(report)) if as_json else describe_import(report))
+
+
+@app.command("build-index")
+def build_index(
+    shards: Annotated[Path, typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`).")],
+    out: Annotated[Path, typer.Argument(help="Folder for the index (index.faiss + lists.ivfdata + ondisk.json).")],
+    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~2 sqrt n>,PQ<dim/8>).")] = None,
+    texts: Annotated[bool, typer.Option("--texts", help="Index text_emb/ instead of img_emb/.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an IVF index larger than memory from npy shards: lists on disk, memory-mapped for search.
+
+    Trains on a sample, adds shard by shard (memory bounded by one shard's codes), merges the
+    lists into one on-disk file; an interrupted build resumes with the shards already added.
+    Searches re-rank their candidates exactly against the shards' float vectors.
+    """
+    from indexer.ondisk import build_ondisk, report_dict
+    from indexer.shards import IMG, TXT
+
+    report = build_ondisk(shards, out, factory=factory, kind=TXT if texts else IMG, progress=lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(report_dict(report)))
+    else:
+        typer.echo(
+            f"{report.out}: {report.rows} vectors from {report.shards} shards, {report.factory}, "
+            f"{report.disk_bytes / 1e6:.1f} MB on disk in {report.seconds['total']:.1f}s"
+        )

@@ -1,0 +1,367 @@
+"""Indices larger than memory, built from embedding shards (clip-retrieval's layout).
+
+For a collection whose float vectors do not fit in RAM (10M x 512 float32 is 20 GB), nothing
+here ever holds more than one batch of them:
+
+1. train: an IVF coarse quantizer and a product quantizer on a random sample of rows, read
+   row by row with plain reads (`TRAIN_PER_LIST` rows per inverted list);
+2. add: each npy shard is read in batches into its own small IVF block (codes only: 64 bytes
+   per vector for PQ64), written to disk, then dropped; a block already written by an
+   interrupted run is kept;
+3. merge: the blocks' inverted lists are merged into one `OnDiskInvertedLists` file
+   (`lists.ivfdata`, FAISS's merge_ondisk), which a search memory-maps: the kernel pages in
+   the lists a query probes, and the index file itself holds only the quantizers;
+4. search: probe the lists, take `rerank` candidates by their compressed codes, then score them
+   exactly against the float vectors, read from the memory-mapped shards (a few hundred rows
+   per query), so the ranking is exact among the candidates.
+
+Ids are global row numbers: shard order, then row order within a shard, which is the order
+of the shards' metadata rows, so a result maps back to its `image_path` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from indexer import shards as sh
+from indexer.errors import LoupeError
+
+INDEX_FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"
+INFO_FILE = "ondisk.json"
+TRAINED_FILE = "trained.faiss"
+BLOCKS_DIR = "blocks"
+TRAIN_PER_LIST = 40  # FAISS wants >= 39 points per centroid; more costs training time for little gain
+MAX_TRAIN = 300_000
+DEFAULT_RERANK = 300  # candidates re-scored exactly per query (100 lost ~3% of recall@10 with PQ64)
+ADD_BATCH = 100_000
+
+
+def faiss_module():
+    from indexer.vectors import faiss_module as load
+
+    return load()
+
+
+def auto_factory(n: int, dim: int) -> str:
+    """IVF with about sqrt(n) lists (a power of two, 256..65536) and PQ codes of dim/8 bytes.
+
+    PQ64 for 512-d vectors is 1/32 of float32 (1/16 of float16 shards): a 10M index is ~0.7 GB
+    on disk and its merge maps no more than that, which keeps the build under 4 GB of RSS where
+    SQ8 (5 GB of codes at 10M) would not. The coarse codes lose ranking precision, which the
+    exact re-ranking of `DEFAULT_RERANK` candidates gives back (benchmarks/RESULTS.md).
+    """
+    nlist = 2 ** int(round(math.log2(max(256.0, min(65536.0, math.sqrt(max(n, 1)))))))
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists a query visits by default: chosen on text-like queries (see benchmarks/RESULTS.md)."""
+    return max(1, min(nlist, int(round(nlist / 16))))
+
+
+# ---- reading the shards ----------------------------------------------------------------------
+@dataclass
+class ShardSet:
+    """The npy files of one embedding kind, in order, with the global row number of each first row."""
+
+    paths: list[Path]
+    rows: list[int]
+    dim: int
+    dtype: str
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.rows))
+
+    @classmethod
+    def scan(cls, root: str | os.PathLike, kind: str = sh.IMG) -> "ShardSet":
+        """The `kind` embeddings of a layout folder; only the npy headers are read (no pyarrow needed)."""
+        folder = sh.emb_dir(Path(root), kind)
+        files = sh._numbered(folder, f"{kind}_emb", "npy")
+        if not files:
+            raise LoupeError(f"{root}: no {kind}_emb/{kind}_emb_N.npy shards")
+        paths, rows, dims, dtypes = [], [], set(), set()
+        for n in sorted(files):
+            shape, dtype, _ = sh.npy_header(files[n])
+            if len(shape) != 2 or dtype not in (np.float16, np.float32):
+                raise LoupeError(f"{files[n]}: expected a 2-D float16/float32 array, found {dtype} {shape}")
+            paths.append(files[n].resolve())
+            rows.append(int(shape[0]))
+            dims.add(int(shape[1]))
+            dtypes.add(str(dtype))
+        if len(dims) != 1:
+            raise LoupeError(f"{root}: shards of different dimensions {sorted(dims)}")
+        return cls(paths, rows, dims.pop(), dtypes.pop() if len(dtypes) == 1 else "mixed")
+
+    def read_sample(self, size: int, seed: int = 0) -> np.ndarray:
+        """`size` distinct random rows (float32), read row by row: no shard is mapped or loaded."""
+        total = self.total
+        size = min(size, total)
+        picked = np.sort(np.random.default_rng(seed).choice(total, size=size, replace=False))
+        out = np.empty((size, self.dim), dtype=np.float32)
+        offsets = self.offsets
+        done = 0
+        for s, path in enumerate(self.paths):
+            lo, hi = np.searchsorted(picked, [offsets[s], offsets[s + 1]])
+            if lo == hi:
+                continue
+            shape, dtype, header = sh.npy_header(path)
+            width = self.dim * dtype.itemsize
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for j, row in enumerate(picked[lo:hi] - offsets[s]):
+                    buf = os.pread(fd, width, header + int(row) * width)
+                    out[done + j] = np.frombuffer(buf, dtype=dtype)
+            finally:
+                os.close(fd)
+            done += hi - lo
+        return out
+
+    def mapped(self) -> list[np.ndarray]:
+        """Every shard memory-mapped read-only (for re-ranking: only the rows touched are read)."""
+        return [sh.open_embeddings(p) for p in self.paths]
+
+
+# ---- building ------------------------------------------------------------------------------
+@dataclass
+class BuildReport:
+    out: str
+    rows: int
+    shards: int
+    dim: int
+    factory: str
+    train_rows: int
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: sample, train, add, merge
+    disk_bytes: int = 0
+    blocks_reused: int = 0
+
+
+def _atomic_write_index(index, path: Path) -> None:
+    faiss = faiss_module()
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def build_ondisk(
+    shards_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    factory: str | None = None,
+    kind: str = sh.IMG,
+    train_rows: int | None = None,
+    batch: int = ADD_BATCH,
+    progress: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Build an on-disk IVF index over the `kind` shards of `shards_dir` into the folder `out`.
+
+    Memory stays bounded by the training sample plus one batch and one shard's codes, whatever
+    the collection size. Re-running after an interruption reuses the trained index and every
+    block already written, as long as the shards and factory are the same.
+    """
+    faiss = faiss_module()
+    t0 = time.perf_counter()
+    shards = ShardSet.scan(shards_dir, kind)
+    factory = factory or auto_factory(shards.total, shards.dim)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BLOCKS_DIR).mkdir(exist_ok=True)
+    plan = {"factory": factory, "dim": shards.dim, "shards": [str(p) for p in shards.paths], "rows": shards.rows}
+    plan_file = out / "plan.json"
+    stored = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+    if {k: stored.get(k) for k in plan} != plan:
+        for stale in [out / TRAINED_FILE, *(out / BLOCKS_DIR).glob("*.index")]:
+            stale.unlink(missing_ok=True)  # another collection or factory: nothing is reusable
+        plan_file.write_text(json.dumps(plan))
+    say = progress or (lambda _: None)
+    report = BuildReport(str(out), shards.total, len(shards.paths), shards.dim, factory, 0)
+
+    trained_path = out / TRAINED_FILE
+    if trained_path.exists():
+        trained = faiss.read_index(str(trained_path))
+        report.train_rows = int(json.loads(plan_file.read_text()).get("train_rows", 0))
+    else:
+        try:
+            trained = faiss.index_factory(shards.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise LoupeError(f"bad FAISS factory string {factory!r}: {str(exc).splitlines()[0]}") from None
+        if faiss.try_extract_index_ivf(trained) is None:
+            raise LoupeError(f"{factory!r} is not an inverted-file index: an on-disk index needs IVF lists")
+        nlist = faiss.extract_index_ivf(trained).nlist
+        size = train_rows or min(MAX_TRAIN, max(TRAIN_PER_LIST * nlist, 10_000))
+        t = time.perf_counter()
+        sample = shards.read_sample(size)
+        report.seconds["sample"] = time.perf_counter() - t
+        say(f"training {factory} on {len(sample)} rows")
+        t = time.perf_counter()
+        trained.train(sample)
+        report.seconds["train"] = time.perf_counter() - t
+        report.train_rows = len(sample)
+        del sample
+        _atomic_write_index(trained, trained_path)
+        plan["train_rows"] = report.train_rows
+        plan_file.write_text(json.dumps(plan))
+
+    t = time.perf_counter()
+    offsets = shards.offsets
+    blocks = []
+    for s, path in enumerate(shards.paths):
+        block_path = out / BLOCKS_DIR / f"block_{s:05d}.index"
+        blocks.append(str(block_path))
+        if block_path.exists():
+            report.blocks_reused += 1
+            continue
+        block = faiss.clone_index(trained)
+        for start in range(0, shards.rows[s], batch):
+            vecs = sh.read_rows(path, start, start + batch)
+            block.add_with_ids(vecs, np.arange(offsets[s] + start, offsets[s] + start + len(vecs), dtype=np.int64))
+        _atomic_write_index(block, block_path)
+        del block
+        say(f"added shard {s + 1}/{len(shards.paths)} ({offsets[s + 1]} rows)")
+    report.seconds["add"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    merged = faiss.read_index(str(trained_path))
+    lists_tmp = out / (LISTS_FILE + ".tmp")
+    lists_tmp.unlink(missing_ok=True)
+    merge_ondisk(merged, blocks, str(lists_tmp))
+    # the lists file is named relative to the index file (IO_FLAG_ONDISK_SAME_DIR when reading)
+    os.replace(lists_tmp, out / LISTS_FILE)
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(merged).invlists)
+    invlists.filename = LISTS_FILE
+    _atomic_write_index(merged, out / INDEX_FILE)
+    del merged
+    report.seconds["merge"] = time.perf_counter() - t
+
+    info = {
+        "factory": factory, "dim": shards.dim, "metric": "inner_product", "rows": shards.total,
+        "shards": [{"path": str(p), "rows": r} for p, r in zip(shards.paths, shards.rows)],
+        "kind": kind, "train_rows": report.train_rows, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    for b in blocks:
+        Path(b).unlink(missing_ok=True)
+    trained_path.unlink(missing_ok=True)
+    report.disk_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    report.seconds["total"] = time.perf_counter() - t0
+    return report
+
+
+# ---- searching -------------------------------------------------------------------------------
+class OnDiskIndex:
+    """A built on-disk index, opened for searching: lists memory-mapped, floats memory-mapped."""
+
+    def __init__(self, out: str | os.PathLike, nprobe: int | None = None, rerank: int = DEFAULT_RERANK) -> None:
+        faiss = faiss_module()
+        self.out = Path(out)
+        info_file = self.out / INFO_FILE
+        if not info_file.exists():
+            raise LoupeError(f"{self.out}: no on-disk index here (build one with `loupe build-index`)")
+        self.info = json.loads(info_file.read_text())
+        # OnDiskInvertedLists always map their file (read-only here). IO_FLAG_MMAP, which maps the
+        # in-memory kind of lists, must not be added: with on-disk lists faiss 1.15 then crashes
+        # on the first search (measured).
+        flags = faiss.IO_FLAG_READ_ONLY | faiss.IO_FLAG_ONDISK_SAME_DIR
+        self.index = faiss.read_index(str(self.out / INDEX_FILE), flags)
+        self.ivf = faiss.extract_index_ivf(self.index)
+        self.ivf.nprobe = nprobe or default_nprobe(self.ivf.nlist)
+        self.rerank = rerank
+        self.paths = [Path(s["path"]) for s in self.info["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum([s["rows"] for s in self.info["shards"]])]).astype(np.int64)
+        self._mapped: list[np.ndarray] | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.ivf.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        self.ivf.nprobe = int(value)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Float32 vectors of global `rows`, from the memory-mapped shards."""
+        if self._mapped is None:
+            self._mapped = [sh.open_embeddings(p) for p in self.paths]
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), int(self.info["dim"])), dtype=np.float32)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(which):
+            sel = which == s
+            local = rows[sel] - self.offsets[s]
+            order = np.argsort(local)  # ascending offsets: sequential-ish reads
+            got = self._mapped[s][local[order]]
+            out[np.flatnonzero(sel)[order]] = got
+        return out
+
+    def search(self, queries: np.ndarray, k: int = 10, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, global row ids) per query: `rerank` candidates by code, re-scored exactly."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        fetch = max(k, rerank or self.rerank)
+        _, cand = self.index.search(queries, fetch)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for i, row in enumerate(cand):
+            row = row[row >= 0]
+            if not len(row):
+                continue
+            exact = self.vectors(row) @ queries[i]
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[i, : len(top)], ids[i, : len(top)] = exact[top], row[top]
+        return scores, ids
+
+
+def exact_search(shards: ShardSet, queries: np.ndarray, k: int = 10, batch: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k over every row of the shards, read batch by batch (the ground truth)."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    offsets = shards.offsets
+    for s, path in enumerate(shards.paths):
+        for start in range(0, shards.rows[s], batch):
+            vecs = sh.read_rows(path, start, start + batch)
+            sims = queries @ vecs.T
+            kk = min(k, sims.shape[1])
+            part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+            cand_s = np.concatenate([best_s, np.take_along_axis(sims, part, axis=1)], axis=1)
+            cand_i = np.concatenate([best_i, part + offsets[s] + start], axis=1)
+            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(cand_s, order, axis=1), np.take_along_axis(cand_i, order, axis=1)
+    return best_s, best_i
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), mapped file pages included."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def report_dict(report: BuildReport) -> dict:
+    return asdict(report)
