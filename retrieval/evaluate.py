@@ -212,7 +212,8 @@ def evaluate(
     ann = annotations if isinstance(annotations, Annotations) else load_annotations(annotations)
     bound = bind_images(ann, images_dir, allow_missing, ALLOW_MISSING_HINT)
     started = time.perf_counter()
-    emb = embed_images([str(p) for p in bound.paths], encoder, batch_size, workers, progress, "images")
+    # the reference pixels (PIL -> RGB -> open_clip's preprocess, EXIF ignored): CLIP_benchmark's figures
+    emb = embed_images([str(p) for p in bound.paths], encoder, batch_size, workers, progress, "images", reference=True)
     t_images = time.perf_counter() - started
     unreadable = {bound.annotations.images[i]: reason for i, reason in emb.bad.items()}
     if unreadable and not allow_missing:
