@@ -4,7 +4,7 @@ Every reader in loupe (indexing, queries by image, eval, training) goes through 
 which ends in the model's own open_clip preprocess (resize, crop, normalise), in one of two modes:
 
 - photos (indexing, queries by image): JPEGs are decoded in draft mode (libjpeg's DCT scaling)
-  but never below `DRAFT_FACTOR` times the model's input side, which keeps large photos several
+  but never below `DRAFT_FACTOR` (5) times the model's input side, which keeps large photos several
   times cheaper to decode while image vectors stay within cosine 0.999 of the reference
   (benchmarks/bench_fidelity.py); EXIF orientation is applied and transparency goes on white,
   since people see their photos upright.
@@ -43,10 +43,12 @@ Image.MAX_IMAGE_PIXELS = None
 # Formats Pillow can open without external programs; formats that need Ghostscript or are
 # scientific containers are left out so a folder of PDFs or EPS files is not "bad images".
 _UNWANTED_FORMATS = {"EPS", "PDF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "XVTHUMB"}
-# JPEG draft decoding stops at this multiple of the model's input side: at 1x (draft straight to
-# the input size) a small model's vectors moved to cosine 0.86 of the reference; at 2x the
-# worst case measured stays above 0.999 (benchmarks/RESULTS.md, "Faithful pixels").
-DRAFT_FACTOR = 2.0
+# JPEG draft decoding (libjpeg's DCT scaling by 1/2, 1/4, 1/8) stops at this multiple of the model's
+# input side. Measured with a small trained model (the sensitive case; benchmarks/RESULTS.md,
+# "Faithful pixels"): drafting straight to the input side moved image vectors to cosine 0.91 of
+# the reference, 3 to 4.4 times the side to 0.997-0.998, and from 5 times on every photo stayed
+# above 0.9996, at every scale. A 12 MP photo still decodes at 1/2 scale for a 224 px model.
+DRAFT_FACTOR = 5.0
 
 
 def image_extensions() -> frozenset[str]:
@@ -133,6 +135,18 @@ def probe_image(source: bytes | str | os.PathLike) -> ImageInfo:
     with _open(source) as img:
         w, h = _oriented_size(img)
         return ImageInfo(width=w, height=h, taken_at=_exif_datetime(img))
+
+
+def exif_rotated(path: str | os.PathLike) -> bool:
+    """Whether a file's EXIF asks viewers to rotate or flip it (orientation other than 1).
+
+    Header only. The reference pixels ignore it; `loupe eval` counts such images to say so.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:
+        return False
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
