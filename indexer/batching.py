@@ -93,12 +93,16 @@ def embed_images(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "embedding",
+    reference: bool = False,
 ) -> EmbedResult:
-    """Embed image files in order; bad files are skipped and reported in `bad`, never raised."""
+    """Embed image files in order; bad files are skipped and reported in `bad`, never raised.
+
+    `reference`: decode as the reference pipeline does (`decode_image`'s reference mode, for eval).
+    """
     import torch
 
     def load(i: int):
-        tensor, _ = decode_image(paths[i], encoder.image_size, encoder.preprocess)
+        tensor, _ = decode_image(paths[i], encoder.image_size, encoder.preprocess, reference=reference)
         return tensor
 
     bar = None

@@ -1,14 +1,23 @@
 """Decoding photos for the model: fast, orientation-correct, and safe against bad files.
 
-Every reader in loupe (indexing, queries by image, eval, training) goes through `decode_image`
-so that all of them see exactly the same pixels. JPEGs are decoded in draft mode (libjpeg's
-DCT scaling) straight to the smallest size that still covers the model's input, which makes
-large photos several times cheaper to decode; EXIF orientation is applied afterwards.
+Every reader in loupe (indexing, queries by image, eval, training) goes through `decode_image`,
+which ends in the model's own open_clip preprocess (resize, crop, normalise), in one of two modes:
+
+- photos (indexing, queries by image): JPEGs are decoded in draft mode (libjpeg's DCT scaling)
+  but never below `DRAFT_FACTOR` (5) times the model's input side, which keeps large photos several
+  times cheaper to decode while image vectors stay within cosine 0.999 of the reference
+  (benchmarks/bench_fidelity.py); EXIF orientation is applied and transparency goes on white,
+  since people see their photos upright.
+- reference (`loupe eval`, `loupe train`): exactly PIL open -> `.convert("RGB")` -> preprocess,
+  the pipeline of CLIP_benchmark and of published recall tables, so eval figures are
+  comparable with them; like them it ignores EXIF orientation. Training uses the same pixels
+  as evaluation, so a trained model is scored on what it learnt from.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +43,12 @@ Image.MAX_IMAGE_PIXELS = None
 # Formats Pillow can open without external programs; formats that need Ghostscript or are
 # scientific containers are left out so a folder of PDFs or EPS files is not "bad images".
 _UNWANTED_FORMATS = {"EPS", "PDF", "BUFR", "GRIB", "HDF5", "FITS", "MPEG", "XVTHUMB"}
+# JPEG draft decoding (libjpeg's DCT scaling by 1/2, 1/4, 1/8) stops at this multiple of the model's
+# input side. Measured with a small trained model (the sensitive case; benchmarks/RESULTS.md,
+# "Faithful pixels"): drafting straight to the input side moved image vectors to cosine 0.91 of
+# the reference, 3 to 4.4 times the side to 0.997-0.998, and from 5 times on every photo stayed
+# above 0.9996, at every scale. A 12 MP photo still decodes at 1/2 scale for a 224 px model.
+DRAFT_FACTOR = 5.0
 
 
 def image_extensions() -> frozenset[str]:
@@ -122,6 +137,18 @@ def probe_image(source: bytes | str | os.PathLike) -> ImageInfo:
         return ImageInfo(width=w, height=h, taken_at=_exif_datetime(img))
 
 
+def exif_rotated(path: str | os.PathLike) -> bool:
+    """Whether a file's EXIF asks viewers to rotate or flip it (orientation other than 1).
+
+    Header only. The reference pixels ignore it; `loupe eval` counts such images to say so.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:
+        return False
+
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -171,26 +198,37 @@ def decode_image(
     source: bytes | str | os.PathLike,
     min_size: int,
     transform: Callable[[Image.Image], object] | None = None,
+    *,
+    reference: bool = False,
+    draft_factor: float = DRAFT_FACTOR,
 ) -> tuple[object, ImageInfo]:
-    """Decode a picture to RGB at no less than `min_size` on its short side, then `transform` it.
+    """Decode a picture to RGB for a model whose input side is `min_size`, then `transform` it.
 
-    Returns (transformed image, info). Raises BadImage with a readable reason for anything
-    corrupt, truncated, empty, oversized or not an image. GIFs and other animations use frame 0.
+    Photos mode (default): JPEGs are draft-decoded to no less than `draft_factor * min_size`
+    on their short side (0 turns draft mode off), EXIF orientation is applied, transparency
+    goes on white. `reference=True`: PIL open -> `.convert("RGB")`, nothing else (see the
+    module docstring). Returns (transformed image, info). Raises BadImage with a readable
+    reason for anything corrupt, truncated, empty, oversized or not an image. GIFs and other
+    animations use frame 0.
     """
     img = _open(source)
     try:
         info = ImageInfo(*_oriented_size(img), taken_at=_exif_datetime(img))
-        if img.format == "JPEG" and min_size > 0:
-            img.draft("RGB", (min_size, min_size))
+        if not reference and img.format == "JPEG" and min_size > 0 and draft_factor > 0:
+            side = math.ceil(draft_factor * min_size)
+            img.draft("RGB", (side, side))
         try:
             img.load()
         except Exception as exc:
             raise BadImage(f"corrupt or truncated image data: {exc}") from None
-        try:
-            img = ImageOps.exif_transpose(img) or img
-        except Exception:
-            pass  # a broken orientation tag should not lose the photo
-        rgb = _to_rgb(img)
+        if reference:
+            rgb = img.convert("RGB")
+        else:
+            try:
+                img = ImageOps.exif_transpose(img) or img
+            except Exception:
+                pass  # a broken orientation tag should not lose the photo
+            rgb = _to_rgb(img)
         if transform is not None:
             return transform(rgb), info
         return (rgb.copy() if rgb is img else rgb), info  # `img` is closed below

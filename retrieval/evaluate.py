@@ -212,7 +212,8 @@ def evaluate(
     ann = annotations if isinstance(annotations, Annotations) else load_annotations(annotations)
     bound = bind_images(ann, images_dir, allow_missing, ALLOW_MISSING_HINT)
     started = time.perf_counter()
-    emb = embed_images([str(p) for p in bound.paths], encoder, batch_size, workers, progress, "images")
+    # the reference pixels (PIL -> RGB -> open_clip's preprocess, EXIF ignored): CLIP_benchmark's figures
+    emb = embed_images([str(p) for p in bound.paths], encoder, batch_size, workers, progress, "images", reference=True)
     t_images = time.perf_counter() - started
     unreadable = {bound.annotations.images[i]: reason for i, reason in emb.bad.items()}
     if unreadable and not allow_missing:
@@ -239,6 +240,14 @@ def evaluate(
             f"({_name_list(bound.missing + list(unreadable))}); these figures cover the "
             f"{len(data_set.images)} present images and are not comparable with full-set results"
         )
+    from indexer.imageio import exif_rotated
+
+    rotated = [name for name, path in zip(bound.annotations.images, bound.paths) if exif_rotated(path)]
+    if rotated:
+        warnings.append(
+            f"{len(rotated)} images carry an EXIF orientation ({_name_list(rotated)}): eval reads them unrotated, "
+            "as CLIP_benchmark and published figures do, while `loupe index` shows them upright"
+        )
     spec = encoder.spec
     published = published_row(spec.model, None if spec.checkpoint else spec.pretrained, ann.images)
     if published and absent:
@@ -259,6 +268,8 @@ def evaluate(
             "images_dir": str(Path(images_dir).resolve()),
             "annotations": ann.source,
             "format": ann.format,
+            "pixels": "reference: PIL open -> RGB -> the model's open_clip preprocess (EXIF orientation ignored)",
+            "exif_rotated": len(rotated),
         },
         counts={
             "images_listed": bound.listed,

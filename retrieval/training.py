@@ -1,7 +1,7 @@
 """`loupe train`: contrastive fine-tuning of an open_clip model on your own (image, caption) pairs.
 
-Small-data design: every training image is decoded once (through `decode_image`, so training
-sees the same pixels as indexing) into an in-memory tensor, and every caption is tokenized
+Small-data design: every training image is decoded once (through `decode_image`'s reference
+mode, so training sees exactly the pixels `loupe eval` scores) into an in-memory tensor, and every caption is tokenized
 once, so a step costs only the model. A frozen tower (`--freeze-image`: locked-image tuning)
 is run once over the data and its features cached, which makes LiT nearly free on a CPU.
 The recipe follows open_clip's trainer: AdamW (betas 0.9/0.98, eps 1e-6, no weight decay on
@@ -68,7 +68,8 @@ class TrainResult:
 
 
 def decode_all(bound: BoundSet, encoder: "Encoder", workers: int | None = None) -> "torch.Tensor":
-    """Decode and preprocess every image of `bound` once into one (N, 3, H, W) float tensor."""
+    """Decode and preprocess every image of `bound` once into one (N, 3, H, W) float tensor,
+    with the pixels `loupe eval` uses (the reference pipeline)."""
     import torch
 
     from indexer.batching import parallel_map, reason_for
@@ -83,7 +84,7 @@ def decode_all(bound: BoundSet, encoder: "Encoder", workers: int | None = None) 
         )
     cache: torch.Tensor | None = None
     bad: list[str] = []
-    load = lambda i: decode_image(bound.paths[i], size, encoder.preprocess)[0]  # noqa: E731
+    load = lambda i: decode_image(bound.paths[i], size, encoder.preprocess, reference=True)[0]  # noqa: E731
     for i, result in parallel_map(load, range(n), workers):
         if isinstance(result, BaseException):
             bad.append(f"{bound.paths[i].name} ({reason_for(result)})")

@@ -188,3 +188,22 @@ def web_index(tmp_path_factory, tiny_encoder, flickr_images) -> WebIndex:
     index_folder(store, tiny_encoder, idx.photos, batch_size=8, workers=1)
     index_captions(store, tiny_encoder, captions)
     return idx
+
+
+# `loupe train` on the 800 captioned photos, once per session: a small model far above chance,
+# for the tests that compare loupe's numbers with a reference (tests/test_pixels.py,
+# tests/test_clip_benchmark.py). Steps and batch keep it near 30 s on two idle cores.
+FLICKR_TRAIN_STEPS = 60
+FLICKR_TRAIN_BATCH = 128
+
+
+@pytest.fixture(scope="session")
+def flickr_trained(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("flickr-trained")
+    out = folder / "loupe-tiny-flickr8k.pt"
+    LoupeRunner(folder / "home")(
+        "train", "--model", "loupe-tiny", "--images", FLICKR8K / "images", "--annotations", FLICKR8K / "captions.json",
+        "--steps", FLICKR_TRAIN_STEPS, "--batch-size", FLICKR_TRAIN_BATCH, "--seed", "0", "--device", "cpu",
+        "--out", out, timeout=3600,  # ~30 s on two idle cores; far longer on a crowded machine
+    )
+    return out
