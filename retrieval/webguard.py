@@ -22,7 +22,7 @@ import json
 import socket
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Iterable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -221,17 +221,21 @@ class Guard:
         return bool(self.token) and hmac.compare_digest(given.encode("utf-8", "surrogatepass"), self.token.encode("utf-8"))
 
     def _token_in_query(self, scope: Scope) -> bool:
-        return scope["method"] in ("GET", "HEAD") and b"token=" in scope.get("query_string", b"")
+        query = scope.get("query_string", b"")
+        return scope["method"] in ("GET", "HEAD") and b"token=" in query and "token" in parse_qs(query.decode("latin-1"))
 
     async def _enter_with_token(self, scope: Scope, send: Send) -> None:
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        given = (query.get("token") or [""])[0]
+        """The printed URL: check the token, keep it in a cookie, and drop it from the address bar."""
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        given = next((v for k, v in pairs if k == "token"), "")
         if not self._same(given):
             return await send_json(send, 401, {"error": "wrong token: open the URL `loupe serve` printed"})
+        rest = urlencode([(k, v) for k, v in pairs if k != "token"])
+        location = ("/" + (f"?{rest}" if rest else "")).encode("latin-1")
         cookie = f"{cookie_name(self.port)}={self.token}; HttpOnly; SameSite=Strict; Path=/"
         await send({
             "type": "http.response.start", "status": 303,
-            "headers": [(b"location", b"/"), (b"set-cookie", cookie.encode()), (b"cache-control", b"no-store"),
+            "headers": [(b"location", location), (b"set-cookie", cookie.encode()), (b"cache-control", b"no-store"),
                         (b"referrer-policy", b"no-referrer"), (b"content-length", b"0")],
         })
         await send({"type": "http.response.body", "body": b""})

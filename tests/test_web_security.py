@@ -155,6 +155,8 @@ def test_non_local_bind_needs_the_token_on_every_request(service, tmp_path):
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"]
         assert cookie.startswith(f"loupe_token_{PORT}={TOKEN}") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        r = c.get(f"/?q=a+dog&token={TOKEN}&sort=newest")  # a shared link keeps its query
+        assert r.status_code == 303 and r.headers["location"] == "/?q=a+dog&sort=newest"
         jar = {"Cookie": f"loupe_token_{PORT}={TOKEN}"}
         assert c.get("/", headers=jar).status_code == 200
         assert c.get("/api/status", headers=jar).status_code == 200

@@ -222,6 +222,24 @@ def test_more_like_this_uses_the_stored_vector(client, app):
     assert np.allclose([r["score"] for r in mixed], s2[0], atol=1e-5)
 
 
+def test_web_query_grammar():
+    """upload:ID and photo:ID are image terms in a web query only; paths are refused there."""
+    from indexer.errors import LoupeError
+    from retrieval.query import Term, parse_query
+
+    assert parse_query(['2:upload:ab12cd + "at night"'], web=True) == [Term(2.0, "image", "upload:ab12cd"), Term(1.0, "text", "at night")]
+    assert parse_query(['photo:12 - "people"'], web=True) == [Term(1.0, "image", "photo:12"), Term(-1.0, "text", "people")]
+    assert parse_query(["0.5:photo:7"], web=True) == [Term(0.5, "image", "photo:7")]
+    assert parse_query(["a dog - not a cat"], web=True) == parse_query(["a dog - not a cat"]) == [Term(1.0, "text", "a dog - not a cat")]
+    assert parse_query(['"photo:12"'], web=True) == [Term(1.0, "text", "photo:12")]
+    assert parse_query(["photo:12"]) == [Term(1.0, "text", "photo:12")]  # the CLI is unchanged
+    for q in ("./x.jpg", 'img:"x"', "/etc/passwd", "dog.png", "photo:12 at night.jpg"):
+        with pytest.raises(LoupeError, match="cannot name files"):
+            parse_query([q], web=True)
+    with pytest.raises(LoupeError, match="stand alone"):
+        parse_query(['photo:12 "at night"'], web=True)
+
+
 # ---- uploads ------------------------------------------------------------------------------
 
 
