@@ -157,7 +157,7 @@ def start_server(home: Path):
     raise SystemExit("loupe serve did not start")
 
 
-MEASURE = "performance.getEntriesByName('loupe:first-thumbnails').length > 0"
+MEASURE = "() => performance.getEntriesByName('loupe:first-thumbnails').length > 0"
 READ = """() => {
   const m = performance.getEntriesByName('loupe:first-thumbnails')[0];
   const api = performance.getEntriesByType('resource').filter(r => r.name.endsWith('/api/search'));
@@ -184,7 +184,11 @@ def measure(page, query: str, state) -> dict:
     box = page.get_by_role("searchbox", name="Search photos")
     box.fill(query)
     box.press("Enter")
-    page.wait_for_function(MEASURE, timeout=60_000)
+    deadline = time.monotonic() + 60
+    while not page.evaluate(MEASURE):  # polled from here: the page's CSP forbids wait_for_function's eval
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no first row painted for {query!r}")
+        time.sleep(0.01)
     out = page.evaluate(READ)
     page.wait_for_load_state("networkidle")  # the rest of the page's thumbnails, before the next query
     out["query"] = query

@@ -186,16 +186,18 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=40, help="in-process requests per endpoint")
     p.add_argument("--baseline-ref", default="5c895f7", help="git commit of the http.server `loupe serve`")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
+    p.add_argument("--model", default="ViT-B-32", help="model (random weights); loupe-tiny isolates the HTTP stack's cost")
     p.add_argument("--thumb-sizes", default="0.3,3,12,24", help="photo sizes (megapixels) for the thumbnail timing")
     a = p.parse_args()
 
     from indexer.encoder import load_encoder, make_spec
 
-    ckpt = checkpoint("ViT-B-32")
+    ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
-    world = ClipLike(spread=1.5)
+    world = ClipLike(dim=encoder.dim, spread=1.5)
+    workdir = a.workdir if a.model == "ViT-B-32" else a.workdir / a.model
     sentences = captions(a.queries)
-    out: dict = {"machine": machine(), "baseline_ref": a.baseline_ref, "sizes": []}
+    out: dict = {"machine": machine(), "model": a.model, "baseline_ref": a.baseline_ref, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="loupe-baseline-") as tmp:
         old_code = Path(tmp)
         commit = extract(a.baseline_ref, old_code)
@@ -203,7 +205,7 @@ def main() -> None:
         servers = ([("http.server", old_code)] if commit else []) + [("uvicorn", REPO)]
         for n in (int(s) for s in a.sizes.split(",")):
             print(f"{n} vectors (load {load_average()})")
-            home, _, _ = build_home(n, a.workdir, encoder, world)
+            home, _, _ = build_home(n, workdir, encoder, world)
             row: dict = {"vectors": n}
             for name, code in servers:
                 proc, state = start_server(code, home)
@@ -226,7 +228,7 @@ def main() -> None:
             print(f"  ratios: {row.get('ratio_to_http_server_same_run')} (same run), {row['ratio_to_0.19s_baseline']} (vs 0.19 s)")
             out["sizes"].append(row)
     out["thumbnails"] = thumbnails([float(x) for x in a.thumb_sizes.split(",")])
-    write_json("bench_serve.json", out)
+    write_json("bench_serve.json" if a.model == "ViT-B-32" else f"bench_serve-{a.model}.json", out)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,7 @@ def test_reload_and_back_forward_reproduce_results(page):
     expect(page.get_by_role("searchbox", name="Search photos")).to_have_value("a man riding a bike")
     assert settle(page) == oldest
     page.go_back()
+    expect(page.get_by_label("Sort")).to_have_value("relevance")  # the popstate handler ran
     assert settle(page) == first
     page.go_forward()
     page.go_forward()
