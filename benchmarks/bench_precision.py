@@ -237,6 +237,7 @@ def main() -> None:
     p.add_argument("--skip-rclip", action="store_true")
     p.add_argument("--rclip-repeats", type=int, default=1)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench-precision"))
+    p.add_argument("--out", default="bench_precision.json", help="file name under benchmarks/out")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "loupe-bench")
     a = p.parse_args()
     a.extras = [e for e in a.extras.split(",") if e]
@@ -251,7 +252,7 @@ def main() -> None:
     out = {"machine": machine(), "model": a.model, "batch": a.batch, "cpu_has_bf16": cpu_has_bf16(), "auto_picks": auto}
     print(f"{out['machine']['cpu']}: bf16 units {out['cpu_has_bf16']}, auto picks {auto} for {a.model}", flush=True)
     out["bare"] = bare(encoder, a)
-    write_json("bench_precision.json", out)  # after each stage: a long run cut short keeps what it measured
+    write_json(a.out, out)  # after each stage: a long run cut short keeps what it measured
     del encoder
     if not a.skip_index:
         out["loupe_index"] = {}
@@ -260,14 +261,14 @@ def main() -> None:
             out["loupe_index"][prec] = row
             print(f"  loupe index --precision {prec}: {row['rate']} img/s ({row['precision_used']}), "
                   f"command {row['command_wall_seconds']} s, load {load_average()}", flush=True)
-        write_json("bench_precision.json", out)
+        write_json(a.out, out)
     if not a.skip_rclip:
         try:
             out["rclip"] = rclip_rate(a)
         except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
             out["rclip"] = {"error": str(exc)[-500:]}
             print(f"  rclip failed: {exc}", flush=True)
-        write_json("bench_precision.json", out)
+        write_json(a.out, out)
     trained = a.trained
     if trained is None and a.train_steps:
         trained = a.workdir / "loupe-tiny-trained.pt"
@@ -294,7 +295,7 @@ def main() -> None:
     out["load_average_at_end"] = load_average()
     print(json.dumps({"bare": {k: {kk: v.get(kk) for kk in ("rate_best", "rate_median", "min_cosine", "median_cosine")}
                                for k, v in out["bare"].items()}, "targets": targets}, indent=1))
-    write_json("bench_precision.json", out)
+    write_json(a.out, out)
 
 
 if __name__ == "__main__":
