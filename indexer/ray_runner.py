@@ -314,6 +314,8 @@ def run_plan_on_ray(
                     commit.embedded(items, np.stack(vecs).reshape(len(vecs), shape_dim))
                 commit.flush()
             batches_done += 1
+            if batches_done == 1:  # cluster start-up: scheduling, worker imports, actors' model load
+                times.add("first_batch", time.perf_counter() - started, n)
             times.add("read", float(np.sum(batch["read_s"])), n)
             times.add("decode", float(np.sum(batch["decode_s"])), int(np.sum(batch["decoded"])))
             times.add("embed", float(np.sum(batch["embed_s"])), len(items))
