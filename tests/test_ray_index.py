@@ -240,3 +240,19 @@ def test_killed_embedding_actor_loses_and_doubles_nothing(cluster, loupe, tiny_c
     assert on_ray.catalog.count_vectors(IMAGE) == 200 == len(list(on_ray.catalog.iter_image_rows()))
     assert_same_catalog(catalog_snapshot(on_ray), _reference(tmp_path, tiny_encoder, photos))
     assert check_store(on_ray).ok
+
+
+def test_interrupted_ray_run_continues_to_the_same_catalog(cluster, tiny_encoder, flickr_images, tmp_path):
+    """A driver stopped mid-run (as by Ctrl-C: `max_batches` raises KeyboardInterrupt in the
+    commit loop) keeps what it committed; the next run embeds only the rest."""
+    from indexer.ray_runner import index_on_ray
+
+    photos = _copy_photos(flickr_images, tmp_path / "p40", 40)
+    store = Store.open(home=tmp_path / "ray-home")
+    first = index_on_ray(store, tiny_encoder, str(photos), batch_size=4, max_batches=3)
+    assert first.interrupted and 0 < first.embedded < 40
+    assert check_store(store).ok
+    second = index_on_ray(store, tiny_encoder, str(photos), batch_size=8)
+    assert not second.interrupted
+    assert (second.unchanged, second.embedded) == (first.embedded, 40 - first.embedded)
+    assert_same_catalog(catalog_snapshot(store), _reference(tmp_path, tiny_encoder, photos))
