@@ -21,14 +21,11 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import FLICKR, checkpoint, load_average, machine, run_loupe, write_json  # noqa: E402
+from common import FLICKR, checkpoint, load_average, machine, run_loupe, write_json
 
 
 def photos(limit: int, into: Path) -> Path:
