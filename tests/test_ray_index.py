@@ -160,6 +160,7 @@ def cluster():
     import logging
 
     ray = pytest.importorskip("ray")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # ray.init replaces them
 
     ray.init(
         num_cpus=2,
@@ -173,6 +174,8 @@ def cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():  # later tests (and pytest's Ctrl-C) get the usual handlers
+            signal.signal(sig, handler)
 
 
 def _reference(tmp_path, tiny_encoder, folder) -> dict:
