@@ -161,6 +161,7 @@ def cluster():
 
     ray = pytest.importorskip("ray")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # ray.init replaces them
+    set_handler = signal.signal  # and Ray's deferred-SIGINT context swaps this function while it is open
 
     ray.init(
         num_cpus=2,
@@ -174,6 +175,7 @@ def cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        signal.signal = set_handler
         for sig, handler in handlers.items():  # later tests (and pytest's Ctrl-C) get the usual handlers
             signal.signal(sig, handler)
 
