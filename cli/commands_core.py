@@ -51,7 +51,7 @@ def _show_progress() -> bool:
 @app.command()
 def index(
     ctx: typer.Context,
-    folders: Annotated[List[Path], typer.Argument(help="Photo folders to index (re-runs only embed what changed).")],
+    folders: Annotated[Optional[List[Path]], typer.Argument(help="Photo folders to index (re-runs only embed what changed).")] = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -66,6 +66,10 @@ def index(
     db: DbOpt = None,
     as_json: JsonOpt = False,
     no_wait: NoWaitOpt = False,
+    files: Annotated[Optional[Path], typer.Option("--files", help="Index the files listed in FILE (a text file, one path a line, or parquet with a 'path' column) instead of or besides folders.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Read, decode and embed on a Ray cluster (`--ray=ADDRESS`, or a local one started with --workers CPUs); the catalog is written here. Needs `pip install 'loupe[ray]'`.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address for --ray (default: start a local cluster).")] = None,
+    actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="With --ray: embedding actors (default: one per GPU, else 1).")] = None,
 ) -> None:
     """Index photo folders; re-runs embed only new or changed files.
 
@@ -74,11 +78,19 @@ def index(
     a folder that is gone or empty where photos were indexed (an unplugged drive) is reported
     offline and nothing is removed. Bad files are skipped, kept with their reason, and listed.
     """
-    from indexer.pipeline import index_folder
+    from indexer.pipeline import index_files, index_folder
     from indexer.precision import CHOICES
 
     if precision not in CHOICES:
         raise fail(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
+    folders = list(folders or [])
+    if not folders and files is None:
+        raise fail("give photo folders to index, or --files LIST")
+    ray = ray or ray_address is not None
+    if ray:
+        from indexer.ray_runner import require_ray
+
+        require_ray()  # before any work: one line naming the extra
     _check_folders(folders, home, db)
     import functools
 
@@ -103,10 +115,21 @@ def index(
     encoder = load() if meta is None else load
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
-    for folder in folders:
-        report = index_folder(
-            store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
-        )
+    sources = [(f, False) for f in folders] + ([(files, True)] if files is not None else [])
+    for folder, is_list in sources:
+        if ray:
+            from indexer.ray_runner import index_on_ray
+
+            report = index_on_ray(
+                store, encoder, str(folder), files=is_list, address=ray_address, num_cpus=workers,
+                batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune,
+            )
+        elif is_list:
+            report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
+        else:
+            report = index_folder(
+                store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
+            )
         notice = load.cache_info().currsize and load().precision_notice
         if notice:
             typer.echo(f"loupe: {notice}", err=True)

@@ -42,6 +42,7 @@ def run() -> None:
     from indexer.errors import LoupeError
 
     _register()
+    sys.argv[1:] = _expand_ray_address(sys.argv[1:])
     try:
         code = app(standalone_mode=False, prog_name="loupe")  # returns typer.Exit codes here
         if isinstance(code, int) and code:
@@ -63,6 +64,17 @@ def run() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _expand_ray_address(args: list[str]) -> list[str]:
+    """`--ray=ADDRESS` is `--ray --ray-address ADDRESS` (a bare `--ray` starts a local cluster)."""
+    out: list[str] = []
+    for a in args:
+        if a.startswith("--ray=") and a != "--ray=":
+            out += ["--ray", "--ray-address", a[len("--ray="):]]
+        else:
+            out.append(a)
+    return out
 
 
 def _exit(code: int, message: str | None = None) -> None:

@@ -97,13 +97,10 @@ def embed_images(
 ) -> EmbedResult:
     """Embed image files in order; bad files are skipped and reported in `bad`, never raised.
 
+    Composes the pipeline's read+decode and embed units (`indexer.stages`), as indexing does.
     `reference`: decode as the reference pipeline does (`decode_image`'s reference mode, for eval).
     """
-    import torch
-
-    def load(i: int):
-        tensor, _ = decode_image(paths[i], encoder.image_size, encoder.preprocess, reference=reference)
-        return tensor
+    from indexer.stages import decode_paths, embed_stream
 
     bar = None
     if progress:
@@ -113,30 +110,14 @@ def embed_images(
     chunks: list[np.ndarray] = []
     ok: list[int] = []
     bad: dict[int, str] = {}
-    batch_idx: list[int] = []
-    batch: list = []
-
-    def flush() -> None:
-        if batch:
-            chunks.append(encoder.encode_images(torch.stack(batch)))
-            ok.extend(batch_idx)
-            if bar is not None:
-                bar.update(len(batch))
-            batch.clear()
-            batch_idx.clear()
-
     try:
-        for i, result in parallel_map(load, range(len(paths)), workers, window=4 * batch_size):
-            if isinstance(result, BaseException):
-                bad[i] = reason_for(result)
-                if bar is not None:
-                    bar.update(1)
-                continue
-            batch.append(result)
-            batch_idx.append(i)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        decoded = decode_paths(paths, encoder.image_size, encoder.preprocess, workers, window=4 * batch_size, reference=reference)
+        for keys, vecs, failed in embed_stream(encoder, decoded, batch_size):
+            chunks.append(vecs)
+            ok.extend(keys)
+            bad.update(failed)
+            if bar is not None:
+                bar.update(len(keys) + len(failed))
     finally:
         if bar is not None:
             bar.close()

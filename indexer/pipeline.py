@@ -1,4 +1,5 @@
-"""Indexing jobs: reader (folder walk / caption file) -> mapper (decode, hash, embed) -> writer.
+"""Indexing jobs: the in-process runner of the stages in `indexer.stages` (plan -> read+decode
+-> embed -> commit), plus caption corpora and removals.
 
 Incremental by design: an unchanged file (same size and mtime) costs one dict lookup; a
 changed or new file is read once, hashed and, only when its content hash has no vector yet,
@@ -13,7 +14,6 @@ Only `loupe remove` and `--prune` forget files.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,18 +23,25 @@ from typing import Callable
 import numpy as np
 
 from indexer.batching import parallel_map, reason_for
-from indexer.catalog import IMAGE, MISSING, TEXT, ImageRecord, path_key_of
+from indexer.catalog import IMAGE, TEXT, path_key_of
 from indexer.critical import critical_section
 from indexer.errors import LoupeError
-from indexer.imageio import decode_image, probe_image
 from indexer.locking import holds_writer_lock
-from indexer.sources import FileEntry, WalkStats, read_captions, walk_images
+from indexer.sources import read_captions
+from indexer.stages import (  # noqa: F401  (content_hash is imported from here by retrieval.search)
+    Committer,
+    Loaded,
+    Plan,
+    Reader,
+    StageTimes,
+    content_hash,
+    embed_batch,
+    finish_plan,
+    plan_files,
+    plan_folder,
+    read_file_list,
+)
 from indexer.store import Store
-
-
-def content_hash(data: bytes) -> str:
-    """Identity of a file's content (BLAKE2b-128, hex): equal bytes, equal vector."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 @dataclass
@@ -61,20 +68,12 @@ class IndexReport:
     precision: str | None = None  # of the image vectors embedded (None: nothing embedded)
     precision_check_seconds: float = 0.0  # the first-batch fidelity check of a precision other than fp32
     bad_files: list[tuple[str, str]] = field(default_factory=list)
+    runner: str = "in-process"  # or 'ray'
+    stages: dict = field(default_factory=dict)  # {stage: {seconds, items, per_second}} (StageTimes.as_dict)
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class _Loaded:
-    entry: FileEntry
-    row_id: int | None
-    action: str  # 'embed' | 'reuse' | 'touch'
-    content_hash: str
-    tensor: object = None
-    info: object = None
 
 
 @holds_writer_lock
@@ -97,180 +96,146 @@ def index_folder(
     that loads it: it is then called only if some file needs embedding, so a re-scan that
     finds nothing new costs no model load.
     """
-    root_path = Path(root).expanduser()
     t0 = time.perf_counter()
-    catalog = store.catalog
-    root_abs = os.path.abspath(root_path)
-    root_key = path_key_of(root_abs)
+    root_abs = os.path.abspath(Path(root).expanduser())
     report = IndexReport(root=root_abs)
-    if not root_path.is_dir():
-        if not catalog.has_images(root_key):
-            raise LoupeError(f"not a folder: {root_path}")
-        return _offline(store, report, "missing", [s.id for s in catalog.image_states(root_key).values()], t0)
+    if not os.path.isdir(root_abs) and not store.catalog.has_images(path_key_of(root_abs)):
+        raise LoupeError(f"not a folder: {root}")
     if not callable(encoder):
         store.bind(encoder)
-    states = catalog.image_states(root_key)
-    walk_stats = WalkStats()
-    todo: list[tuple[FileEntry, object]] = []
-    found_again: list[int] = []
-    for entry in walk_images(root_abs, exclude=store.location.own_paths(), stats=walk_stats):
-        report.files += 1
-        state = states.pop(entry.key, None)
-        same = state is not None and state.size == entry.size and state.mtime_ns == entry.mtime_ns
-        if same and not state.needs_work:  # a row left without vector by an old interrupted run is redone
-            report.unchanged += 1
-            if state.status == MISSING:
-                found_again.append(state.id)
-            elif state.status != "ok":
-                report.skipped += 1
-            continue
-        todo.append((entry, state))
-    if report.files == 0 and states:  # photos were indexed here: an unplugged drive's mount point, not a deletion
-        return _offline(store, report, _why_empty(root_abs), [s.id for s in states.values()], t0)
-    if found_again:
-        report.restored = len(found_again)
-        report.skipped += report.restored - catalog.restore_images(found_again)
-    gone = [s.id for s in states.values()]
-    report.ignored, report.walk_errors = walk_stats.ignored, walk_stats.errors
+    times = StageTimes()
+    with times.timed("plan"):
+        plan = plan_folder(store.catalog, root_abs, exclude=store.location.own_paths())
+    times.items["plan"] = plan.files
+    return run_plan(store, encoder, plan, report, times, t0, batch_size, workers, progress, max_batches, prune)
+
+
+@holds_writer_lock
+def index_files(
+    store: Store,
+    encoder: "Encoder | Callable[[], Encoder]",
+    file_list: str | os.PathLike,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = False,
+    max_batches: int | None = None,
+) -> IndexReport:
+    """Index the files named in `file_list` (text, one path a line, or parquet with a `path`
+    column): the same stages as a folder, with a file list as the source. Listed files that do
+    not exist are reported (and marked missing if catalogued); nothing unlisted is touched."""
+    t0 = time.perf_counter()
+    report = IndexReport(root=os.path.abspath(file_list))
+    if not callable(encoder):
+        store.bind(encoder)
+    times = StageTimes()
+    with times.timed("plan"):
+        plan = plan_files(store.catalog, read_file_list(file_list))
+    times.items["plan"] = plan.files
+    return run_plan(store, encoder, plan, report, times, t0, batch_size, workers, progress, max_batches)
+
+
+def start_report(store: Store, plan: Plan, report: IndexReport) -> None:
+    """Copy the plan's counts into the report and restore missing files found again unchanged."""
+    report.files, report.unchanged, report.skipped = plan.files, plan.unchanged, plan.unchanged_skipped
+    report.ignored, report.walk_errors = plan.ignored, plan.walk_errors + len(plan.not_found)
+    report.bad_files.extend((p, "file not found") for p in plan.not_found)
+    if plan.found_again:
+        report.restored = len(plan.found_again)
+        report.skipped += report.restored - store.catalog.restore_images(plan.found_again)
+
+
+def end_report(store: Store, plan: Plan, report: IndexReport, times: StageTimes, t0: float, prune: bool = False) -> IndexReport:
+    """The end of every runner's job: unseen files marked missing (unless interrupted), vector files synced."""
+    if not report.interrupted:
+        finish_plan(store.catalog, plan, report, prune)
+    if plan.todo:
+        store.catalog.collect_garbage()
+    with times.timed("sync"):
+        store.sync_all()
+    report.stages = times.as_dict()
+    report.encode_seconds = times.seconds.get("embed", 0.0)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def run_plan(
+    store: Store,
+    encoder: "Encoder | Callable[[], Encoder]",
+    plan: Plan,
+    report: IndexReport,
+    times: StageTimes,
+    t0: float,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = False,
+    max_batches: int | None = None,
+    prune: bool = False,
+) -> IndexReport:
+    """The in-process runner: read+decode in threads, embed and commit in this thread."""
+    catalog = store.catalog
+    if plan.offline:
+        return _offline(store, report, plan.offline, plan.gone, t0)
+    start_report(store, plan, report)
     report.scan_seconds = time.perf_counter() - t0
-    if callable(encoder) and (todo or store.meta() is None):
+    if callable(encoder) and (plan.todo or store.meta() is None):
         encoder = encoder()
         store.bind(encoder)
 
-    known = catalog.hash_to_vector(IMAGE) if todo else {}
-    in_flight: set[str] = set()  # hashes being embedded in this run: their copies wait, not re-embed
-
-    def load(job: tuple[FileEntry, object]) -> _Loaded:
-        entry, state = job
-        with open(entry.path, "rb") as f:
-            data = f.read()
-        h = content_hash(data)
-        row_id = state.id if state is not None else None
-        if state is not None and state.content_hash == h and state.status == "ok":
-            return _Loaded(entry, row_id, "touch", h)
-        if h in known or h in in_flight:
-            return _Loaded(entry, row_id, "reuse", h, info=probe_image(data))
-        in_flight.add(h)
-        tensor, info = decode_image(data, encoder.image_size, encoder.preprocess)
-        return _Loaded(entry, row_id, "embed", h, tensor=tensor, info=info)
-
+    known = catalog.hash_to_vector(IMAGE) if plan.todo else {}
+    reader = Reader(known, getattr(encoder, "image_size", 0), getattr(encoder, "preprocess", None), times)
+    commit = Committer(catalog, known, report, times)
     bar = None
-    if progress and todo:
+    if progress and plan.todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="indexing", unit="img", dynamic_ncols=True, smoothing=0.1)
-
-    records: list[ImageRecord] = []
-    waiting: list[ImageRecord] = []  # copies of content whose vector is not committed yet
-    touches: list[tuple[int, int, int]] = []
-    batch: list[_Loaded] = []
+        bar = tqdm(total=len(plan.todo), desc="indexing", unit="img", dynamic_ncols=True, smoothing=0.1)
+    batch: list[Loaded] = []
     batches_done = 0
     admitted = False  # whether this run's image precision was checked against the index's
 
-    def record(item: _Loaded, reason: str | None = None) -> ImageRecord:
-        info = item.info
-        return ImageRecord(
-            path_key=item.entry.key,
-            size=item.entry.size,
-            mtime_ns=item.entry.mtime_ns,
-            content_hash=item.content_hash,
-            width=getattr(info, "width", None),
-            height=getattr(info, "height", None),
-            taken_at=getattr(info, "taken_at", None),
-            reason=reason,
-        )
-
-    def commit(embedded: list[ImageRecord], new_vectors: list[tuple[str, np.ndarray]]) -> None:
-        """Write the decided rows, plus a batch's rows with their vectors, as one uninterruptible unit."""
-        with critical_section():  # a Ctrl-C lands before the commit or after `records`/`known` match it
-            catalog.write_images(records + embedded, new_vectors, known)
-            records.clear()
-
-    def flush(embed: bool) -> None:
+    def embed_and_commit() -> None:
         nonlocal batches_done, admitted
-        if embed and batch:
-            import torch  # here, not at the top: a run with nothing to embed never imports it
-
-            t = time.perf_counter()
-            vecs = encoder.encode_images(torch.stack([b.tensor for b in batch]))
-            report.encode_seconds += time.perf_counter() - t
-            if not admitted:  # the first batch fixed the precision: refused before any vector is written
-                store.admit_precision(encoder)
-                admitted = True
-                report.precision, report.precision_check_seconds = encoder.image_precision, encoder.fidelity_seconds
-            new_vectors = [(b.content_hash, v) for b, v in zip(batch, vecs)]
-            embedded = [record(b) for b in batch]
-            batch.clear()  # from here these rows travel only with their vectors: committed, or redone next run
-            with critical_section():
-                commit(embedded, new_vectors)
-                report.embedded += len(embedded)
-                batches_done += 1
-        elif records:
-            commit([], [])
+        vecs = embed_batch(encoder, [b.tensor for b in batch], times)
+        if not admitted:  # the first batch fixed the precision: refused before any vector is written
+            store.admit_precision(encoder)
+            admitted = True
+            report.precision, report.precision_check_seconds = encoder.image_precision, encoder.fidelity_seconds
+        items = [(b.unit, b.content_hash, b.info) for b in batch]
+        batch.clear()  # from here these rows travel only with their vectors: committed, or redone next run
         with critical_section():
-            ready = [w for w in waiting if w.content_hash in known]
-            if ready:
-                catalog.write_images(ready, [], known)
-                waiting[:] = [w for w in waiting if w.content_hash not in known]
-        with critical_section():
-            if touches:
-                catalog.touch_images(touches)
-                touches.clear()
+            commit.embedded(items, vecs)
+            batches_done += 1
 
     try:
-        for job, result in parallel_map(load, todo, workers, window=max(64, 4 * batch_size)):
-            entry = job[0]
+        for unit, result in parallel_map(reader, plan.todo, workers, window=max(64, 4 * batch_size)):
             if isinstance(result, BaseException):
-                reason = reason_for(result)
-                records.append(ImageRecord(path_key=entry.key, size=entry.size, mtime_ns=entry.mtime_ns, reason=reason))
-                report.skipped += 1
-                report.bad_files.append((entry.path, reason))
+                commit.failed(unit, reason_for(result))
             elif result.action == "touch":
-                touches.append((result.row_id, entry.size, entry.mtime_ns))
-                report.touched += 1
+                commit.touched(unit)
             elif result.action == "reuse":
-                (records if result.content_hash in known else waiting).append(record(result))
-                report.reused += 1
+                commit.reused(unit, result.content_hash, result.info)
             else:
                 batch.append(result)
                 if len(batch) >= batch_size:
-                    flush(embed=True)
+                    embed_and_commit()
                     if max_batches is not None and batches_done >= max_batches:
                         raise KeyboardInterrupt
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(new=report.embedded + len(batch), reused=report.reused, bad=report.skipped, refresh=False)
-            if len(records) >= 512:
-                flush(embed=False)  # reuse/skip-only stretches still commit regularly
-        flush(embed=True)
+            if commit.pending >= 512:
+                commit.flush()  # reuse/skip-only stretches still commit regularly
+        if batch:
+            embed_and_commit()
+        commit.flush()
     except KeyboardInterrupt:
         report.interrupted = True
         with critical_section():  # a second Ctrl-C waits for this clean-up
-            flush(embed=False)  # keep decided rows; the unembedded batch is redone next run
+            commit.flush()  # keep decided rows; the unembedded batch is redone next run
     finally:
         if bar is not None:
             bar.close()
-    if not report.interrupted:
-        report.missing, report.removed = catalog.mark_missing(gone)  # kept, hidden; moved files dropped
-        if prune:
-            missing = catalog.missing_ids(root_key)
-            report.removed += catalog.delete_images(missing) if missing else 0  # and the vectors they alone used
-        catalog.record_root(root_key, report.files)
-    if todo:
-        catalog.collect_garbage()
-    store.sync_all()
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def _why_empty(root: str) -> str:
-    """Why a folder showed no photos: 'unreadable' if it cannot be listed, else 'empty'."""
-    try:
-        with os.scandir(root) as entries:
-            next(entries, None)
-    except OSError:
-        return "unreadable"
-    return "empty"
+    return end_report(store, plan, report, times, t0, prune)
 
 
 def _offline(store: Store, report: IndexReport, why: str, row_ids: list[int], t0: float) -> IndexReport:
@@ -282,7 +247,6 @@ def _offline(store: Store, report: IndexReport, why: str, row_ids: list[int], t0
     store.sync_all()
     report.seconds = time.perf_counter() - t0
     return report
-
 
 @dataclass
 class TextReport:

@@ -72,8 +72,8 @@ def decode_all(bound: BoundSet, encoder: "Encoder", workers: int | None = None) 
     with the pixels `loupe eval` uses (the reference pipeline)."""
     import torch
 
-    from indexer.batching import parallel_map, reason_for
-    from indexer.imageio import decode_image
+    from indexer.batching import reason_for
+    from indexer.stages import decode_paths
 
     n, size = len(bound.paths), encoder.image_size
     need = n * 3 * size * size * 4
@@ -84,8 +84,7 @@ def decode_all(bound: BoundSet, encoder: "Encoder", workers: int | None = None) 
         )
     cache: torch.Tensor | None = None
     bad: list[str] = []
-    load = lambda i: decode_image(bound.paths[i], size, encoder.preprocess, reference=True)[0]  # noqa: E731
-    for i, result in parallel_map(load, range(n), workers):
+    for i, result in decode_paths(bound.paths, size, encoder.preprocess, workers, reference=True):
         if isinstance(result, BaseException):
             bad.append(f"{bound.paths[i].name} ({reason_for(result)})")
             continue
