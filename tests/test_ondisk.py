@@ -147,7 +147,7 @@ def test_training_sample_and_factory_choice(shard_dir):
     rows = {v.tobytes() for v in vectors}
     assert len(sample) == 500 and all(s.tobytes() in rows for s in sample)  # real rows, read exactly
     assert len({s.tobytes() for s in sample}) == 500
-    assert auto_factory(1_000, 512) == "IVF256,PQ64np" and auto_factory(10_000_000, 512) == "IVF4096,PQ64np"
+    assert auto_factory(1_000, 512) == "IVF256,PQ128np" and auto_factory(10_000_000, 512) == "IVF4096,PQ128np"
     with pytest.raises(LoupeError, match="not an inverted-file index"):
         build_ondisk(shard_dir, shard_dir.parent / "flat", factory="Flat")
     with pytest.raises(LoupeError, match="bad FAISS factory"):
