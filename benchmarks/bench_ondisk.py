@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="")
     ap.add_argument("--keep", action="store_true", help="keep shards and index (default: delete them at the end)")
+    ap.add_argument("--reuse-shards", action="store_true", help="use the shards already in --work (same N, dim, spread)")
     ap.add_argument("--stage", choices=["generate", "build", "query"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work or str(OUT / f"ondisk-{args.n}")
@@ -131,6 +132,10 @@ def main() -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     for stage in ("generate", "build", "query"):
         if stage == "generate" and (Path(args.work) / "shards").exists():
+            if args.reuse_shards:
+                print("generate: reusing the shards in --work", flush=True)
+                result["stages"]["generate"] = {"reused": True}
+                continue
             shutil.rmtree(Path(args.work) / "shards")
         t = time.perf_counter()
         cmd = [sys.executable, __file__, "--stage", stage] + [a for a in sys.argv[1:]]

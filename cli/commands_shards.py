@@ -74,7 +74,7 @@ def import_(
 def build_index(
     shards: Annotated[Path, typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`).")],
     out: Annotated[Path, typer.Argument(help="Folder for the index (index.faiss + lists.ivfdata + ondisk.json).")],
-    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~2 sqrt n>,PQ<dim/8>).")] = None,
+    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~sqrt n>,PQ<dim/4>np).")] = None,
     texts: Annotated[bool, typer.Option("--texts", help="Index text_emb/ instead of img_emb/.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
