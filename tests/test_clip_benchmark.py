@@ -74,8 +74,8 @@ def test_loupe_eval_matches_clip_benchmark(flickr_trained, loupe, tmp_path):
 
     # a model that learnt something, so that agreeing is not agreeing on noise
     chance = ours["chance"]
-    assert ours["text_to_image"]["R@10"] >= 5 * chance["text_to_image"]["R@10"]
-    assert ours["image_to_text"]["R@10"] >= 5 * chance["image_to_text"]["R@10"]
+    assert ours["text_to_image"]["R@10"] >= 10 * chance["text_to_image"]["R@10"]
+    assert ours["image_to_text"]["R@10"] >= 10 * chance["image_to_text"]["R@10"]
     for direction in ("text_to_image", "image_to_text"):
         for k in KS:
             key = f"R@{k}"
