@@ -353,31 +353,17 @@ def info(
     db: DbOpt = None,
 ) -> None:
     """Show what the index holds: counts, skipped files and why, model, sizes, last update."""
+    from retrieval.status import index_status, skipped_files
+
     store = _store(home, db, writer=False)
-    meta = store.require_meta()
-    stats = store.catalog.stats()
-    files = {str(p): p.stat().st_size for p in store.vector_files() if p.exists()}
-    out = {
-        "catalog": store.describe(),
-        "model": meta.model,
-        "pretrained": meta.pretrained,
-        "checkpoint": meta.checkpoint_path,
-        "weights": meta.weights_id,
-        "dim": meta.dim,
-        "image_precision": store.image_precisions(),
-        "created": meta.created_at.isoformat(timespec="seconds"),
-        "updated": meta.updated_at.isoformat(timespec="seconds"),
-        **stats,
-        "vector_files": files,
-        "roots": _roots(store),
-    }
+    out = index_status(store)  # the same facts the web page's status view shows
+    out["image_precision"] = store.image_precisions()
     if skipped:
-        out["skipped_files"] = [
-            {"path": r.path, "reason": r.reason} for r in store.catalog.iter_image_rows(status="skipped")
-        ]
+        out["skipped_files"] = skipped_files(store)
     if as_json:
         typer.echo(json.dumps(out, default=str))
         return
+    meta, stats, files = store.require_meta(), out, out["vector_files"]
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
@@ -403,13 +389,6 @@ def info(
         typer.echo(f"skipped      {n:>6}  {reason}")
     for row in out.get("skipped_files", []):
         typer.echo(f"  {row['path']}: {row['reason']}")
-
-
-def _roots(store) -> list[dict]:
-    """Indexed folders, offline ones marked (`retrieval.status`, shared with the web API)."""
-    from retrieval.status import indexed_folders
-
-    return indexed_folders(store)
 
 
 @app.command()
