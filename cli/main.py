@@ -45,8 +45,7 @@ def run() -> None:
     sys.argv[1:] = _expand_ray_address(sys.argv[1:])
     try:
         code = app(standalone_mode=False, prog_name="loupe")  # returns typer.Exit codes here
-        if isinstance(code, int) and code:
-            _exit(code)
+        _exit(code if isinstance(code, int) else 0)  # the work is done: a late Ctrl-C no longer interrupts the way out
     except LoupeError as exc:
         typer.echo(f"loupe: error: {exc}", err=True)
         sys.exit(1)

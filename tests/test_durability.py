@@ -250,8 +250,10 @@ def test_kill_loop_then_every_photo_indexed_once(loupe, tiny_checkpoint, flickr_
         rows, skipped = _db_counts(loupe.home)
         log.append((how, proc.returncode, before, rows))
         assert "Traceback" not in stderr, stderr[-2000:]
-        assert proc.returncode in (0, 130, -signal.SIGKILL), (how, proc.returncode, stderr[-500:])
-        assert skipped == 0, f"iteration {i} ({how}) stored {skipped} rows without a vector: {log}"
+        finished = rows == 40  # a signal that lands after the last commit may meet the interpreter's teardown
+        allowed = (0, 130, -signal.SIGKILL) + ((-signal.SIGINT,) if finished else ())
+        assert proc.returncode in allowed, (how, proc.returncode, stderr[-500:])
+        assert skipped == 0, f"run {len(log)} ({how}) stored {skipped} rows without a vector: {log}"
     print("kill loop (signal, exit, rows before, rows after):", log)
     assert any(before < rows < 40 for _, _, before, rows in log), f"no run was stopped mid-way: {log}"
     out = loupe("index", folder, "--json").stdout
