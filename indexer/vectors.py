@@ -240,10 +240,7 @@ class VectorIndex:
         """
         faiss = faiss_module()
         given = parse_search_params(params) if params is None or isinstance(params, str) else dict(params)
-        values: dict[str, int] = {}
-        if self._probed is not None:
-            values["nprobe"] = default_nprobe(self._probed.nlist)
-        values["efSearch"] = EF_SEARCH
+        values = self.default_search_params()
         values.update(given)
         space = faiss.ParameterSpace()
         applied = {}
@@ -254,6 +251,18 @@ class VectorIndex:
                 continue
             applied[name] = value
         self.search_params = applied
+
+    def default_search_params(self) -> dict[str, int]:
+        """loupe's defaults, before any parameter given: `default_nprobe` lists, EF_SEARCH for HNSW."""
+        values: dict[str, int] = {}
+        if self._probed is not None:
+            values["nprobe"] = default_nprobe(self._probed.nlist)
+        values["efSearch"] = EF_SEARCH
+        return values
+
+    def candidates(self, k: int) -> int:
+        """How many candidates a search fetches for `k` results before exact re-scoring."""
+        return k if self.exact else k * RERANK_FACTOR
 
     @classmethod
     def create(cls, dim: int, factory: str = DEFAULT_FACTORY) -> "VectorIndex":
@@ -382,7 +391,7 @@ class VectorIndex:
                 return self.index.search(queries, k, params=self._params(faiss.IDSelectorBatch(allowed), nq))
             if len(allowed) <= EXACT_FILTER_MAX:
                 return self._exact_among(queries, k, allowed)
-        fetch = k if self.exact else min(self.ntotal, k * RERANK_FACTOR)
+        fetch = min(self.ntotal, self.candidates(k))
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         scores, ids = self.index.search(queries, fetch, params=self._params(sel, nq))
         if self.exact:
