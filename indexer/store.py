@@ -186,6 +186,8 @@ class Store:
     def _ondisk(self, kind: str, meta: Meta) -> VectorIndex | None:
         """The on-disk index of `kind` (`loupe build-index`) when one is current; a stale or foreign
         one is left aside with a one-line notice on stderr (the FAISS file answers instead)."""
+        if not self.location.ondisk_dir(kind).is_dir():
+            return None  # none built: a cold search does not even import indexer.ondisk
         from indexer.ondisk import open_catalog_ondisk
 
         index, notice = open_catalog_ondisk(self, kind, meta)
@@ -485,6 +487,11 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
             missing += 1
         elif not os.path.exists(os.fsdecode(row.path_key)):
             gone += 1
+    from indexer.ondisk import ondisk_status
+
+    for kind, od in ondisk_status(store, meta).items():
+        if od["state"] != "current":
+            notes.append(f"the on-disk {kind} index {od['path']} {od['why']}: searches use the FAISS file until `loupe build-index` rebuilds it")
     if missing:
         notes.append(f"{missing} files are missing (kept with their vectors, hidden from results; "
                      "`loupe index DIR --prune` or `loupe remove PATH` forgets them)")

@@ -111,6 +111,19 @@ def test_filters_apply_before_the_cut(catalog, tiny_encoder, monkeypatch, scan):
     assert all(h.fields["path"].startswith(str(folder)) and h.fields["path"][-5] in "01234567" for h in hits)
 
 
+def test_image_and_mixed_queries(catalog, tiny_encoder):
+    store = Store.open(home=catalog / "home", writer=False, search_params="nprobe=8")  # 8 lists of 16
+    searcher = Searcher(store, tiny_encoder)
+    assert store.vector_index(IMAGE).nprobe == 8
+    photo = str(sorted((catalog / "photos" / "a").iterdir())[3])
+    for terms in ([Term(1.0, "image", photo)], [Term(2.0, "text", "a dog"), Term(1.0, "image", photo), Term(-0.5, "text", "people")]):
+        hits = searcher.search(terms, k=3)
+        scores, ids = exact_top(store, IMAGE, searcher.query_vector(terms)[None, :], 3)
+        assert [h.vector_id for h in hits] == [int(i) for i in ids[0]]  # easy queries: found in the lists visited
+        np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-5)
+    assert searcher.search([Term(1.0, "image", photo)], k=1)[0].fields["path"] == photo
+
+
 def test_stale_index_is_left_aside_and_a_reader_follows(tmp_path, catalog, tiny_encoder, flickr_images):
     home = tmp_path / "home"
     shutil.copytree(catalog / "home", home)
@@ -129,6 +142,9 @@ def test_stale_index_is_left_aside_and_a_reader_follows(tmp_path, catalog, tiny_
     index = reader.vector_index(IMAGE)
     assert type(index) is VectorIndex and index.ntotal == N_PHOTOS + 6  # the FAISS file, current
     assert len(reader.notices) == 1 and "is behind the catalog" in reader.notices[0] and "loupe build-index" in reader.notices[0]
+    from indexer.store import check_store
+
+    assert any("on-disk image index" in n and "is behind" in n for n in check_store(reader).notes)
     queries = text_queries(tiny_encoder)
     assert_same_ranking(index.search(queries, 10), exact_top(reader, IMAGE, queries, 10))
     assert isinstance(reader.vector_index(TEXT), OnDiskVectorIndex)  # captions unchanged: still current
