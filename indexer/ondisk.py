@@ -35,7 +35,7 @@ import numpy as np
 
 from indexer import shards as sh
 from indexer.errors import LoupeError
-from indexer.vectors import RERANK_FACTOR, VectorIndex
+from indexer.vectors import RERANK_FACTOR, VectorIndex, ids_digest
 
 if TYPE_CHECKING:
     from indexer.catalog import Catalog, Meta
@@ -182,8 +182,6 @@ class CatalogRows:
         return len(self.ids)
 
     def plan(self) -> dict:
-        from indexer.vectors import ids_digest
-
         return {"kind": self.kind, "ids_digest": ids_digest(self.ids)}
 
     def block_rows(self) -> list[int]:
@@ -500,7 +498,6 @@ def build_catalog_ondisk(
 
     from indexer.critical import critical_section
     from indexer.store import catalog_identity
-    from indexer.vectors import ids_digest
 
     meta = store.require_meta()
     generation = store.catalog.generation()  # before the ids: a label may lag its content, never lead it
@@ -547,7 +544,6 @@ def catalog_ondisk_state(store: "Store", kind: str, meta: "Meta", info: dict) ->
     are the same vectors).
     """
     from indexer.store import catalog_identity
-    from indexer.vectors import ids_digest
 
     generation = store.catalog.generation()
     if info.get("source") != CATALOG_SOURCE or info.get("kind") != kind:

@@ -240,7 +240,10 @@ class VectorIndex:
         """
         faiss = faiss_module()
         given = parse_search_params(params) if params is None or isinstance(params, str) else dict(params)
-        values = self.default_search_params()
+        values: dict[str, int] = {}
+        if self._probed is not None:
+            values["nprobe"] = default_nprobe(self._probed.nlist)
+        values["efSearch"] = EF_SEARCH
         values.update(given)
         space = faiss.ParameterSpace()
         applied = {}
@@ -251,14 +254,6 @@ class VectorIndex:
                 continue
             applied[name] = value
         self.search_params = applied
-
-    def default_search_params(self) -> dict[str, int]:
-        """loupe's defaults, before any parameter given: `default_nprobe` lists, EF_SEARCH for HNSW."""
-        values: dict[str, int] = {}
-        if self._probed is not None:
-            values["nprobe"] = default_nprobe(self._probed.nlist)
-        values["efSearch"] = EF_SEARCH
-        return values
 
     def candidates(self, k: int) -> int:
         """How many candidates a search fetches for `k` results before exact re-scoring."""
