@@ -384,6 +384,9 @@ def info(
     typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
     for path, size in files.items():
         typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")
+    for kind, od in out["ondisk"].items():
+        state = "in use" if od["state"] == "current" else f"stale, not used: it {od['why']}"
+        typer.echo(f"on-disk      {kind}s: {od['path']} ({od['factory']}, {od['vectors']} vectors, {od['bytes'] / 1e6:.1f} MB; {state})")
     typer.echo(f"created      {out['created']} UTC, updated {out['updated']} UTC")
     for reason, n in stats["skip_reasons"]:
         typer.echo(f"skipped      {n:>6}  {reason}")

@@ -72,26 +72,46 @@ def import_(
 
 @app.command("build-index")
 def build_index(
-    shards: Annotated[Path, typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`).")],
-    out: Annotated[Path, typer.Argument(help="Folder for the index (index.faiss + lists.ivfdata + ondisk.json).")],
-    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~sqrt n>,PQ<dim/4>np).")] = None,
-    texts: Annotated[bool, typer.Option("--texts", help="Index text_emb/ instead of img_emb/.")] = False,
+    shards: Annotated[Optional[Path], typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`); none: the index's own vectors.")] = None,
+    out: Annotated[Optional[Path], typer.Argument(help="Folder for the index built from SHARDS (index.faiss + lists.ivfdata + ondisk.json).")] = None,
+    factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~sqrt n>,PQ<dim/4>np; IVF<n/40>,SQ8 below 10,240 vectors).")] = None,
+    texts: Annotated[bool, typer.Option("--texts", help="Index the captions (text_emb/) instead of the photos (img_emb/).")] = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
     as_json: JsonOpt = False,
+    no_wait: NoWaitOpt = False,
 ) -> None:
-    """Build an IVF index larger than memory from npy shards: lists on disk, memory-mapped for search.
+    """Build an IVF index larger than memory: lists on disk, memory-mapped for search.
 
-    Trains on a sample, adds shard by shard (memory bounded by one shard's codes), merges the
-    lists into one on-disk file; an interrupted build resumes with the shards already added.
-    Searches re-rank their candidates exactly against the shards' float vectors.
+    Without arguments it indexes the index's own vectors (--home/--db) into a folder beside its
+    FAISS file, and `loupe search` and `loupe serve` use it from then on, for as long as it is
+    current (after `loupe index` adds or removes photos they say it is stale and use the FAISS
+    file until it is rebuilt). With SHARDS and OUT it indexes npy shards into OUT.
+
+    Trains on a sample, adds block by block (memory bounded by one block's codes), merges the
+    lists into one on-disk file; an interrupted build resumes with the blocks already added.
+    Searches re-rank their candidates exactly against the float vectors (the catalog's, or the shards').
     """
-    from indexer.ondisk import build_ondisk, report_dict
+    from indexer.errors import LoupeError
+    from indexer.ondisk import build_catalog_ondisk, build_ondisk, report_dict
     from indexer.shards import IMG, TXT
 
-    report = build_ondisk(shards, out, factory=factory, kind=TXT if texts else IMG, progress=lambda m: typer.echo(m, err=True))
+    def say(message: str) -> None:
+        typer.echo(message, err=True)
+
+    if shards is None:
+        store = _store(home, db, writer=False)
+        store.require_meta()
+        with _writing(store, no_wait):  # the catalog holds still while its vectors are read
+            report = build_catalog_ondisk(store, "text" if texts else "image", factory=factory, progress=say)
+    elif out is None:
+        raise LoupeError("build-index SHARDS needs OUT, the folder for the index (or no argument: the index's own vectors)")
+    else:
+        report = build_ondisk(shards, out, factory=factory, kind=TXT if texts else IMG, progress=say)
     if as_json:
         typer.echo(json.dumps(report_dict(report)))
     else:
         typer.echo(
-            f"{report.out}: {report.rows} vectors from {report.shards} shards, {report.factory}, "
+            f"{report.out}: {report.rows} vectors from {report.shards} {'blocks' if shards is None else 'shards'}, {report.factory}, "
             f"{report.disk_bytes / 1e6:.1f} MB on disk in {report.seconds['total']:.1f}s"
         )

@@ -30,6 +30,10 @@ class Location:
         """The FAISS file holding vectors of `kind` ('image' or 'text')."""
         return self.vector_dir / f"{self.prefix}{kind}s.faiss"
 
+    def ondisk_dir(self, kind: str) -> Path:
+        """The folder of the on-disk IVF index of `kind` (`loupe build-index`), beside its FAISS file."""
+        return self.vector_dir / f"{self.prefix}{kind}s.ondisk"
+
     def own_paths(self) -> list[Path]:
         """Folders that hold the index's own files, which indexing must never walk into."""
         return [self.vector_dir]

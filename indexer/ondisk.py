@@ -21,18 +21,25 @@ of the shards' metadata rows, so a result maps back to its `image_path` directly
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from indexer import shards as sh
 from indexer.errors import LoupeError
+from indexer.vectors import RERANK_FACTOR, VectorIndex, ids_digest
+
+if TYPE_CHECKING:
+    from indexer.catalog import Catalog, Meta
+    from indexer.store import Store
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"
@@ -142,6 +149,56 @@ class ShardSet:
         """Every shard memory-mapped read-only (for re-ranking: only the rows touched are read)."""
         return [sh.open_embeddings(p) for p in self.paths]
 
+    # the building interface (`_build`): one block per shard, ids are global row numbers
+    block_name = "shard"
+
+    def plan(self) -> dict:
+        return {"shards": [str(p) for p in self.paths], "rows": self.rows}
+
+    def block_rows(self) -> list[int]:
+        return list(self.rows)
+
+    def read_block(self, s: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(float32 vectors, ids) of shard `s`, `batch` rows at a time, read without mapping."""
+        first = int(self.offsets[s])
+        for start in range(0, self.rows[s], batch):
+            vecs = sh.read_rows(self.paths[s], start, start + batch)
+            yield vecs, np.arange(first + start, first + start + len(vecs), dtype=np.int64)
+
+
+@dataclass
+class CatalogRows:
+    """The vectors of one kind in a loupe catalog, as `_build` reads them: ids are catalog vector
+    ids (the same the catalog's FAISS files use), read in blocks of `ADD_BATCH` ids."""
+
+    catalog: "Catalog"
+    kind: str
+    dim: int
+    ids: np.ndarray
+    block_name = "block"
+
+    @property
+    def total(self) -> int:
+        return len(self.ids)
+
+    def plan(self) -> dict:
+        return {"kind": self.kind, "ids_digest": ids_digest(self.ids)}
+
+    def block_rows(self) -> list[int]:
+        return [len(self.ids[i : i + ADD_BATCH]) for i in range(0, len(self.ids), ADD_BATCH)]
+
+    def read_block(self, b: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        part = self.ids[b * ADD_BATCH : (b + 1) * ADD_BATCH]
+        for start in range(0, len(part), batch):
+            ids = part[start : start + batch]
+            yield self.catalog.load_vectors(ids, self.dim), ids
+
+    def read_sample(self, size: int, seed: int = 0) -> np.ndarray:
+        picked = self.ids
+        if len(picked) > size:
+            picked = np.sort(np.random.default_rng(seed).choice(self.ids, size=size, replace=False))
+        return self.catalog.load_vectors(picked, self.dim)
+
 
 # ---- building ------------------------------------------------------------------------------
 @dataclass
@@ -179,14 +236,48 @@ def build_ondisk(
     the collection size. Re-running after an interruption reuses the trained index and every
     block already written, as long as the shards and factory are the same.
     """
-    faiss = faiss_module()
-    t0 = time.perf_counter()
     shards = ShardSet.scan(shards_dir, kind)
     factory = factory or auto_factory(shards.total, shards.dim)
-    out = Path(out)
+    extra = {"shards": [{"path": str(p), "rows": r} for p, r in zip(shards.paths, shards.rows)], "kind": kind}
+    return _build(shards, Path(out), factory, extra, train_rows, batch, progress)
+
+
+@contextlib.contextmanager
+def _c_stdout_to_stderr() -> Iterator[None]:
+    """Send what C code prints on stdout to stderr meanwhile, so a command's stdout stays its output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).fflush(None)  # C's buffered output goes where it was meant to
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _build(
+    source: "ShardSet | CatalogRows", out: Path, factory: str, extra: dict, train_rows: int | None = None,
+    batch: int = ADD_BATCH, progress: Callable[[str], None] | None = None, lists_path: Path | None = None,
+) -> BuildReport:
+    """Train on a sample of `source`, add it block by block, merge the blocks' lists into one
+    on-disk file in `out`, and describe it in ondisk.json (`extra` added to the description).
+
+    `source` hands out vectors with their ids: a ShardSet (global row numbers, one block per
+    shard) or CatalogRows (catalog vector ids, one block per `ADD_BATCH` ids). `lists_path`: where
+    the lists file will be read from (the folder the index is moved to), recorded in the index
+    file; by default its name alone, found beside the index file when read.
+    """
+    faiss = faiss_module()
+    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     (out / BLOCKS_DIR).mkdir(exist_ok=True)
-    plan = {"factory": factory, "dim": shards.dim, "shards": [str(p) for p in shards.paths], "rows": shards.rows}
+    plan = {"factory": factory, "dim": source.dim, **source.plan()}
     plan_file = out / "plan.json"
     stored = json.loads(plan_file.read_text()) if plan_file.exists() else {}
     if {k: stored.get(k) for k in plan} != plan:
@@ -194,7 +285,8 @@ def build_ondisk(
             stale.unlink(missing_ok=True)  # another collection or factory: nothing is reusable
         plan_file.write_text(json.dumps(plan))
     say = progress or (lambda _: None)
-    report = BuildReport(str(out), shards.total, len(shards.paths), shards.dim, factory, 0)
+    sizes = source.block_rows()
+    report = BuildReport(str(out), source.total, len(sizes), source.dim, factory, 0)
 
     trained_path = out / TRAINED_FILE
     if trained_path.exists():
@@ -202,7 +294,7 @@ def build_ondisk(
         report.train_rows = int(json.loads(plan_file.read_text()).get("train_rows", 0))
     else:
         try:
-            trained = faiss.index_factory(shards.dim, factory, faiss.METRIC_INNER_PRODUCT)
+            trained = faiss.index_factory(source.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise LoupeError(f"bad FAISS factory string {factory!r}: {str(exc).splitlines()[0]}") from None
         if faiss.try_extract_index_ivf(trained) is None:
@@ -210,11 +302,14 @@ def build_ondisk(
         nlist = faiss.extract_index_ivf(trained).nlist
         size = train_rows or min(MAX_TRAIN, max(TRAIN_PER_LIST * nlist, 10_000))
         t = time.perf_counter()
-        sample = shards.read_sample(size)
+        sample = source.read_sample(size)
         report.seconds["sample"] = time.perf_counter() - t
         say(f"training {factory} on {len(sample)} rows")
         t = time.perf_counter()
-        trained.train(sample)
+        try:
+            trained.train(sample)
+        except RuntimeError as exc:  # e.g. fewer training rows than the lists or codes need
+            raise LoupeError(f"cannot train {factory!r} on {len(sample)} vectors: {str(exc).splitlines()[0]}") from None
         report.seconds["train"] = time.perf_counter() - t
         report.train_rows = len(sample)
         del sample
@@ -223,21 +318,21 @@ def build_ondisk(
         plan_file.write_text(json.dumps(plan))
 
     t = time.perf_counter()
-    offsets = shards.offsets
     blocks = []
-    for s, path in enumerate(shards.paths):
+    done = 0
+    for s, rows in enumerate(sizes):
         block_path = out / BLOCKS_DIR / f"block_{s:05d}.index"
         blocks.append(str(block_path))
+        done += rows
         if block_path.exists():
             report.blocks_reused += 1
             continue
         block = faiss.clone_index(trained)
-        for start in range(0, shards.rows[s], batch):
-            vecs = sh.read_rows(path, start, start + batch)
-            block.add_with_ids(vecs, np.arange(offsets[s] + start, offsets[s] + start + len(vecs), dtype=np.int64))
+        for vecs, ids in source.read_block(s, batch):
+            block.add_with_ids(vecs, ids)
         _atomic_write_index(block, block_path)
         del block
-        say(f"added shard {s + 1}/{len(shards.paths)} ({offsets[s + 1]} rows)")
+        say(f"added {source.block_name} {s + 1}/{len(sizes)} ({done} rows)")
     report.seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -246,19 +341,19 @@ def build_ondisk(
     merged = faiss.read_index(str(trained_path))
     lists_tmp = out / (LISTS_FILE + ".tmp")
     lists_tmp.unlink(missing_ok=True)
-    merge_ondisk(merged, blocks, str(lists_tmp))
+    with _c_stdout_to_stderr():  # faiss prints "resizing FILE to N bytes" with printf
+        merge_ondisk(merged, blocks, str(lists_tmp))
     # the lists file is named relative to the index file (IO_FLAG_ONDISK_SAME_DIR when reading)
     os.replace(lists_tmp, out / LISTS_FILE)
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(merged).invlists)
-    invlists.filename = LISTS_FILE
+    invlists.filename = str(lists_path) if lists_path else LISTS_FILE
     _atomic_write_index(merged, out / INDEX_FILE)
     del merged
     report.seconds["merge"] = time.perf_counter() - t
 
     info = {
-        "factory": factory, "dim": shards.dim, "metric": "inner_product", "rows": shards.total,
-        "shards": [{"path": str(p), "rows": r} for p, r in zip(shards.paths, shards.rows)],
-        "kind": kind, "train_rows": report.train_rows, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "factory": factory, "dim": source.dim, "metric": "inner_product", "rows": source.total,
+        **extra, "train_rows": report.train_rows, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     for b in blocks:
@@ -370,3 +465,170 @@ def peak_rss_bytes() -> int:
 
 def report_dict(report: BuildReport) -> dict:
     return asdict(report)
+
+
+# ---- the on-disk index of a catalog -----------------------------------------------------------
+# `loupe build-index` without shards builds one per kind in the index folder (`Location.ondisk_dir`),
+# over the catalog's vectors with their catalog ids. Its ondisk.json is its label, as the one-file
+# FAISS units carry theirs (`vectors.Label`): which catalog, which generation, how many ids and a
+# digest of them. The Store searches it instead of the FAISS file while it is current.
+CATALOG_SOURCE = "catalog"
+SMALL = TRAIN_PER_LIST * 256  # below this many vectors PQ's 256 codes per sub-space cannot be trained well
+
+
+def catalog_factory(n: int, dim: int) -> str:
+    """`auto_factory` for a collection large enough to train it; below `SMALL`, fewer lists (at
+    least `TRAIN_PER_LIST` vectors each) and SQ8 codes, so any collection gets a usable index."""
+    if n >= SMALL:
+        return auto_factory(n, dim)
+    return f"IVF{2 ** int(math.log2(max(1, n // TRAIN_PER_LIST)))},SQ8"
+
+
+def build_catalog_ondisk(
+    store: "Store", kind: str, factory: str | None = None, train_rows: int | None = None,
+    batch: int = ADD_BATCH, progress: Callable[[str], None] | None = None,
+) -> BuildReport:
+    """Build the on-disk index of the catalog's `kind` vectors ('image' or 'text') in its index folder.
+
+    Call it holding the writer lock (`loupe build-index` does), so the catalog cannot change
+    while its vectors are read. The index is built beside the old one and swapped in at the end:
+    a search sees the old index, no index (and uses the FAISS file), or the new one.
+    """
+    import shutil
+
+    from indexer.critical import critical_section
+    from indexer.store import catalog_identity
+
+    meta = store.require_meta()
+    generation = store.catalog.generation()  # before the ids: a label may lag its content, never lead it
+    ids = store.catalog.vector_ids(kind)
+    if not len(ids):
+        raise LoupeError(f"the index holds no {kind} vectors to build an on-disk index of")
+    source = CatalogRows(store.catalog, kind, meta.dim, ids)
+    final = store.location.ondisk_dir(kind)
+    work = final.with_name(final.name + ".build")
+    old = final.with_name(final.name + ".old")
+    label = {
+        "source": CATALOG_SOURCE, "kind": kind, "catalog": catalog_identity(meta), "generation": generation,
+        "ids_digest": ids_digest(ids), "weights": meta.weights_id,
+    }
+    label["lists_path"] = str(final.resolve() / LISTS_FILE)  # so that opening it needs no IO_FLAG_ONDISK_SAME_DIR
+    report = _build(
+        source, work, factory or catalog_factory(len(ids), meta.dim), label, train_rows, batch, progress,
+        lists_path=Path(label["lists_path"]),
+    )
+    (work / "plan.json").unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+    with critical_section():
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+    report.out = str(final)
+    return report
+
+
+def read_info(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def catalog_ondisk_state(store: "Store", kind: str, meta: "Meta", info: dict) -> tuple[bool, str, int]:
+    """(current, why not, catalog generation) of the on-disk index described by `info`.
+
+    Current: built for this catalog (identity and dimension), at its present generation, or
+    holding exactly its present vector ids (a change that left this kind alone, such as new
+    captions for the image index, does not make it stale; ids are never reused, so the same ids
+    are the same vectors).
+    """
+    from indexer.store import catalog_identity
+
+    generation = store.catalog.generation()
+    if info.get("source") != CATALOG_SOURCE or info.get("kind") != kind:
+        return False, "was not built from this catalog's vectors", generation
+    if info.get("catalog") != catalog_identity(meta) or info.get("dim") != meta.dim:
+        return False, "belongs to another catalog", generation
+    if info.get("generation") == generation:
+        return True, "", generation
+    n = store.catalog.count_vectors(kind)
+    if n != info.get("rows") or ids_digest(store.catalog.vector_ids(kind)) != info.get("ids_digest"):
+        return False, f"is behind the catalog (built over {info.get('rows')} vectors, the catalog now has {n})", generation
+    return True, "", generation
+
+
+def ondisk_status(store: "Store", meta: "Meta") -> dict[str, dict]:
+    """What `loupe info` says of the on-disk indices of this catalog: kind -> facts and state."""
+    out = {}
+    for kind in ("image", "text"):
+        folder = store.location.ondisk_dir(kind)
+        info = read_info(folder)
+        if info is None:
+            continue
+        current, why, _ = catalog_ondisk_state(store, kind, meta, info)
+        out[kind] = {
+            "path": str(folder), "factory": info.get("factory"), "vectors": info.get("rows"), "built_at": info.get("built_at"),
+            "bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+            "state": "current" if current else "stale", "why": why or None,
+        }
+    return out
+
+
+def open_catalog_ondisk(store: "Store", kind: str, meta: "Meta") -> tuple["OnDiskVectorIndex | None", str | None]:
+    """The catalog's on-disk index of `kind` if there is one and it is current, else None, with a
+    one-line notice when one exists but cannot be used (stale, another catalog's, unreadable)."""
+    folder = store.location.ondisk_dir(kind)
+    if not (folder / INFO_FILE).exists():
+        return None, None
+    info = read_info(folder)
+    rebuild = "`loupe build-index" + (" --texts`" if kind == "text" else "`")
+    if info is None:
+        return None, f"the on-disk {kind} index {folder} is unreadable: searching the regular index instead; {rebuild} rebuilds it"
+    current, why, generation = catalog_ondisk_state(store, kind, meta, info)
+    if not current:
+        return None, f"the on-disk {kind} index {folder} {why}: searching the regular index instead; {rebuild} rebuilds it"
+    try:
+        return OnDiskVectorIndex.open(folder, info, generation), None
+    except (LoupeError, RuntimeError, OSError) as exc:
+        return None, f"the on-disk {kind} index {folder} is unreadable ({str(exc).splitlines()[0]}): searching the regular index instead"
+
+
+def _file_ids(folder: Path) -> tuple:
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (os.stat(folder / n) for n in (INFO_FILE, INDEX_FILE, LISTS_FILE)))
+
+
+class OnDiskVectorIndex(VectorIndex):
+    """A catalog's on-disk index, searched like its FAISS file: ids are catalog vector ids, and
+    candidates are re-scored exactly against the catalog's float vectors (`Store._attach`).
+
+    Read-only (its lists are memory-mapped). It fetches `DEFAULT_RERANK` candidates at least,
+    since its PQ codes rank less faithfully than SQ8, and visits as many lists as the FAISS
+    file would (`vectors.default_nprobe`: the same as this module's rule at 4096 lists).
+    """
+
+    rerank_depth = DEFAULT_RERANK
+
+    @classmethod
+    def open(cls, folder: Path, info: dict, generation: int) -> "OnDiskVectorIndex":
+        """Open the index files whose label is `info`; `generation` is the catalog's, checked current."""
+        faiss = faiss_module()
+        for _ in range(3):  # label and lists from one build: no swap happened while they were opened
+            before = _file_ids(folder)
+            flags = faiss.IO_FLAG_READ_ONLY
+            if info.get("lists_path") != str(folder.resolve() / LISTS_FILE):  # the folder moved since
+                flags |= faiss.IO_FLAG_ONDISK_SAME_DIR  # (faiss says so on stdout, once per opening)
+            index = faiss.read_index(str(folder / INDEX_FILE), flags)
+            if _file_ids(folder) == before and read_info(folder) == info:
+                break
+        else:
+            raise LoupeError(f"{folder} kept being replaced while it was read")
+        if (int(index.ntotal), int(index.d)) != (info["rows"], info["dim"]):
+            raise LoupeError(f"{folder}: its label does not describe its content")
+        out = cls(index, info["factory"], generation, info["catalog"])
+        out.mmapped = True  # never written: `Store` searches it or falls back to the FAISS file
+        out.folder = folder
+        return out
+
+    def candidates(self, k: int) -> int:
+        return max(k * RERANK_FACTOR, self.rerank_depth)

@@ -97,17 +97,11 @@ def index_folder(
     finds nothing new costs no model load.
     """
     t0 = time.perf_counter()
-    root_abs = os.path.abspath(Path(root).expanduser())
-    report = IndexReport(root=root_abs)
-    if not os.path.isdir(root_abs) and not store.catalog.has_images(path_key_of(root_abs)):
-        raise LoupeError(f"not a folder: {root}")
-    if not callable(encoder):
-        store.bind(encoder)
-    times = StageTimes()
-    with times.timed("plan"):
-        plan = plan_folder(store.catalog, root_abs, exclude=store.location.own_paths())
-    times.items["plan"] = plan.files
-    return run_plan(store, encoder, plan, report, times, t0, batch_size, workers, progress, max_batches, prune)
+    report, make_plan = source_plan(store, root)
+    return _plan_and_run(
+        store, encoder, make_plan, report, t0,
+        batch_size=batch_size, workers=workers, progress=progress, max_batches=max_batches, prune=prune,
+    )
 
 
 @holds_writer_lock
@@ -124,14 +118,42 @@ def index_files(
     column): the same stages as a folder, with a file list as the source. Listed files that do
     not exist are reported (and marked missing if catalogued); nothing unlisted is touched."""
     t0 = time.perf_counter()
-    report = IndexReport(root=os.path.abspath(file_list))
-    if not callable(encoder):
-        store.bind(encoder)
+    report, make_plan = source_plan(store, file_list, files=True)
+    return _plan_and_run(
+        store, encoder, make_plan, report, t0, batch_size=batch_size, workers=workers, progress=progress, max_batches=max_batches
+    )
+
+
+def source_plan(store: Store, source: str | os.PathLike, files: bool = False) -> tuple[IndexReport, Callable[[], Plan]]:
+    """The report of a run over `source` and its plan stage (not run yet): a folder, checked here
+    (gone is fine when it holds indexed photos: they are marked missing), or a file list."""
+    if files:
+        return IndexReport(root=os.path.abspath(source)), lambda: plan_files(store.catalog, read_file_list(source))
+    root_abs = os.path.abspath(Path(source).expanduser())
+    if not os.path.isdir(root_abs) and not store.catalog.has_images(path_key_of(root_abs)):
+        raise LoupeError(f"not a folder: {source}")
+    return IndexReport(root=root_abs), lambda: plan_folder(store.catalog, root_abs, exclude=store.location.own_paths())
+
+
+def timed_plan(make_plan: Callable[[], Plan]) -> tuple[Plan, StageTimes]:
+    """Run a plan stage, timed as the report's first stage."""
     times = StageTimes()
     with times.timed("plan"):
-        plan = plan_files(store.catalog, read_file_list(file_list))
+        plan = make_plan()
     times.items["plan"] = plan.files
-    return run_plan(store, encoder, plan, report, times, t0, batch_size, workers, progress, max_batches)
+    return plan, times
+
+
+def _plan_and_run(
+    store: Store, encoder: "Encoder | Callable[[], Encoder]", make_plan: Callable[[], Plan], report: IndexReport, t0: float,
+    **run_args,
+) -> IndexReport:
+    """What every source shares once its arguments are checked: bind a loaded model, plan (timed),
+    and run the plan in this process (`run_args`: `run_plan`'s options)."""
+    if not callable(encoder):
+        store.bind(encoder)
+    plan, times = timed_plan(make_plan)
+    return run_plan(store, encoder, plan, report, times, t0, **run_args)
 
 
 def start_report(store: Store, plan: Plan, report: IndexReport) -> None:

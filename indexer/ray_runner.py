@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -225,20 +226,19 @@ def embed_actor_options(device: str, actors: int | None) -> dict:
     return dict(num_gpus=1, compute=pool) if gpus else dict(num_cpus=1, compute=pool)
 
 
-def run_plan_on_ray(
-    store,
-    encoder,
-    plan,
-    report,
-    times,
-    t0: float,
-    batch_size: int = 32,
-    actors: int | None = None,
-    device: str = "auto",
-    progress: bool = False,
-    prune: bool = False,
-    max_batches: int | None = None,
-):
+@dataclass(frozen=True)
+class RayRun:
+    """How a plan runs on Ray (`index_on_ray` takes these as keywords)."""
+
+    batch_size: int = 32
+    actors: int | None = None  # embedding actors (default: one per GPU, else one)
+    device: str = "auto"
+    progress: bool = False
+    prune: bool = False
+    max_batches: int | None = None  # stop after that many batches as if interrupted (tests)
+
+
+def run_plan_on_ray(store, encoder, plan, report, times, t0: float, run: RayRun = RayRun()):
     """The Ray runner of a plan (see the module docstring); `encoder` is the driver's (it binds
     the index and provides the preprocessing); actors load their own copy of its model."""
     from indexer.catalog import IMAGE
@@ -256,14 +256,16 @@ def run_plan_on_ray(
         encoder = encoder()
         store.bind(encoder)
     if not plan.todo:
-        return end_report(store, plan, report, times, t0, prune)
+        return end_report(store, plan, report, times, t0, run.prune)
 
     catalog = store.catalog
     known = catalog.hash_to_vector(IMAGE)
     commit = Committer(catalog, known, report, times)
     spec = encoder.spec
+    device = run.device
     if device == "auto":
         device = "cuda" if encoder.device.type == "cuda" else "auto"
+    batch_size = run.batch_size
     read_rows = max(1, min(16, batch_size))
     ds = (
         ray.data.from_arrow(_units_table(plan.todo))
@@ -280,11 +282,11 @@ def run_plan_on_ray(
             batch_size=batch_size,
             batch_format="numpy",
             fn_constructor_kwargs=dict(spec=spec, device=device),
-            **embed_actor_options(device, actors),
+            **embed_actor_options(device, run.actors),
         )
     )
     bar = None
-    if progress:
+    if run.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(plan.todo), desc="indexing (ray)", unit="img", dynamic_ncols=True, smoothing=0.1)
@@ -323,7 +325,7 @@ def run_plan_on_ray(
                 bar.update(n)
                 rate = report.embedded / max(1e-9, time.perf_counter() - started)
                 bar.set_postfix(new=report.embedded, reused=report.reused, bad=report.skipped, img_s=f"{rate:.1f}", refresh=False)
-            if max_batches is not None and batches_done >= max_batches:
+            if run.max_batches is not None and batches_done >= run.max_batches:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         report.interrupted = True
@@ -336,7 +338,7 @@ def run_plan_on_ray(
         if close is not None:
             close()
     times.add("cluster", time.perf_counter() - started, report.embedded)  # wall time of read+decode+embed on Ray
-    return end_report(store, plan, report, times, t0, prune)
+    return end_report(store, plan, report, times, t0, run.prune)
 
 
 def index_on_ray(
@@ -346,44 +348,26 @@ def index_on_ray(
     files: bool = False,
     address: str | None = None,
     num_cpus: int | None = None,
-    batch_size: int = 32,
-    actors: int | None = None,
-    device: str = "auto",
-    progress: bool = False,
-    prune: bool = False,
-    max_batches: int | None = None,
+    **options,
 ):
-    """`loupe index SOURCE --ray [ADDRESS]`: plan here, read+decode+embed on Ray, commit here."""
-    from pathlib import Path
+    """`loupe index SOURCE --ray [ADDRESS]`: plan here, read+decode+embed on Ray, commit here.
 
-    from indexer.catalog import path_key_of
+    `options` are `RayRun`'s fields (batch_size, actors, device, progress, prune, max_batches).
+    """
     from indexer.locking import writer_lock
-    from indexer.pipeline import IndexReport
-    from indexer.stages import StageTimes, plan_files, plan_folder, read_file_list
+    from indexer.pipeline import source_plan, timed_plan
 
+    run = RayRun(**options)
     require_ray()
     t0 = time.perf_counter()
     with writer_lock(store):
-        times = StageTimes()
-        if files:
-            report = IndexReport(root=os.path.abspath(source))
-            with times.timed("plan"):
-                plan = plan_files(store.catalog, read_file_list(source))
-        else:
-            root_abs = os.path.abspath(Path(source).expanduser())
-            if not os.path.isdir(root_abs) and not store.catalog.has_images(path_key_of(root_abs)):
-                raise LoupeError(f"not a folder: {source}")
-            report = IndexReport(root=root_abs)
-            with times.timed("plan"):
-                plan = plan_folder(store.catalog, root_abs, exclude=store.location.own_paths())
-        times.items["plan"] = plan.files
+        report, make_plan = source_plan(store, source, files)
+        plan, times = timed_plan(make_plan)
         if not callable(encoder):
             store.bind(encoder)
         started = connect(address, num_cpus) if plan.todo else False
         try:
-            return run_plan_on_ray(
-                store, encoder, plan, report, times, t0, batch_size, actors, device, progress, prune, max_batches
-            )
+            return run_plan_on_ray(store, encoder, plan, report, times, t0, run)
         finally:
             if started:
                 import ray

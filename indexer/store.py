@@ -15,6 +15,7 @@ save; a Store opened with `writer=False` refuses to write at all.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class Store:
         self.map_files = map_files
         self.writer = writer
         self._indices: dict[str, VectorIndex] = {}
+        self.notices: list[str] = []  # one-line notes for the user (an on-disk index not used, and why)
 
     @classmethod
     def open(
@@ -175,8 +177,25 @@ class Store:
         if kind in self._indices:
             return self._indices[kind]
         meta = self.require_meta()
-        index, _, _ = self._in_line(kind, meta, factory)
+        index = self._ondisk(kind, meta) if factory is None else None
+        if index is None:
+            index, _, _ = self._in_line(kind, meta, factory)
         self._indices[kind] = index
+        return index
+
+    def _ondisk(self, kind: str, meta: Meta) -> VectorIndex | None:
+        """The on-disk index of `kind` (`loupe build-index`) when one is current; a stale or foreign
+        one is left aside with a one-line notice on stderr (the FAISS file answers instead)."""
+        if not self.location.ondisk_dir(kind).is_dir():
+            return None  # none built: a cold search does not even import indexer.ondisk
+        from indexer.ondisk import open_catalog_ondisk
+
+        index, notice = open_catalog_ondisk(self, kind, meta)
+        if notice and notice not in self.notices:
+            self.notices.append(notice)
+            print(f"loupe: {notice}", file=sys.stderr, flush=True)
+        if index is not None:
+            self._attach(index, meta)
         return index
 
     def sync(
@@ -293,7 +312,13 @@ class Store:
             return False
         meta = self.require_meta()
         identity = catalog_identity(meta)
+        from indexer.ondisk import OnDiskVectorIndex
+
         for kind, index in stale.items():
+            if isinstance(index, OnDiskVectorIndex):  # still current (this kind unchanged), or the FAISS file
+                del self._indices[kind]
+                self.vector_index(kind)
+                continue
             path = self.location.vector_file(kind)
             label = read_label(path)
             wanted = choose_factory(self.catalog.count_vectors(kind), self.index_factory(), index.factory)
@@ -462,6 +487,11 @@ def check_store(store: Store, sample: int = 200) -> CheckReport:
             missing += 1
         elif not os.path.exists(os.fsdecode(row.path_key)):
             gone += 1
+    from indexer.ondisk import ondisk_status
+
+    for kind, od in ondisk_status(store, meta).items():
+        if od["state"] != "current":
+            notes.append(f"the on-disk {kind} index {od['path']} {od['why']}: searches use the FAISS file until `loupe build-index` rebuilds it")
     if missing:
         notes.append(f"{missing} files are missing (kept with their vectors, hidden from results; "
                      "`loupe index DIR --prune` or `loupe remove PATH` forgets them)")

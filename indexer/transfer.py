@@ -260,6 +260,7 @@ class ImportReport:
     captions_added: int = 0
     captions_unchanged: int = 0
     skipped: int = 0  # rows without a usable path/caption or with a non-finite vector
+    files_hashed: int = 0  # photos found at their path here, read and hashed as `loupe index` would
     vectors_added: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -390,6 +391,10 @@ def _import_images(store: Store, shard: sh.Shard, dim: int, path_column: str | N
             ))
             new_vectors.append((h, vecs[i - start]))
         states = _path_states(store, [r.path_key for r in records])
+        for n, r in enumerate(records):
+            local = _local_record(r, states.get(r.path_key), report)
+            if local is not None:
+                records[n], new_vectors[n] = local, (local.content_hash, new_vectors[n][1])
         fresh = []
         for r, v in zip(records, new_vectors):
             old = states.get(r.path_key)
@@ -404,6 +409,52 @@ def _import_images(store: Store, shard: sh.Shard, dim: int, path_column: str | N
         if fresh:
             with critical_section():  # a Ctrl-C lands between transactions, never inside one
                 store.catalog.write_images([r for r, _ in fresh], [v for _, v in fresh], {})
+
+
+def _local_record(r: ImageRecord, old: tuple | None, report: ImportReport) -> ImageRecord | None:
+    """The row `loupe index` would write for a photo whose file exists here, so that indexing its
+    folder afterwards finds it unchanged and embeds nothing; None to keep the shard's row.
+
+    The file's size and time come from stat; its content hash and (from the header) size in
+    pixels and capture time are read only when neither the catalog (a re-import) nor the shard
+    (a loupe export of this very file) already give them for this size and time. A file whose
+    content differs from the hash the shard gives is another photo: the shard's row is kept, and
+    `loupe index` embeds the file.
+    """
+    from indexer.imageio import BadImage, probe_image
+    from indexer.stages import content_hash
+
+    path = os.fsdecode(r.path_key)
+    if not os.path.isabs(path):
+        return None  # relative to wherever the shards were made: not a file of this machine
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    same = (st.st_size, st.st_mtime_ns)
+    if old is not None and old[1:3] == same and old[0] and not old[0].startswith(FOREIGN_PREFIX):
+        h, width, height, taken = old[0], old[4], old[5], old[6]
+        if r.content_hash.startswith(FOREIGN_PREFIX) or r.content_hash == h:
+            return ImageRecord(path_key=r.path_key, size=same[0], mtime_ns=same[1], content_hash=h, width=width, height=height, taken_at=taken)
+    if not r.content_hash.startswith(FOREIGN_PREFIX) and (r.size, r.mtime_ns) == same:
+        return None  # a loupe export of this very file: its row is already what indexing writes
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    report.files_hashed += 1
+    h = content_hash(data)
+    if not r.content_hash.startswith(FOREIGN_PREFIX) and r.content_hash != h:
+        return None
+    try:
+        info = probe_image(data)
+        width, height, taken = info.width, info.height, info.taken_at
+    except (BadImage, OSError, ValueError):  # not an image PIL reads: the shard's values stay
+        width, height, taken = r.width, r.height, r.taken_at
+    return ImageRecord(path_key=r.path_key, size=same[0], mtime_ns=same[1], content_hash=h, width=width, height=height, taken_at=taken)
 
 
 def _int(value) -> int | None:
@@ -470,7 +521,8 @@ def describe_import(report: ImportReport) -> str:
     return (
         f"{report.folder}: {report.images_seen} photos ({report.images_added} added, {report.images_updated} updated, "
         f"{report.images_unchanged} unchanged), {report.captions_seen} captions ({report.captions_added} added, "
-        f"{report.captions_unchanged} unchanged), {report.skipped} skipped, {report.vectors_added} new vectors "
+        f"{report.captions_unchanged} unchanged), {report.skipped} skipped, {report.files_hashed} local files hashed, "
+        f"{report.vectors_added} new vectors "
         f"of {report.model} in {report.seconds:.2f}s"
     )
 

@@ -255,6 +255,10 @@ class VectorIndex:
             applied[name] = value
         self.search_params = applied
 
+    def candidates(self, k: int) -> int:
+        """How many candidates a search fetches for `k` results before exact re-scoring."""
+        return k if self.exact else k * RERANK_FACTOR
+
     @classmethod
     def create(cls, dim: int, factory: str = DEFAULT_FACTORY) -> "VectorIndex":
         faiss = faiss_module()
@@ -382,7 +386,7 @@ class VectorIndex:
                 return self.index.search(queries, k, params=self._params(faiss.IDSelectorBatch(allowed), nq))
             if len(allowed) <= EXACT_FILTER_MAX:
                 return self._exact_among(queries, k, allowed)
-        fetch = k if self.exact else min(self.ntotal, k * RERANK_FACTOR)
+        fetch = min(self.ntotal, self.candidates(k))
         sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         scores, ids = self.index.search(queries, fetch, params=self._params(sel, nq))
         if self.exact:

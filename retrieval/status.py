@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from indexer.ondisk import ondisk_status
 from indexer.store import Store
 
 
@@ -51,6 +52,7 @@ def index_status(store: Store, skipped_limit: int | None = None) -> dict[str, An
         "updated": meta.updated_at.isoformat(timespec="seconds"),
         **stats,
         "vector_files": files,
+        "ondisk": ondisk_status(store, meta),
         "roots": indexed_folders(store),
     }
     if skipped_limit is not None:

@@ -12,9 +12,7 @@ import math
 import os
 import shutil
 import signal
-import socket
 import stat
-import threading
 import time
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import pytest
 from indexer.locations import resolve_location
 from retrieval.server import REQUEST_TIMEOUT, read_state, state_file
 from tests.conftest import LoupeRunner
+from tests.rawsocket import exchange, read_answer, slow_sender
 from tests.test_serve import wait_for_state
 
 MARGIN = 5.0  # seconds of slack on a busy 2-core machine
@@ -77,28 +76,10 @@ def call(s: Served, method: str, path: str, body=None, headers: dict | None = No
         conn.close()
 
 
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes (a reset counts as closed)."""
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
 def raw_exchange(s: Served, head: list[str], body: bytes = b"", close_write: bool = False) -> tuple[int, dict, float]:
     """Send hand-made request bytes; (status, JSON body, seconds until the server closed)."""
-    start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", s.port), timeout=REQUEST_TIMEOUT + MARGIN) as sock:
-        sock.sendall("\r\n".join([*head, "", ""]).encode("latin-1") + body)
-        if close_write:
-            sock.shutdown(socket.SHUT_WR)
-        answer = read_until_closed(sock)
-    elapsed = time.monotonic() - start
-    top, _, payload = answer.partition(b"\r\n\r\n")
-    status = int(top.split()[1]) if top else 0
+    data = "\r\n".join([*head, "", ""]).encode("latin-1") + body
+    status, top, payload, elapsed = exchange(s.port, data, REQUEST_TIMEOUT + MARGIN, close_write)
     assert status == 0 or b"application/json" in top, top
     return status, json.loads(payload) if payload else {}, elapsed
 
@@ -182,34 +163,15 @@ def test_a_body_shorter_than_announced_does_not_hang_the_server(served):
 
 def test_a_slow_sender_cannot_hold_the_server(served):
     """A client trickling a byte every 0.25 s is cut off at the whole-request deadline."""
-    slow = socket.create_connection(("127.0.0.1", served.port), timeout=REQUEST_TIMEOUT + MARGIN)
-    stop = threading.Event()
-
-    def trickle() -> None:
-        for _ in range(int((REQUEST_TIMEOUT + 2 * MARGIN) / 0.25)):  # bounded, whatever happens
-            if stop.wait(0.25):
-                return
-            try:
-                slow.sendall(b"X")
-            except OSError:
-                return
-
-    try:
-        slow.sendall(f"POST /search HTTP/1.0\r\nHost: 127.0.0.1:{served.port}\r\n".encode())
-        start = time.monotonic()
-        thread = threading.Thread(target=trickle, daemon=True)
-        thread.start()
+    head = f"POST /search HTTP/1.0\r\nHost: 127.0.0.1:{served.port}\r\n".encode()
+    with slow_sender(served.port, head, interval=0.25, count=int((REQUEST_TIMEOUT + 2 * MARGIN) / 0.25), timeout=REQUEST_TIMEOUT + MARGIN) as slow:
         time.sleep(0.3)  # the server is now busy with the slow request
         status, health = call(served, "GET", "/health")
         assert status == 200 and health["status"] == "ok"
-        assert time.monotonic() - start < REQUEST_TIMEOUT + MARGIN
-        answer = read_until_closed(slow)  # the slow connection was answered 408 and closed
-        assert time.monotonic() - start < REQUEST_TIMEOUT + MARGIN
+        assert time.monotonic() - slow.start < REQUEST_TIMEOUT + MARGIN
+        answer = read_answer(slow.sock)  # the slow connection was answered 408 and closed
+        assert time.monotonic() - slow.start < REQUEST_TIMEOUT + MARGIN
         assert answer == b"" or answer.startswith(b"HTTP/1.0 408"), answer[:200]
-    finally:
-        stop.set()
-        slow.close()
-    thread.join(timeout=5)
 
 
 # ---- the search request ---------------------------------------------------------------------

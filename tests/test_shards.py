@@ -4,6 +4,7 @@ model binding, idempotence, and a third-party reader (embedding-reader) on loupe
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,39 @@ def test_incremental_import_into_the_same_model(indexed, tmp_path, tiny_encoder,
     assert (rep.images_added, rep.images_unchanged) == (13, 0)
     assert len(image_rows(dst)) == 16
     assert dst.vector_index(IMAGE).ntotal == 15
+
+
+@pytest.mark.parametrize("layout", ["loupe export, files copied since", "clip-retrieval (path only)"])
+def test_import_hashes_local_files_so_indexing_embeds_nothing(indexed, tmp_path, tiny_encoder, tiny_checkpoint, photo_dir, layout):
+    """Imported photos that exist here get the row `loupe index` would write (size, time, content
+    hash, pixels), so a following `loupe index` of their folder embeds and reads nothing."""
+    out = tmp_path / "shards"
+    export_catalog(indexed, out, shard_size=5)
+    options = {}
+    if layout.startswith("clip"):  # no hash, size, time or pixel size: only the path and the vector
+        (out / MANIFEST).unlink()
+        shutil.rmtree(out / "captions")
+        for meta in (out / "metadata").iterdir():
+            pq.write_table(pq.read_table(meta).select(["image_path"]), meta)
+        options = {"checkpoint": tiny_checkpoint}
+    else:  # as on another machine: same bytes, other modification times
+        for f in photo_dir.iterdir():
+            os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    dst = Store.open(home=tmp_path / "dst")
+    rep = import_shards(dst, out, **options)
+    assert (rep.images_added, rep.files_hashed) == (13, 13)
+    want = {p: fields[:1] + fields[3:] for p, (fields, _) in image_rows(indexed).items()}  # hash, pixels, capture time
+    got = image_rows(dst)
+    assert {p: fields[:1] + fields[3:] for p, (fields, _) in got.items()} == want
+    for p, (fields, _) in got.items():
+        st = os.stat(p)
+        assert fields[1:3] == (st.st_size, st.st_mtime_ns)
+    again = import_shards(dst, out, **options)  # re-import: nothing read again, nothing changed
+    assert (again.images_unchanged, again.images_updated, again.files_hashed) == (13, 0, 0)
+
+    report = index_folder(dst, tiny_encoder, photo_dir)
+    assert (report.embedded, report.reused, report.touched, report.unchanged) == (0, 0, 0, 13)
+    assert dst.catalog.count_vectors(IMAGE) == 12  # the duplicate shares one vector
 
 
 def write_clip_retrieval_output(folder: Path, paths: list[str], captions: list[str], img: np.ndarray, txt: np.ndarray, per: int) -> None:

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -20,6 +19,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from tests.rawsocket import exchange, read_answer, slow_sender
 from tests.test_webapp import BASE, PORT, TOKEN, make_service
 
 GOOD = {"q": "a dog", "limit": 3}
@@ -83,32 +83,9 @@ def live(service, tmp_path, request_timeout: float = 1.0, host: str = "127.0.0.1
 
 
 def raw(port: int, data: bytes, timeout: float = 10.0, close_write: bool = False) -> tuple[int, bytes, float]:
-    """Send bytes as they are; (status, body, seconds until the server closed)."""
-    start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if close_write:
-            sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
-                    break
-        except ConnectionResetError:
-            pass
-    answer = b"".join(chunks)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status = int(head.split()[1]) if head else 0
-    return status, body, time.monotonic() - start
-
-
-def _complete(answer: bytes) -> bool:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":")[1])
-    return False
+    """Send bytes as they are; (status, body, seconds until one whole answer arrived)."""
+    status, _, body, elapsed = exchange(port, data, timeout, close_write, until_closed=False)
+    return status, body, elapsed
 
 
 def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
@@ -422,32 +399,12 @@ def test_a_slow_sender_is_cut_off_at_the_deadline(service, tmp_path):
     """Slow-loris on the real socket: the whole request must arrive in time; others are served meanwhile."""
     timeout = 1.0
     with live(service, tmp_path, request_timeout=timeout) as port:
-        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
-        stop = threading.Event()
-
-        def trickle() -> None:
-            for _ in range(40):
-                if stop.wait(0.1):
-                    return
-                try:
-                    slow.sendall(b"X")
-                except OSError:
-                    return
-
-        try:
-            slow.sendall(f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode())
-            start = time.monotonic()
-            thread = threading.Thread(target=trickle, daemon=True)
-            thread.start()
+        head = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode()
+        with slow_sender(port, head, interval=0.1, count=40, timeout=10) as slow:
             status, _ = get(port, "/api/status")  # answered while the slow client trickles
-            assert status == 200 and time.monotonic() - start < timeout
-            answer = b""
-            try:
-                while chunk := slow.recv(65536):
-                    answer += chunk
-            except ConnectionResetError:
-                pass
-            elapsed = time.monotonic() - start
+            assert status == 200 and time.monotonic() - slow.start < timeout
+            answer = read_answer(slow.sock)
+            elapsed = time.monotonic() - slow.start
             assert answer.startswith(b"HTTP/1.0 408") and b"did not arrive" in answer, answer[:200]
             assert timeout - 0.2 < elapsed < timeout + 3
             # a slow body is cut off too (its time grows with its announced size only)
@@ -457,10 +414,6 @@ def test_a_slow_sender_is_cut_off_at_the_deadline(service, tmp_path):
             # an idle connection is closed too, without an answer
             status, body, elapsed = raw(port, b"")
             assert status == 0 and elapsed < timeout + 3
-        finally:
-            stop.set()
-            slow.close()
-        thread.join(timeout=5)
         assert get(port, "/api/status")[0] == 200  # and the server still answers
 
 
