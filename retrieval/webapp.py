@@ -27,6 +27,7 @@ from indexer.errors import LoupeError
 from indexer.imageio import BadImage
 from retrieval.api import RequestError, decode_json, parse_search
 from retrieval.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
+from retrieval.server import query_threads
 from retrieval.webguard import MAX_BODY, UPLOAD_LIMIT, Guard, own_hosts, send_json
 from retrieval.websearch import WebError, WebSearch, parse_web_search
 
@@ -116,7 +117,8 @@ class WebApp:
         start = time.perf_counter()
         query = parse_web_search(await self._json_body(request))
         self._refresh()
-        answer = self.web.search(query)
+        with query_threads():
+            answer = self.web.search(query)
         answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
         return JSONResponse(answer)
 
