@@ -32,6 +32,7 @@ from retrieval.search import DATE_FIELDS, parse_date
 SORTS = ("relevance", "newest", "oldest")
 TARGETS = {"images": IMAGE, "captions": TEXT}
 MAX_LIMIT = 200
+MAX_INLINE = 24  # thumbnails a search may carry inline (`WebQuery.inline`)
 DEFAULT_LIMIT = 60
 DATE_POOL = 1000  # a query sorted by date orders its best DATE_POOL results (all above min_score, when given)
 RANKINGS_KEPT = 32
@@ -196,12 +197,14 @@ class WebQuery:
     filters: WebFilters = field(default_factory=WebFilters)
     sort: str = "relevance"
     collapse: bool = True
+    inline: int = 0  # the first `inline` image results carry their cached thumbnail (`thumb_data`)
 
     def ranking_key(self) -> tuple:
         return (self.q, self.target, self.min_score, self.filters, self.sort, self.collapse)
 
 
-SEARCH_FIELDS = frozenset({"q", "target", "offset", "limit", "min_score", "folder", "after", "before", "date_field", "sort", "collapse"})
+SEARCH_FIELDS = frozenset({"q", "target", "offset", "limit", "min_score", "folder", "after", "before", "date_field", "sort", "collapse",
+                           "inline"})
 
 
 def _bad(message: str) -> WebError:
@@ -254,6 +257,9 @@ def parse_web_search(body: Any) -> WebQuery:
     collapse = body.get("collapse", True)
     if not isinstance(collapse, bool):
         raise _bad("collapse must be true or false")
+    inline = body.get("inline", 0)
+    if isinstance(inline, bool) or not isinstance(inline, int) or not 0 <= inline <= MAX_INLINE:
+        raise _bad(f"inline must be an integer from 0 to {MAX_INLINE}")
     folder = _optional_str(body, "folder", 4096)
     try:
         after = _optional_str(body, "after")
@@ -266,7 +272,7 @@ def parse_web_search(body: Any) -> WebQuery:
         )
     except LoupeError as exc:
         raise _bad(str(exc)) from None
-    return WebQuery(q.strip(), TARGETS[target], offset, limit, min_score, filters, sort, collapse)
+    return WebQuery(q.strip(), TARGETS[target], offset, limit, min_score, filters, sort, collapse, inline)
 
 
 @dataclass
