@@ -14,7 +14,8 @@ for every query, so the first page is all real photos).
 `loupe serve` runs as a user runs it; the page (retrieval/web) marks `loupe:submit` when the
 search form is submitted (Enter) and measures `loupe:first-thumbnails` when every image of the
 first row has fired `load` and the next frame is being painted. The browser's HTTP cache is off
-(CDP), so every thumbnail comes from the server, as for a new query. Two sets of distinct
+(CDP), so every thumbnail comes from the server, as for a new query (cached ones of the first row
+inside the search's answer: the page asks for them inline). Two sets of distinct
 queries (the server caches rankings per query and text vectors on disk, shared with the CLI: the
 query cache is emptied before the server starts, and no query repeats):
 
