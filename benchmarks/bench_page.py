@@ -188,7 +188,7 @@ READ = """() => {
     .map(li => li.querySelector('img').currentSrc));
   const t0 = m.startTime, end = (xs, f) => xs.length ? Math.max(...xs.map(f)) - t0 : null;
   const thumbs = resources.filter(r => row.has(r.name) && r.startTime >= t0);  // (none: from the memory cache)
-  const phases = a && thumbs.length ? {  // ms after Enter: where the time goes
+  const phases = a && thumbs.length ? {  // ms after Enter (null when the row came inline, without requests)
     api_request_sent: a.startTime - t0, api_answered: a.responseEnd - t0,
     first_thumb_requested: Math.min(...thumbs.map(r => r.startTime)) - t0,
     row_thumbs_received: end(thumbs, r => r.responseEnd), row_thumbs: thumbs.length,

@@ -6,8 +6,8 @@ FAISS search unless it reaches past what was ranked. A new ranking costs what th
 costs for as many results (`loupe search -k 60` for a first page of 60): sentences go through
 `Searcher.text_vectors` (the on-disk query cache shared with the CLI), and FAISS is asked for
 exactly the results the page shows (at 100k vectors an IVF index re-scores 4x k candidates
-from the catalog: asking for 256 first cost as much again as the whole search). Photos are addressed by catalog row id
-only: the web never names a file on the server. A snapshot of the visible catalog rows (ids,
+from the catalog: asking for 256 first cost as much again as the whole search). Photos are
+addressed by catalog row id only: the web never names a file on the server. A snapshot of the visible catalog rows (ids,
 paths, sizes, dates, hashes) is read once per catalog generation, so filters, date browsing and
 result fields need no SQL per request.
 
