@@ -14,8 +14,10 @@ for every query, so the first page is all real photos).
 `loupe serve` runs as a user runs it; the page (retrieval/web) marks `loupe:submit` when the
 search form is submitted (Enter) and measures `loupe:first-thumbnails` when every image of the
 first row has fired `load` and the next frame is being painted. The browser's HTTP cache is off
-(CDP), so every thumbnail comes from the server, as for a new query. Two sets of distinct
-queries (the server caches rankings and text vectors per query, so none repeats):
+(CDP), so every thumbnail comes from the server, as for a new query (cached ones of the first row
+inside the search's answer: the page asks for them inline). Two sets of distinct
+queries (the server caches rankings per query and text vectors on disk, shared with the CLI: the
+query cache is emptied before the server starts, and no query repeats):
 
 - on the fly: the thumbnail cache beside the index is emptied before each query, so the first
   page's thumbnails are made from the originals while the page waits;
@@ -137,6 +139,16 @@ def _tiny() -> Path:
     return path
 
 
+def forget_queries(home: Path) -> None:
+    """Empty the on-disk query cache (shared by the page and the CLI): no query of an earlier run is free."""
+    from indexer.locations import resolve_location
+    from retrieval.query_cache import cache_path
+
+    path = cache_path(resolve_location(home))
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
 def start_server(home: Path):
     from indexer.locations import resolve_location
     from retrieval.server import read_state, state_file
@@ -157,12 +169,32 @@ def start_server(home: Path):
     raise SystemExit("loupe serve did not start")
 
 
-MEASURE = "() => performance.getEntriesByName('loupe:first-thumbnails').length > 0"
+# Resolves once the page has measured its first row (one call that waits in the page: polling it
+# every few ms from here woke the driver, Playwright and the renderer, and took CPU from what it measured)
+MEASURE = """(timeout) => new Promise((resolve) => {
+  const done = () => performance.getEntriesByName('loupe:first-thumbnails').length > 0;
+  if (done()) return resolve(true);
+  const observer = new PerformanceObserver(() => { if (done()) { observer.disconnect(); resolve(true); } });
+  observer.observe({type: 'measure'});
+  setTimeout(() => { observer.disconnect(); resolve(done()); }, timeout);
+})"""
 READ = """() => {
   const m = performance.getEntriesByName('loupe:first-thumbnails')[0];
-  const api = performance.getEntriesByType('resource').filter(r => r.name.endsWith('/api/search'));
+  const resources = performance.getEntriesByType('resource');
+  const api = resources.filter(r => r.name.endsWith('/api/search'));
   const first = [...document.querySelectorAll('#grid img')].slice(0, 8).map(i => i.alt);
-  return {ms: m.duration, api_ms: api.length ? api[api.length - 1].duration : null, first};
+  const a = api.length ? api[api.length - 1] : null;
+  const row = new Set([...document.querySelectorAll('#grid > li')].filter((li, _, all) => li.offsetTop === all[0].offsetTop)
+    .map(li => li.querySelector('img').currentSrc));
+  const t0 = m.startTime, end = (xs, f) => xs.length ? Math.max(...xs.map(f)) - t0 : null;
+  const thumbs = resources.filter(r => row.has(r.name) && r.startTime >= t0);  // (none: from the memory cache)
+  const phases = a && thumbs.length ? {  // ms after Enter (null when the row came inline, without requests)
+    api_request_sent: a.startTime - t0, api_answered: a.responseEnd - t0,
+    first_thumb_requested: Math.min(...thumbs.map(r => r.startTime)) - t0,
+    row_thumbs_received: end(thumbs, r => r.responseEnd), row_thumbs: thumbs.length,
+    thumbs_requested: resources.filter(r => r.name.includes('/api/thumb/') && r.startTime >= t0 && r.startTime < t0 + m.duration).length,
+  } : null;
+  return {ms: m.duration, api_ms: a ? a.duration : null, first, phases};
 }"""
 
 
@@ -184,11 +216,8 @@ def measure(page, query: str, state) -> dict:
     box = page.get_by_role("searchbox", name="Search photos")
     box.fill(query)
     box.press("Enter")
-    deadline = time.monotonic() + 60
-    while not page.evaluate(MEASURE):  # polled from here: the page's CSP forbids wait_for_function's eval
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no first row painted for {query!r}")
-        time.sleep(0.01)
+    if not page.evaluate(MEASURE, 60_000):  # (the page's CSP forbids wait_for_function's eval)
+        raise SystemExit(f"no first row painted for {query!r}")
     out = page.evaluate(READ)
     page.wait_for_load_state("networkidle")  # the rest of the page's thumbnails, before the next query
     out["query"] = query
@@ -219,6 +248,7 @@ def warm_every_thumbnail(page) -> int:
 def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str]) -> dict:
     from playwright.sync_api import sync_playwright
 
+    forget_queries(home)
     proc, state, thumbs = start_server(home)
     url = state.url + "/"
     try:

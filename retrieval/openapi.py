@@ -47,6 +47,8 @@ IMAGE_RESULT = {
         "date_source": {"enum": ["taken", "modified"]},
         "duplicates": {"type": "integer", "description": "other identical files collapsed into this result"},
         "thumb": {"type": "string", "description": "/api/thumb/ID?h=<content-hash prefix>"},
+        "thumb_data": {"type": "string", "description": (
+            "the cached thumbnail as a data: URL, on the first `inline` results of a search that asked (absent when not cached)")},
         "preview": {"type": "string", "description": "/api/photo/ID"},
     },
 }
@@ -82,6 +84,9 @@ SEARCH_REQUEST = {
         "sort": {"enum": ["relevance", "newest", "oldest"], "default": "relevance",
                  "description": "a query sorted by date orders its best 1000 results (all above min_score, when given)"},
         "collapse": {"type": "boolean", "default": True, "description": "identical files as one result"},
+        "inline": {"type": "integer", "minimum": 0, "maximum": 24, "default": 0, "description": (
+            "the first N image results carry their cached thumbnail inline (thumb_data): the page's first row "
+            "paints without further requests")},
     },
 }
 

@@ -26,15 +26,17 @@ The client half (`search_via_server`) imports nothing heavy: no torch, faiss, SQ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import stat
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
@@ -42,6 +44,7 @@ from retrieval.api import REQUEST_TIMEOUT, RequestError, SearchRequest, new_toke
 from retrieval.query import Term
 
 HOST = "127.0.0.1"
+QUERY_THREADS = 1  # torch threads that encode a query's sentences in the server (see `query_threads`)
 STATE_VERSION = 2  # 2: the token
 CLIENT_TIMEOUT = 60.0  # seconds for one search; a server that does not answer is bypassed
 
@@ -132,7 +135,8 @@ class SearchService:
         filters = Filters.parse(query.folder, query.globs, query.after, query.before, query.date_field)
 
         self.refresh()
-        hits = self.searcher.search(list(query.terms), target=query.target, k=query.k, filters=filters, min_score=query.min_score)
+        with query_threads():
+            hits = self.searcher.search(list(query.terms), target=query.target, k=query.k, filters=filters, min_score=query.min_score)
         self.queries += 1
         return {
             "hits": [
@@ -149,7 +153,30 @@ class SearchService:
         for kind in (IMAGE, TEXT):
             if store.catalog.count_vectors(kind):
                 store.vector_index(kind)
-        self.searcher.encoder.encode_texts(["a photo"])
+        with query_threads():
+            self.searcher.encoder.encode_texts(["a photo"])
+
+
+@contextlib.contextmanager
+def query_threads(threads: int = QUERY_THREADS) -> Iterator[None]:
+    """Run torch on `threads` threads meanwhile (a query's sentences; images keep every core).
+
+    One short sentence through the text tower reads all its weights (150 MB for ViT-B-32) for a
+    dozen tokens: two threads were no faster than one on an idle two-core machine (36 against
+    38 ms), but while anything else wanted a core (the browser painting the page that asked,
+    thumbnail requests, another job) the second thread's OpenMP barriers cost 100-1400 ms where
+    one thread kept to ~2x (benchmarks/RESULTS.md). Switching costs microseconds.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:  # no torch model in this process: nothing to tune
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(threads, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _regular_file(path: str) -> None:

@@ -23,10 +23,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from indexer.catalog import IMAGE
 from indexer.errors import LoupeError
 from indexer.imageio import BadImage
 from retrieval.api import RequestError, decode_json, parse_search
 from retrieval.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
+from retrieval.server import query_threads
 from retrieval.webguard import MAX_BODY, UPLOAD_LIMIT, Guard, own_hosts, send_json
 from retrieval.websearch import WebError, WebSearch, parse_web_search
 
@@ -116,9 +118,28 @@ class WebApp:
         start = time.perf_counter()
         query = parse_web_search(await self._json_body(request))
         self._refresh()
-        answer = self.web.search(query)
+        with query_threads():
+            answer = self.web.search(query)
+        if query.inline and query.target == IMAGE:
+            self._inline_thumbnails(answer["results"][: query.inline])
         answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
         return JSONResponse(answer)
+
+    def _inline_thumbnails(self, results: list[dict]) -> None:
+        """Put the cached thumbnails of `results` in the answer as data: URLs (`thumb_data`).
+
+        The first row then paints from the search's own answer: no thumbnail request (a round
+        trip through the browser's network service and this server's queue for each) stands
+        between the answer and the paint. Only cached thumbnails: a search never decodes originals.
+        """
+        import base64
+
+        from retrieval.media import THUMB_TYPE
+
+        for result in results:
+            data = self.thumbs.get(self.web.photo(result["id"]).content_hash)
+            if data is not None:
+                result["thumb_data"] = f"data:{THUMB_TYPE};base64,{base64.b64encode(data).decode('ascii')}"
 
     async def upload(self, request: Request) -> Response:
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()

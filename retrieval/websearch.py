@@ -2,8 +2,12 @@
 
 The page asks for a query page by page (offset/limit), so a ranking is computed once, kept in a
 small LRU (with its query vector) and extended on demand: page 2 costs no encoding and no new
-FAISS search unless it reaches past what was ranked. Photos are addressed by catalog row id
-only: the web never names a file on the server. A snapshot of the visible catalog rows (ids,
+FAISS search unless it reaches past what was ranked. A new ranking costs what the CLI's search
+costs for as many results (`loupe search -k 60` for a first page of 60): sentences go through
+`Searcher.text_vectors` (the on-disk query cache shared with the CLI), and FAISS is asked for
+exactly the results the page shows (at 100k vectors an IVF index re-scores 4x k candidates
+from the catalog: asking for 256 first cost as much again as the whole search). Photos are
+addressed by catalog row id only: the web never names a file on the server. A snapshot of the visible catalog rows (ids,
 paths, sizes, dates, hashes) is read once per catalog generation, so filters, date browsing and
 result fields need no SQL per request.
 
@@ -28,13 +32,14 @@ from retrieval.search import DATE_FIELDS, parse_date
 SORTS = ("relevance", "newest", "oldest")
 TARGETS = {"images": IMAGE, "captions": TEXT}
 MAX_LIMIT = 200
+MAX_INLINE = 24  # thumbnails a search may carry inline (`WebQuery.inline`)
 DEFAULT_LIMIT = 60
 DATE_POOL = 1000  # a query sorted by date orders its best DATE_POOL results (all above min_score, when given)
 RANKINGS_KEPT = 32
-TEXT_VECTORS_KEPT = 256
 UPLOADS_KEPT = 64
 MAX_QUERY = 4096
-FIRST_DEPTH = 256  # FAISS k of a new ranking, at least (a deeper page extends it, 4x at a time)
+UNBOUNDED_START = 256  # FAISS k of a first search for "everything above min_score"
+FIRST_DEPTH = 0  # FAISS k of a new ranking, at least; else what the page asks for (a deeper page extends it, 4x at a time)
 
 
 class WebError(Exception):
@@ -192,12 +197,14 @@ class WebQuery:
     filters: WebFilters = field(default_factory=WebFilters)
     sort: str = "relevance"
     collapse: bool = True
+    inline: int = 0  # the first `inline` image results carry their cached thumbnail (`thumb_data`)
 
     def ranking_key(self) -> tuple:
         return (self.q, self.target, self.min_score, self.filters, self.sort, self.collapse)
 
 
-SEARCH_FIELDS = frozenset({"q", "target", "offset", "limit", "min_score", "folder", "after", "before", "date_field", "sort", "collapse"})
+SEARCH_FIELDS = frozenset({"q", "target", "offset", "limit", "min_score", "folder", "after", "before", "date_field", "sort", "collapse",
+                           "inline"})
 
 
 def _bad(message: str) -> WebError:
@@ -250,6 +257,9 @@ def parse_web_search(body: Any) -> WebQuery:
     collapse = body.get("collapse", True)
     if not isinstance(collapse, bool):
         raise _bad("collapse must be true or false")
+    inline = body.get("inline", 0)
+    if isinstance(inline, bool) or not isinstance(inline, int) or not 0 <= inline <= MAX_INLINE:
+        raise _bad(f"inline must be an integer from 0 to {MAX_INLINE}")
     folder = _optional_str(body, "folder", 4096)
     try:
         after = _optional_str(body, "after")
@@ -262,7 +272,7 @@ def parse_web_search(body: Any) -> WebQuery:
         )
     except LoupeError as exc:
         raise _bad(str(exc)) from None
-    return WebQuery(q.strip(), TARGETS[target], offset, limit, min_score, filters, sort, collapse)
+    return WebQuery(q.strip(), TARGETS[target], offset, limit, min_score, filters, sort, collapse, inline)
 
 
 @dataclass
@@ -293,7 +303,6 @@ class WebSearch:
         self.searcher = searcher
         self._snapshot: Snapshot | None = None
         self._rankings: OrderedDict[tuple, _Ranking] = OrderedDict()
-        self._text_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self.uploads: OrderedDict[str, Upload] = OrderedDict()
         self.encodings = 0  # text encodings run (tests check that page 2 runs none)
 
@@ -318,17 +327,14 @@ class WebSearch:
         return [{"path": f, "count": n} for f, n in sorted(snap.folder_counts.items())]
 
     # ---- query vectors ----------------------------------------------------------------------
-    def text_vector(self, text: str) -> np.ndarray:
-        vec = self._text_vectors.get(text)
-        if vec is None:
-            vec = self.searcher.encoder.encode_texts([text])[0]
-            self.encodings += 1
-            self._text_vectors[text] = vec
-            while len(self._text_vectors) > TEXT_VECTORS_KEPT:
-                self._text_vectors.popitem(last=False)
-        else:
-            self._text_vectors.move_to_end(text)
-        return vec
+    def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Sentence vectors through the CLI's path (`Searcher.text_vectors`: the on-disk query cache)."""
+        if not texts:
+            return []
+        encoded = self.searcher.stats["encoded"]
+        vectors = self.searcher.text_vectors(list(texts))
+        self.encodings += self.searcher.stats["encoded"] - encoded
+        return vectors
 
     def stored_vector(self, photo: Photo) -> np.ndarray:
         """The indexed vector of a photo (no re-embedding)."""
@@ -348,9 +354,12 @@ class WebSearch:
     def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
         """Weighted sum of the normalised term vectors, normalised again (as `Searcher.query_vector`)."""
         total = np.zeros(self.searcher.meta.dim, dtype=np.float32)
-        for term in terms:
-            vec = self.text_vector(term.value) if term.kind == "text" else self.image_ref_vector(term.value)
+        texts = [t for t in terms if t.kind == "text"]
+        for term, vec in zip(texts, self.text_vectors([t.value for t in texts])):
             total += term.weight * vec
+        for term in terms:
+            if term.kind != "text":
+                total += term.weight * self.image_ref_vector(term.value)
         norm = float(np.linalg.norm(total))
         if norm < 1e-8:
             raise WebError(400, "the query terms cancel out: nothing left to search for")
@@ -397,7 +406,7 @@ class WebSearch:
                 self._rankings.popitem(last=False)
         else:
             self._rankings.move_to_end(key)
-        need = query.offset + query.limit + 1
+        need = query.offset + query.limit
         if len(ranking.entries) < need and not ranking.exhausted:
             self._deepen(ranking, query, snap, need)
         page = ranking.entries[query.offset : query.offset + query.limit]
@@ -411,7 +420,7 @@ class WebSearch:
             ]
         return {
             "results": results, "offset": query.offset, "limit": query.limit,
-            "has_more": len(ranking.entries) > query.offset + query.limit,
+            "has_more": len(ranking.entries) > need or not ranking.exhausted,
         }
 
     def _new_ranking(self, query: WebQuery, snap: Snapshot) -> _Ranking:
@@ -446,7 +455,11 @@ class WebSearch:
         if total == 0:
             ranking.exhausted = True
             return
-        k = max(ranking.depth * 4, FIRST_DEPTH, (need or 0) * 2)
+        # first exactly what is needed (the CLI's k); then 4x deeper, with room for collapsed duplicates
+        if ranking.depth == 0:
+            k = max(FIRST_DEPTH, need if need is not None else UNBOUNDED_START)
+        else:
+            k = max(ranking.depth * 4, (need or 0) * 2)
         while True:
             k = min(k, total)
             scores, ids = index.search(ranking.vector[None, :], k, ranking.allowed)

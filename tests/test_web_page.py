@@ -211,6 +211,13 @@ def test_sentence_search_shows_thumbnails_best_first_and_scrolling_loads_more(pa
     assert box["width"] > 40 and box["height"] > 40
     page.screenshot(path=str(tmp_path / "results-grid.png"))
     assert (tmp_path / "results-grid.png").stat().st_size > 10_000
+    assert first.evaluate("i => i.src").split("?")[0].endswith(f"/api/thumb/{expected[0]['id']}")  # made on the fly
+
+    search(page, "a dog running on the grass")  # again: the first row's thumbnails, cached now, come inline
+    first = photos(page).first
+    assert first.evaluate("i => i.src").startswith("data:image/")
+    expect(first).to_have_js_property("complete", True)
+    assert first.evaluate("i => i.naturalWidth") > 0
 
     page.mouse.wheel(0, 100_000)
     expect(photos(page)).to_have_count(2 * PAGE)
@@ -354,7 +361,9 @@ def test_keyboard(page):
     expect(dialog.get_by_role("heading", name=nxt)).to_be_visible()
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
-    assert focused() == nxt  # focus goes back to the photo the dialog showed
+    # focus goes back to the photo the dialog showed (on the dialog's close event: waited for, not raced)
+    expect(page.locator("a.tile-link", has=page.get_by_role("img", name=nxt, exact=True))).to_be_focused()
+    assert focused() == nxt
 
 
 def test_status_view_and_caption_mode(page, library):

@@ -5,6 +5,7 @@
 import { h, score } from "./format.js";
 
 const EAGER = 18; // tiles of the first page loaded eagerly: about the first screenful
+const MAX_INLINE = 24; // the server's bound on thumbnails carried inline by a search
 
 export class Grid {
   constructor(list, { onOpen, onNeedMore }) {
@@ -47,7 +48,7 @@ export class Grid {
       const hgt = Number(r.height) > 0 ? Number(r.height) : 3;
       // the first screenful loads at once (lazy loading waits a frame to see what is visible)
       const img = h("img", {
-        src: r.thumb, alt: r.name, width: String(w), height: String(hgt),
+        src: r.thumb_data || r.thumb, alt: r.name, width: String(w), height: String(hgt),
         loading: index < EAGER ? "eager" : "lazy", fetchpriority: index < 8 ? "high" : null,
         decoding: "async", draggable: "false",
       });
@@ -63,6 +64,13 @@ export class Grid {
     }
     this.list.append(frag);
     return added;
+  }
+
+  /** How many tiles the first row may hold: each is at least `--row-h` x 3/4 wide (a portrait
+   * photo). The search sends their thumbnails inline. Reads no layout: it runs before the request. */
+  firstRowGuess() {
+    const rowH = parseFloat(getComputedStyle(document.documentElement).getPropertyValue("--row-h")) || 200;
+    return Math.max(1, Math.min(MAX_INLINE, Math.ceil(window.innerWidth / (rowH * 0.75))));
   }
 
   links() {

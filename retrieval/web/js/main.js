@@ -155,7 +155,9 @@ async function fetchPage(offset) {
   setBusy(true);
   if (offset > 0) { els.more.hidden = false; els.more.textContent = "Loading more…"; }
   try {
-    const data = await api.search(searchBody(S, offset, PAGE), run.ctrl.signal);
+    const body = searchBody(S, offset, PAGE);
+    if (offset === 0 && S.target === "images") body.inline = grid.firstRowGuess();  // the first row comes with the answer
+    const data = await api.search(body, run.ctrl.signal);
     if (gen !== run.gen) return;
     const results = data.results || [];
     if (S.target === "captions") {
