@@ -16,7 +16,9 @@ Per model and precision (fp32, bf16, int8):
       a null model: the fp32 image vectors turned by the same angle per photo in random directions,
       many times; a precision whose recall change lies inside that spread behaves like unbiased
       rounding of that size, one outside it moves recall for a reason of its own;
-  (c) the verdict against the bound: |delta| <= 0.3 points on all six figures.
+  (c) the verdict against the bound: |delta| <= 0.3 points on all six figures;
+  (d) the same null at fixed cosines (every photo turned by one angle): how close to fp32 vectors
+      must stay for this model's recall to stay within the bound.
 bf16 runs everywhere (emulated without bf16 units: slow, same arithmetic). Writes
 benchmarks/out/bench_precision_recall.json.
 """
@@ -58,12 +60,15 @@ def trained_checkpoint(model: str, a) -> Path:
 def cli_eval(ckpt: Path, prec: str, a) -> dict:
     """`loupe eval --precision PREC` in a fresh process, as a user runs it."""
     out = a.workdir / f"eval-{ckpt.stem}-{prec}.json"
-    _, proc = run_loupe(["eval", "--images", FLICKR, "--annotations", CAPTIONS, "--checkpoint", ckpt,
-                         "--precision", prec, "--batch-size", BATCH, "--json", out], a.workdir / "eval-home")
+    notice = None
+    if not (a.reuse_vectors and out.exists()):
+        _, proc = run_loupe(["eval", "--images", FLICKR, "--annotations", CAPTIONS, "--checkpoint", ckpt,
+                             "--precision", prec, "--batch-size", BATCH, "--json", out], a.workdir / "eval-home")
+        notice = proc.stderr.strip()[-300:] or None
     data = json.loads(out.read_text())
     return {"ran": data["model"]["image_precision"], "first_batch_cosine": data["model"]["image_cosine"],
             "recall": {d: {f"R@{k}": data["scores"]["exact"][d][f"R@{k}"] for k in KS} for d in DIRECTIONS},
-            "notice": proc.stderr.strip()[-300:] or None}
+            "notice": notice}
 
 
 class Scored:
@@ -77,7 +82,14 @@ class Scored:
         right_t2i = np.zeros(self.t2i.shape, bool)
         right_t2i[np.arange(len(texts)), caption_image] = True
         self.margins = {"text_to_image": _margins(self.t2i, right_t2i), "image_to_text": _margins(self.t2i.T, right_t2i.T)}
+        self.ranks = {"text_to_image": _ranks(self.t2i, right_t2i), "image_to_text": _ranks(self.t2i.T, right_t2i.T)}
         self.recall = {d: {f"R@{k}": float(100.0 * np.mean(self.margins[d][:, i] > 0)) for i, k in enumerate(KS)} for d in DIRECTIONS}
+
+
+def _ranks(scores: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's best right item, ties against it (as `loupe eval`)."""
+    best = np.where(right, scores, -np.inf).max(axis=1)
+    return 1 + np.sum((scores >= best[:, None]) & ~right, axis=1)
 
 
 def _margins(scores: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -93,7 +105,7 @@ def moved(ref: Scored, other: Scored) -> dict:
     change = np.abs(other.t2i - ref.t2i)
     for d in DIRECTIONS:
         m0, m1 = ref.margins[d], other.margins[d]
-        row: dict = {"queries": len(m0), "delta": {}, "entered": {}, "left": {}, "flipped_margin_max": {}, "near_ties": {}}
+        row: dict = {"queries": len(m0), "rank_changed": int(np.sum(ref.ranks[d] != other.ranks[d])), "delta": {}, "entered": {}, "left": {}, "flipped_margin_max": {}, "near_ties": {}}
         score_change = change.max(axis=1 if d == "text_to_image" else 0)  # per query: the largest score change
         for i, k in enumerate(KS):
             hit0, hit1 = m0[:, i] > 0, m1[:, i] > 0
@@ -234,7 +246,7 @@ def report(model: str, res: dict) -> None:
               f"{'within' if row['within_bound'] else 'BEYOND'} the {BOUND}-point bound")
         for d in DIRECTIONS:
             x = m[d]
-            print(f"    {d}: entered/left top-k " + ", ".join(f"R@{k} {x['entered'][f'R@{k}']}/{x['left'][f'R@{k}']}" for k in KS)
+            print(f"    {d}: rank changed for {x['rank_changed']} queries; entered/left top-k " + ", ".join(f"R@{k} {x['entered'][f'R@{k}']}/{x['left'][f'R@{k}']}" for k in KS)
                   + f" of {x['queries']}; flipped queries' fp32 margin <= "
                   + ", ".join(f"{x['flipped_margin_max'][f'R@{k}']:.5f}" if x['flipped_margin_max'][f'R@{k}'] is not None else "-" for k in KS)
                   + f" (median |margin| at R@5 {x['median_abs_margin_at_5']:.4f}; score change median {x['score_change_median']:.5f},"
@@ -258,7 +270,7 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16,int8")
     p.add_argument("--null-trials", type=int, default=40)
     p.add_argument("--curve-trials", type=int, default=10, help="trials per cosine of the fixed-angle null (0: skip)")
-    p.add_argument("--reuse-vectors", action="store_true", help="reuse the vectors a previous run saved for the same checkpoint")
+    p.add_argument("--reuse-vectors", action="store_true", help="reuse the vectors and `loupe eval` reports a previous run saved for the same checkpoint")
     p.add_argument("--skip-cli", action="store_true", help="only the in-process figures (same code as loupe eval)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench-precision-recall"))
     p.add_argument("--out", default="bench_precision_recall.json", help="file name under benchmarks/out")

@@ -34,7 +34,7 @@ PrecisionOpt = Annotated[
     typer.Option(
         "--precision",
         help="Image encoding arithmetic: auto (fp16 mixed precision on CUDA, fp32 elsewhere), fp32, bf16 or int8 "
-        "(faster on CPUs with AMX/AVX512-BF16, resp. for ViT towers on x86; recall may move by ~0.5 points). Anything but "
+        "(faster on CPUs with AMX/AVX512-BF16, resp. for ViT towers on x86; recall may move by a few tenths of a point). Anything but "
         "fp32 is checked on the first batch against fp32 (--min-cosine) and falls back to fp32 if it strays.",
     ),
 ]
