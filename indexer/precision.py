@@ -102,7 +102,7 @@ def fastest(device: "torch.device", visual: "torch.nn.Module") -> str:
 
 def resolve(precision: str, device: "torch.device", visual: "torch.nn.Module") -> str:
     """The precision to run: `auto` becomes fp16 (mixed precision) on CUDA and fp32 elsewhere (on
-    CPUs the faster ones change recall by more than 0.3 points: module docstring). An explicit
+    CPUs the faster ones can move recall by more than 0.3 points: module docstring). An explicit
     choice is kept where the device can run it at all."""
     if precision not in CHOICES:
         raise LoupeError(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
