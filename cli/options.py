@@ -33,9 +33,9 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="Image encoding arithmetic: auto (bf16 on CPUs with AMX/AVX512-BF16, int8 for ViT towers on other x86 CPUs, "
-        "fp16 mixed precision on CUDA, else fp32), fp32, bf16 or int8. Anything but fp32 is checked on the first batch "
-        "against fp32 (--min-cosine) and falls back to fp32 if it strays.",
+        help="Image encoding arithmetic: auto (fp16 mixed precision on CUDA, fp32 elsewhere), fp32, bf16 or int8 "
+        "(faster on CPUs with AMX/AVX512-BF16, resp. for ViT towers on x86; recall may move by a few tenths of a point). Anything but "
+        "fp32 is checked on the first batch against fp32 (--min-cosine) and falls back to fp32 if it strays.",
     ),
 ]
 MinCosineOpt = Annotated[

@@ -4,6 +4,13 @@ fp32 is the reference. A faster precision is used only where the hardware runs i
 while its vectors stay within `MIN_COSINE` of fp32 for the loaded model: models differ, so the
 encoder checks it at run time on the first images it embeds (`Encoder.set_image_precision`).
 
+On CPUs, bf16 and int8 are opt-ins (`--precision bf16|int8`); `auto` stays fp32. Measured on
+models trained here (benchmarks/bench_precision_recall.py, RESULTS.md): what they change in `loupe
+eval` recall is near-ties changing places, as much as unbiased noise of the same angle changes, and
+that grows with the angle: bf16 on loupe-tiny (cosine >= 0.9996) moved recall by 0.38 points, beyond
+the 0.3 issue 11 allows; only vectors within cosine 0.999999 of fp32 kept both trained models within
+the bound in every noise trial, and neither bf16 nor int8 comes that close (int8 on ViT-B-32: 0.9996).
+
 - bf16: the image tower's weights cast once to bfloat16 (not autocast, which is slower on CPU).
   Fast only on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16); elsewhere it is emulated.
 - int8: dynamic quantisation of the tower's Linear layers (weights int8, activations quantised
@@ -81,21 +88,27 @@ def int8_pays(visual: "torch.nn.Module") -> bool:
     return x86 and avx2 and vit and linear_share(visual) >= INT8_MIN_LINEAR_SHARE
 
 
+def fastest(device: "torch.device", visual: "torch.nn.Module") -> str:
+    """The fastest precision this device runs for this tower within `MIN_COSINE`: bf16 on CPUs with
+    bf16 units, int8 on other x86 CPUs where it pays, fp32 otherwise; fp16 (mixed precision) on CUDA."""
+    if device.type == "cuda":
+        return "fp16"
+    if device.type != "cpu":
+        return "fp32"
+    if cpu_has_bf16():
+        return "bf16"
+    return "int8" if int8_pays(visual) else "fp32"
+
+
 def resolve(precision: str, device: "torch.device", visual: "torch.nn.Module") -> str:
-    """The precision to run: `auto` becomes bf16 on CPUs with bf16 units, int8 on other x86 CPUs
-    where it pays, fp32 otherwise; fp16 (mixed precision) on CUDA. An explicit choice is kept
-    where the device can run it at all."""
+    """The precision to run: `auto` becomes fp16 (mixed precision) on CUDA and fp32 elsewhere (on
+    CPUs the faster ones can move recall by more than 0.3 points: module docstring). An explicit
+    choice is kept where the device can run it at all."""
     if precision not in CHOICES:
         raise LoupeError(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
     kind = device.type
     if precision == "auto":
-        if kind == "cuda":
-            return "fp16"
-        if kind != "cpu":
-            return "fp32"
-        if cpu_has_bf16():
-            return "bf16"
-        return "int8" if int8_pays(visual) else "fp32"
+        return "fp16" if kind == "cuda" else "fp32"
     if precision == "int8" and kind != "cpu":
         raise LoupeError(f"--precision int8 runs on CPUs only, not {kind}: use auto, fp32 or bf16")
     if precision == "bf16" and kind not in ("cpu", "cuda"):
