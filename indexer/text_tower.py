@@ -128,6 +128,7 @@ def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
 
 
 def _export(encoder, folder: Path, stem: str) -> dict:
+    import copy
     import io
     import warnings
 
@@ -148,7 +149,10 @@ def _export(encoder, folder: Path, stem: str) -> dict:
     class TextTower(torch.nn.Module):
         def __init__(self, model) -> None:
             super().__init__()
-            self.model = model
+            # the text side only: a lowered (int8) image tower in the traced module breaks the export
+            text_only = copy.copy(model)
+            text_only._modules = {k: v for k, v in model._modules.items() if k != "visual"}
+            self.model = text_only
 
         def forward(self, tokens):
             return self.model.encode_text(tokens)

@@ -74,3 +74,21 @@ def test_auto_runs_join_an_index_of_int8_vectors(store, vit_encoder, photo_dir, 
     recorded = store.image_precisions()
     assert set(recorded) == {"int8", "fp32"} and recorded["int8"] >= precision.MIN_COSINE
     vit_encoder.set_image_precision("fp32")
+
+
+def test_text_tower_exports_after_the_image_tower_went_int8(vit_encoder, pixels, tmp_path):
+    """`loupe index --precision int8` lowers the image tower in place; the text tower's ONNX export
+    that follows must still work (it failed with 'transpose for tensor of unknown rank')."""
+    from indexer.locations import Location
+    from indexer.text_tower import export_text_tower
+
+    fp32_visual = vit_encoder.model.visual
+    try:
+        vit_encoder.model.visual = precision.lowered(fp32_visual, "int8")
+        vit_encoder.model.encode_image(pixels[:2])
+        location = Location(url="sqlite:///unused", vector_dir=tmp_path, prefix="")
+        manifest = export_text_tower(vit_encoder, location, "weights-int8")
+    finally:
+        vit_encoder.model.visual = fp32_visual
+    assert manifest["usable"], manifest
+    assert manifest["min_cosine"] >= 0.9999
