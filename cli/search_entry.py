@@ -51,6 +51,7 @@ DEFAULTS = {
 ENVVARS = {"home": ("LOUPE_HOME", Path), "db": ("LOUPE_DB", str)}
 _INT = re.compile(r"[0-9]+")
 _FLOAT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+HEAVY = ("torch", "open_clip", "sqlalchemy", "faiss", "typer")  # what `--timings` reports a search imported
 _ANSI = re.compile(r"\033\[[;?0-9]*[a-zA-Z]")  # what click strips from output that is not a terminal
 
 
@@ -97,6 +98,9 @@ def parse_search_args(args: Sequence[str]) -> dict | None:
     if not query:
         return None
     values["query"] = query
+    for param, kind in OPTIONS.values():
+        if kind == "strs" and values[param] is None:
+            values[param] = []  # typer's value of a repeatable option not given
     for param, (var, kind) in ENVVARS.items():
         if param not in given and var in os.environ:
             if not os.environ[var]:
@@ -235,7 +239,7 @@ def run_search(
 
         report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
                       text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
-                      heavy_imports=[m for m in ("torch", "open_clip") if m in sys.modules])
+                      heavy_imports=[m for m in HEAVY if m in sys.modules])
         sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
         from retrieval.search import cache_text_tower
 

@@ -3,8 +3,8 @@
 A cold `loupe search` of a small collection spent more time importing FAISS (and reading its
 file) than searching: for a collection whose index is exact ("Flat") anyway and no larger than
 `NUMPY_FLAT_MAX` vectors, the catalog's float vectors (the source of truth the FAISS file is
-derived from) are scored with one matrix product instead. Same scores within float rounding, and
-the same order as FAISS's flat index, ties included (`top_k_like_faiss`).
+derived from) are scored with one matrix product instead. Same scores within float rounding, the same order as
+FAISS's flat index (exact ties aside: `top_k`).
 """
 
 from __future__ import annotations
@@ -54,22 +54,23 @@ class ExactIndex:
             keep = np.isin(ids, np.asarray(allowed, dtype=np.int64))
             ids, vectors = ids[keep], vectors[keep]
         scores = queries @ vectors.T  # (queries, candidates)
-        return top_k_like_faiss(scores, ids, k)
+        return top_k(scores, ids, k)
 
 
-def top_k_like_faiss(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best `k` per row as FAISS's flat inner-product search ranks them (its heap, one query at a time):
-    among equal scores the first held (lowest id here) are kept at the cut, and listed last."""
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` per row, highest score first, the lower id first among exactly equal scores.
+
+    Exactly equal scores come only from identical vectors of different content (identical files
+    share one vector), and FAISS itself breaks such ties by its code path and CPU (its heap for
+    k > 1, SIMD lanes for k = 1, blocks when filtered): here the rule is fixed."""
     nq, n = scores.shape
-    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_scores = np.full((nq, k), -np.finfo(np.float32).max, dtype=np.float32)  # what FAISS pads with
     out_ids = np.full((nq, k), -1, dtype=np.int64)
     take = min(k, n)
     for row in range(nq):
-        s = scores[row]
-        kept = np.lexsort((ids, -s))[:take]  # best first, lower id first among equals: the heap keeps those
-        order = np.lexsort((-ids[kept], -s[kept]))  # then listed best first, higher id first among equals
-        out_scores[row, :take] = s[kept][order]
-        out_ids[row, :take] = ids[kept][order]
+        best = np.lexsort((ids, -scores[row]))[:take]
+        out_scores[row, :take] = scores[row, best]
+        out_ids[row, :take] = ids[best]
     return out_scores, out_ids
 
 
