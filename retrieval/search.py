@@ -287,8 +287,6 @@ def open_searcher(
     search, so that `cache_text_tower` can export it afterwards). `texts`, the query's sentences
     when known, let a query answered entirely from the query cache (or by images) skip loading the tower.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from indexer.encoder import TEXT_PRECISIONS, load_encoder, resolve_spec
     from indexer.store import bound_spec
 
@@ -303,6 +301,8 @@ def open_searcher(
             for kind in preload:  # while the text tower loads in its own thread
                 store.vector_index(kind)
             return Searcher(store, encoder)
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = [pool.submit(store.vector_index, kind) for kind in preload]
         encoder = load_encoder(spec, device)
