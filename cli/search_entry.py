@@ -1,7 +1,7 @@
 """`loupe search`: the command's body, and a way in that does not import typer.
 
 Building the typer app (typer, its vendored click, pydantic for its parameter adapters) cost a
-cold search ~0.1 s idle before any work began. `run_fast` reads the argument lists a search is
+cold search 0.43 s of imports at load ~10 (benchmarks/RESULTS.md) before any work began. `run_fast` reads the argument lists a search is
 usually given (known options, well-formed values) the way typer's parser reads them, and runs the
 same body (`run_search`); anything else (`--help`, an unknown or malformed option, a value typer
 would convert or refuse in its own way, a non-UTF-8 terminal) returns None and the caller hands

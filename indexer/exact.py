@@ -13,7 +13,9 @@ import numpy as np
 
 from indexer.vectors import DEFAULT_FACTORY, choose_factory, read_label
 
-NUMPY_FLAT_MAX = 20_000  # vectors; reading them from SQLite stays well under FAISS's import (RESULTS.md)
+# vectors; reading them from SQLite costs less than importing FAISS up to about here (load ~7, CPU s:
+# 800 vectors 0.007, 5,000 0.045, 20,000 0.26; `import faiss` 0.05 with numpy loaded; RESULTS.md)
+NUMPY_FLAT_MAX = 4_000
 
 
 class ExactIndex:

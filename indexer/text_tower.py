@@ -234,7 +234,7 @@ class OnnxTextTower:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             # one query runs the graph once: the weights' pages are mapped and used as they are, not
             # repacked (~150 MB copied for ViT-B-32), nor the graph rewritten first. Session set-up
-            # went from ~0.25 s to ~0.06 s CPU for ~0.02 s more per run (RESULTS.md)
+            # went from 0.25 s to 0.05 s CPU for 0.02 s more per run, at load ~8 (RESULTS.md)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             options.add_session_config_entry("session.disable_prepacking", "1")
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
