@@ -186,6 +186,16 @@ class CatalogReader:
                 found[pos[vid]] = True
         return out, found
 
+    def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
+        """As `Catalog.load_vectors`: vectors for `ids`, in that order; a LoupeError if any is gone."""
+        out, found = self.fetch_vectors(ids, dim, chunk)
+        if not found.all():
+            from indexer.errors import LoupeError
+
+            lost = np.asarray(ids)[~found]
+            raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
+        return out
+
     def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
         row = self.db.execute("SELECT data FROM vectors WHERE kind = ? AND content_hash = ?", (kind, content_hash)).fetchone()
         return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()

@@ -373,6 +373,9 @@ def test_light_path_gives_the_full_paths_results(cold_home, tiny_encoder):
         got = light.search(parse_query(query), **kw)
         assert [(h.rank, h.vector_id, h.fields) for h in got] == [(h.rank, h.vector_id, h.fields) for h in want], query
         assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    ids = full.store.catalog.vector_ids("image")
+    assert np.array_equal(light_store.catalog.vector_ids("image"), ids)
+    assert np.array_equal(light_store.catalog.load_vectors(ids, full.meta.dim), full.store.catalog.load_vectors(ids, full.meta.dim))
     assert isinstance(light_store.vector_index("image"), ExactIndex)
     assert "faiss" not in type(light_store.vector_index("image")).__module__
 
