@@ -11,7 +11,8 @@ indexes the same photos with a random-weight ViT-B-32 (speed does not depend on 
 Then, alternating, each round times one fresh process of each:
 
 - rclip: `rclip --no-indexing -t 10 "<sentence>"` in the photos folder;
-- loupe: `loupe search -k 10 "<sentence>"` (no server), a sentence not asked before (no cache hit).
+- loupe: `loupe search -k 10 "<sentence>"` (no server), a sentence not asked before (no cache hit);
+  checked to import none of torch, open_clip, SQLAlchemy, FAISS and typer (`--timings`).
 
 Also timed: loupe's first-ever query on the index (no text tower cached yet: torch loads, the
 tower is exported after the results are printed), and a repeated sentence (query-cache hit).

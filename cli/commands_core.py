@@ -273,76 +273,12 @@ def search(
     has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
     are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
     """
-    import time
+    from cli.search_entry import run_search
 
-    started = time.perf_counter()
-    from indexer.vectors import join_search_params, parse_search_params
-    from retrieval.query import parse_query
-    from retrieval.server import search_via_server
-
-    params = join_search_params(search_params, nprobe, ef_search)
-    parse_search_params(params)  # a bad string fails before any work
-    terms = parse_query(query)
-    target = "text" if captions else "image"
-    # a running `loupe serve` keeps the search parameters it was started with: with others, search here
-    hits = None if params else search_via_server(
-        home, db, terms, target, k, min_score, folder, glob, after, before, date_field, model, pretrained, checkpoint, device,
-        text_precision,
+    run_search(
+        query, k, captions, min_score, folder, glob, after, before, date_field, as_json, model, pretrained, checkpoint,
+        device, text_precision, nprobe, ef_search, search_params, home, db, timings, echo=typer.echo,
     )
-    searcher = None
-    if hits is None:  # no `loupe serve` running for this index and model: search in this process
-        texts = [t.value for t in terms if t.kind == "text"]
-        if text_precision in ("auto", "fp32") and device in ("auto", "cpu"):
-            from indexer.locations import resolve_location
-            from indexer.text_tower import prestart
-
-            prestart(resolve_location(home, db), texts)  # the text tower loads while the catalog opens
-        from retrieval.search import Filters, open_searcher
-
-        filters = Filters.parse(folder, glob, after, before, date_field)
-        searcher = open_searcher(
-            home, db, model, pretrained, checkpoint, device, preload=(target,), text_precision=text_precision,
-            search_params=params, texts=texts,
-        )
-        hits = searcher.search(terms, target=target, k=k, filters=filters, min_score=min_score)
-    if as_json:
-        for hit in hits:
-            typer.echo(json.dumps(hit.to_json(), ensure_ascii=False))
-    elif not hits:
-        typer.echo("no results", err=True)
-    else:
-        _print_table(hits, captions)
-    report = {"seconds": round(time.perf_counter() - started, 4), "server": searcher is None}
-    if searcher is not None:
-        from indexer.text_tower import OnnxTextTower
-
-        report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
-                      text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
-                      heavy_imports=[m for m in ("torch", "open_clip") if m in sys.modules])
-        sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
-        from retrieval.search import cache_text_tower
-
-        report["text_tower"] = cache_text_tower(searcher)
-    if timings:
-        typer.echo(json.dumps(report), err=True)
-
-
-def _print_table(hits, captions: bool) -> None:
-    rows = []
-    for h in hits:
-        f = h.fields
-        if captions:
-            where = f" [{f['image']}]" if f.get("image") else ""
-            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['text']}{where}"))
-        else:
-            dup = f"  (+{len(f['duplicates'])} identical)" if f["duplicates"] else ""
-            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}"))
-    header = ("rank", "score", "caption" if captions else "path")
-    w0 = max(len(header[0]), *(len(r[0]) for r in rows))
-    w1 = max(len(header[1]), *(len(r[1]) for r in rows))
-    typer.echo(f"{header[0]:>{w0}}  {header[1]:>{w1}}  {header[2]}")
-    for r in rows:
-        typer.echo(f"{r[0]:>{w0}}  {r[1]:>{w1}}  {r[2]}")
 
 
 @app.command()

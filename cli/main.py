@@ -1,26 +1,43 @@
 """The `loupe` command line. Thin: each command parses options and calls one library function.
 
 Heavy modules (torch, open_clip, faiss, sqlalchemy) are imported inside the commands, so
-`loupe --help` is instant and a search only pays for what it uses.
+`loupe --help` is instant and a search only pays for what it uses. typer itself is imported
+only when needed: a plain `loupe search ...` runs without it (`cli.search_entry`).
 """
 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import typer
+if TYPE_CHECKING:
+    import typer
 
-app = typer.Typer(
-    name="loupe",
-    help="Search your photos by sentence, by image, or against captions (open_clip + FAISS).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+_app = None
+
+
+def __getattr__(name: str):
+    """`app`, the typer application, made on first use (`from cli.main import app`)."""
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        import typer
+
+        _app = typer.Typer(
+            name="loupe",
+            help="Search your photos by sentence, by image, or against captions (open_clip + FAISS).",
+            no_args_is_help=True,
+            add_completion=False,
+            pretty_exceptions_enable=False,
+        )
+    return _app
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
     """Print a one-line error to stderr and return the Exit to raise."""
+    import typer
+
     typer.echo(f"loupe: error: {message}", err=True)
     return typer.Exit(code)
 
@@ -39,8 +56,20 @@ def _register() -> None:
 
 def run() -> None:
     """Console-script entry point: turns LoupeError and Ctrl-C into one-line messages."""
+    if sys.argv[1:2] == ["search"]:  # the everyday command: without typer when its arguments are plain
+        from cli.search_entry import run_fast
+
+        try:
+            code = run_fast(sys.argv[2:])
+        except KeyboardInterrupt:
+            _exit(130, "loupe: interrupted")
+        if code is not None:
+            _exit(code)
+    import typer
+
     from indexer.errors import LoupeError
 
+    app = __getattr__("app")
     _register()
     sys.argv[1:] = _expand_ray_address(sys.argv[1:])
     try:
@@ -56,13 +85,22 @@ def run() -> None:
     except typer.Abort:
         typer.echo("loupe: aborted", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors and the like (typer >= 0.29 raises its vendored click's)
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_exceptions() -> tuple[type, ...]:
+    """ClickException of click and of the copy typer vendors (typer._click), whichever are installed."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
 
 
 def _expand_ray_address(args: list[str]) -> list[str]:
@@ -85,7 +123,9 @@ def _exit(code: int, message: str | None = None) -> None:
     except ValueError:  # not the main thread
         pass
     if message:
-        typer.echo(message, err=True)
+        from cli.search_entry import echo
+
+        echo(message, err=True)
     sys.exit(code)
 
 

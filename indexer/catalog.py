@@ -46,9 +46,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from indexer.errors import LoupeError
 
-SCHEMA_VERSION = 2  # 2: 'missing' files, the roots table, an index on (status, vector_id)
-IMAGE, TEXT = "image", "text"
-OK, SKIPPED, MISSING = "ok", "skipped", "missing"  # ImageRow.status
+from indexer.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
+    IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, display_path, path_key_of, prefix_bounds,
+)
 LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
 
@@ -174,17 +174,6 @@ class ImageRecord:
     taken_at: datetime | None = None
     vector_id: int | None = None
     reason: str | None = None
-
-
-def display_path(path_key: bytes) -> str:
-    """A printable path: bytes that are not UTF-8 are shown as U+FFFD."""
-    return path_key.decode("utf-8", "replace")
-
-
-def prefix_bounds(folder_key: bytes) -> tuple[bytes, bytes]:
-    """Byte range [lo, hi) of every path_key strictly inside `folder_key` (one indexed range scan)."""
-    lo = folder_key.rstrip(b"/") + b"/"
-    return lo, lo[:-1] + b"0"  # '0' is the byte after '/'
 
 
 def to_blob(vec: np.ndarray) -> bytes:
@@ -702,8 +691,3 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
-
-
-def path_key_of(path: str | os.PathLike) -> bytes:
-    """The catalog key of a path: its absolute form as raw bytes (survives non-UTF-8 names)."""
-    return os.fsencode(os.path.abspath(path))

@@ -18,16 +18,20 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from indexer.catalog import IMAGE, MISSING, TEXT, Catalog, Meta
+from indexer.catalog_names import IMAGE, MISSING, TEXT
 from indexer.critical import critical_section
 from indexer.errors import LoupeError
 from indexer.locations import Location, resolve_location
 from indexer.vectors import (
     AUTO, VectorIndex, choose_factory, ivf_lists, min_train_size, parse_search_params, read_label, side_file,
 )
+
+if TYPE_CHECKING:  # SQLAlchemy is imported only when a Catalog is opened (a cold search reads with sqlite3)
+    from indexer.catalog import Catalog, Meta
 
 
 FACTORY_SETTING = "index_factory"
@@ -54,7 +58,8 @@ class Store:
     """Open (or create) the index at a location."""
 
     def __init__(
-        self, location: Location, map_files: bool = True, writer: bool = True, search_params: str | None = None
+        self, location: Location, map_files: bool = True, writer: bool = True, search_params: str | None = None,
+        catalog: "Catalog | None" = None,
     ) -> None:
         """`writer=False` opens it for reading only: `sync`/`sync_all` refuse, nothing is written.
         `search_params` (a FAISS parameter string, e.g. "nprobe=64") is set on every index handed out.
@@ -63,10 +68,19 @@ class Store:
         Mapping suits a process that searches once (1M vectors open in 0.05 s instead of 0.35 s);
         a long-lived searcher should read the file, since a query over mapped lists is slower
         (100k vectors: 3.9 ms instead of 1.4 ms, measured).
+
+        `catalog`: an open catalog of `location` to use (a cold search's `indexer.catalog_reader`,
+        for reading only). `numpy_flat_max` > 0 lets `vector_index` score a flat collection of at
+        most that many vectors with numpy (`indexer.exact`) instead of opening FAISS.
         """
         self.search_params = parse_search_params(search_params)  # a bad string fails before any work
         self.location = location
-        self.catalog = Catalog(location.url)
+        if catalog is None:
+            from indexer.catalog import Catalog
+
+            catalog = Catalog(location.url)
+        self.catalog = catalog
+        self.numpy_flat_max = 0
         self.map_files = map_files
         self.writer = writer
         self._indices: dict[str, VectorIndex] = {}
@@ -178,6 +192,10 @@ class Store:
             return self._indices[kind]
         meta = self.require_meta()
         index = self._ondisk(kind, meta) if factory is None else None
+        if index is None and self.numpy_flat_max and not self.search_params:
+            from indexer.exact import exact_index
+
+            index = exact_index(self, kind, meta, factory, self.numpy_flat_max)
         if index is None:
             index, _, _ = self._in_line(kind, meta, factory)
         self._indices[kind] = index

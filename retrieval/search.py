@@ -13,14 +13,17 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from indexer.catalog import IMAGE, TEXT, ImageRow, path_key_of, prefix_bounds
+from indexer.catalog_names import IMAGE, TEXT, path_key_of, prefix_bounds
 from indexer.errors import LoupeError
 from indexer.store import Store
 from retrieval.query import Term
+
+if TYPE_CHECKING:
+    from indexer.catalog import ImageRow
 
 DATE_FIELDS = ("auto", "taken", "modified")
 
@@ -272,7 +275,9 @@ def open_searcher(
     The vector indices named in `preload` ('image', 'text') are read in a second thread while
     the model loads (both mostly run outside the GIL), so a cold search pays for the larger
     of the two, not their sum. `text_precision` is the query encoder's (`Encoder.set_text_precision`);
-    `long_lived` (a server) reads index files into memory rather than mapping them.
+    `long_lived` (a server) reads index files into memory rather than mapping them; a one-off
+    search reads a SQLite catalog through `indexer.catalog_reader` (no SQLAlchemy) and scores a
+    small flat collection with numpy (`indexer.exact`, no FAISS), when it can.
     `search_params` (a FAISS parameter string, e.g. "nprobe=64,efSearch=128") tunes approximate
     indices over loupe's defaults. The store is opened for reading: a search never writes index files.
 
@@ -282,14 +287,12 @@ def open_searcher(
     search, so that `cache_text_tower` can export it afterwards). `texts`, the query's sentences
     when known, let a query answered entirely from the query cache (or by images) skip loading the tower.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from indexer.encoder import TEXT_PRECISIONS, load_encoder, resolve_spec
     from indexer.store import bound_spec
 
     if text_precision not in TEXT_PRECISIONS:
         raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
-    store = Store.open(home, db, map_files=not long_lived, writer=False, search_params=search_params)
+    store = _open_store(home, db, long_lived, search_params)
     meta = store.require_meta()
     spec = resolve_spec(model, pretrained, checkpoint, bound_spec(meta))
     if tower_eligible(text_precision, device, long_lived):
@@ -298,6 +301,8 @@ def open_searcher(
             for kind in preload:  # while the text tower loads in its own thread
                 store.vector_index(kind)
             return Searcher(store, encoder)
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = [pool.submit(store.vector_index, kind) for kind in preload]
         encoder = load_encoder(spec, device)
@@ -306,6 +311,24 @@ def open_searcher(
         for job in loading:
             job.result()
     return Searcher(store, encoder)
+
+
+def _open_store(home, db, long_lived: bool, search_params: str | None) -> Store:
+    """The index, opened for reading: with the light catalog reader and numpy scoring for a one-off search."""
+    from indexer.locations import resolve_location
+
+    location = resolve_location(home, db)
+    reader = None
+    if not long_lived:
+        from indexer.catalog_reader import open_reader
+
+        reader = open_reader(location.url)
+    store = Store(location, map_files=not long_lived, writer=False, search_params=search_params, catalog=reader)
+    if not long_lived:
+        from indexer.exact import NUMPY_FLAT_MAX
+
+        store.numpy_flat_max = NUMPY_FLAT_MAX
+    return store
 
 
 def tower_eligible(text_precision: str, device: str, long_lived: bool) -> bool:

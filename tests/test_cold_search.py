@@ -218,3 +218,229 @@ def test_no_change_index_with_model_options_does_not_load_the_model(loupe, photo
     other = save_random_model(tmp_path / "other.pt", seed=3)
     refused = loupe("index", photo_dir, "--checkpoint", other, ok=False)
     assert refused.returncode == 1 and "other weights" in refused.stderr
+
+
+# ---- the light search path: no typer, SQLAlchemy or FAISS where they are not needed ---------------
+
+
+def _typer_search_command():
+    import typer.main
+
+    from cli.main import _register, app
+
+    _register()
+    return typer.main.get_command(app).commands["search"]
+
+
+def test_search_options_are_typers():
+    """The option table of the typer-free entry names every option of typer's command, the same way."""
+    from cli.search_entry import DEFAULTS, ENVVARS, OPTIONS
+
+    command = _typer_search_command()
+    options = {p.name: p for p in command.params if p.name != "query"}
+    assert set(DEFAULTS) == set(options)
+    for param, option in options.items():
+        assert {n for n, (p, _) in OPTIONS.items() if p == param} == set(option.opts) | set(option.secondary_opts), param
+        assert option.default == DEFAULTS[param], param
+        assert (option.envvar or None) == (ENVVARS[param][0] if param in ENVVARS else None), param
+        kind = OPTIONS[option.opts[0]][1]
+        assert (kind == "flag") == bool(option.is_flag) and (kind == "strs") == bool(option.multiple), param
+        assert (option.min == 1) == (kind == "int"), param
+
+
+ARGS = [
+    ["a", "dog"],
+    ["a dog", "-k", "3", "--json"],
+    ["--top=5", "a", "--glob", "*.jpg", "dog", "--glob=x*", "--in", "photos", "--captions"],
+    ["--min-score", "0.25", "--after", "2021-06", "--before", "2022", "--date-field", "taken", "beach"],
+    ["--min-score=-0.5", "-m", "ViT-B-32", "--pretrained", "laion", "-c", "w.pt", "--device", "cpu", "q"],
+    ["--text-precision", "fp32", "--nprobe", "8", "--ef-search", "64", "--search-params", "nprobe=2", "q", "--timings"],
+    ["--home", "/tmp/h", "--db", "sqlite:////tmp/x.db", "-k", "1", "-k", "2", "q"],
+    ["a", "-", "b", "--", "--json", "-k"],
+    ['"2:a dog" + ./dog.jpg - "people"'],
+    ["--min-score", ".5", "q"],
+]
+REFUSED = [  # left to typer: help, unknown or malformed options, values it may read or refuse its own way
+    [], ["--help"], ["q", "--help"], ["-k", "0", "q"], ["-k", "x", "q"], ["-k5", "q"], ["q", "-k"], ["--json=1", "q"],
+    ["--no-such", "q"], ["-5", "q"], ["--min-score", "1e-3", "q"], ["--min-score", "nan", "q"], ["--in", "", "q"],
+    ["-k", "+3", "q"], ["--ray=host", "q"],
+]
+
+
+@pytest.mark.parametrize("env", [{}, {"LOUPE_HOME": "/tmp/env-home", "LOUPE_DB": "sqlite:////tmp/env.db"}])
+def test_plain_arguments_are_read_as_typer_reads_them(monkeypatch, env):
+    from cli.search_entry import parse_search_args
+
+    for var in ("LOUPE_HOME", "LOUPE_DB"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    command = _typer_search_command()
+    for args in ARGS:
+        ours = parse_search_args(args)
+        theirs = command.make_context("search", list(args)).params
+        assert ours is not None, args
+        assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in theirs.items()} == ours, args
+    for args in REFUSED:
+        assert parse_search_args(args) is None, args
+
+
+def test_cli_errors_stay_typers(loupe):
+    """Usage errors go to typer (exit 2, its message, no traceback); library errors are one line."""
+    bad = loupe("search", "-k", "0", "dog", ok=False)
+    assert bad.returncode == 2 and "Invalid value for '-k'" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = loupe("search", "--no-such", "dog", ok=False)
+    assert unknown.returncode == 2 and "No such option" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert "Usage: loupe search" in loupe("search", "--help").stdout
+    missing = loupe("search", "dog", ok=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("loupe: error: no index at")
+
+
+@pytest.fixture(scope="module")
+def cold_home(tmp_path_factory, tiny_checkpoint, flickr_images):
+    """A real index of 12 photos with its text tower, built through the CLI."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    home = tmp_path_factory.mktemp("cold") / "home"
+    photos = home.parent / "photos"
+    photos.mkdir()
+    for src in sorted(flickr_images.iterdir())[:12]:
+        shutil.copy2(src, photos / src.name)
+    shutil.copy2(sorted(flickr_images.iterdir())[0], photos / "dup.jpg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LOUPE_HOME=str(home), PYTHONPATH=str(REPO), LOUPE_TEXT_TOWER="1",
+               LOUPE_NO_SERVER="1")
+    subprocess.run([sys.executable, "-m", "cli.main", "index", str(photos), "--checkpoint", str(tiny_checkpoint)],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    assert json.loads((home / "text-tower.json").read_text())["usable"]
+    return home, photos, env
+
+
+def _cli(env, *args, ok=True):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc
+
+
+def test_cold_search_imports_only_what_it_needs(cold_home):
+    """A plain search of a small SQLite index imports neither typer, SQLAlchemy, FAISS nor torch;
+    search parameters for FAISS bring FAISS in (and rank the same); a catalog to migrate, SQLAlchemy."""
+    home, photos, env = cold_home
+    plain = _cli(env, "search", "a dog in the snow", "--json", "--timings", "-k", "5")
+    t = _timings(plain)
+    assert (t["text_encoder"], t["heavy_imports"], t["onnx_sessions"]) == ("onnx", [], 1)
+    with_faiss = _cli(env, "search", "a dog in the snow", "--json", "--timings", "-k", "5", "--nprobe", "4")
+    assert _timings(with_faiss)["heavy_imports"] == ["faiss"]
+    a, b = _hits(plain), _hits(with_faiss)
+    assert [h["path"] for h in a] == [h["path"] for h in b]
+    assert [h["score"] for h in a] == pytest.approx([h["score"] for h in b], abs=1e-5)
+
+
+def test_light_path_gives_the_full_paths_results(cold_home, tiny_encoder):
+    """The sqlite3 reader with numpy ranking against SQLAlchemy with FAISS, on the same real index:
+    same files, same order, same fields, scores within float rounding, for filters and captions too."""
+    from indexer.catalog_reader import CatalogReader
+    from indexer.exact import ExactIndex
+    from indexer.store import Store
+    from retrieval.query import parse_query
+    from retrieval.search import Filters, Searcher, _open_store
+
+    home, photos, _ = cold_home
+    full = Searcher(Store.open(home=home, writer=False), tiny_encoder)
+    light_store = _open_store(home, None, False, None)
+    light = Searcher(light_store, tiny_encoder)
+    assert isinstance(light_store.catalog, CatalogReader)
+    img = str(sorted(photos.iterdir())[3])
+    cases = [
+        (["a dog running on the grass"], {}),
+        (["people"], {"k": 50}),  # more than the index holds
+        ([f'"a child" + {img}'], {"k": 4, "min_score": -1.0}),
+        (["a dog"], {"filters": Filters.parse(photos, ["*.jpg"], "2000", None)}),
+        (["a dog"], {"filters": Filters.parse(None, ["dup*"], None, None)}),
+    ]
+    for query, kw in cases:
+        want = full.search(parse_query(query), **kw)
+        got = light.search(parse_query(query), **kw)
+        assert [(h.rank, h.vector_id, h.fields) for h in got] == [(h.rank, h.vector_id, h.fields) for h in want], query
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+    ids = full.store.catalog.vector_ids("image")
+    assert np.array_equal(light_store.catalog.vector_ids("image"), ids)
+    assert np.array_equal(light_store.catalog.load_vectors(ids, full.meta.dim), full.store.catalog.load_vectors(ids, full.meta.dim))
+    assert isinstance(light_store.vector_index("image"), ExactIndex)
+    assert "faiss" not in type(light_store.vector_index("image")).__module__
+
+
+def test_numpy_ranks_as_faiss_flat():
+    """Same scores and order as FAISS's flat index, filtered or not; among equal scores (identical
+    vectors), whose order FAISS leaves to its code path and CPU, the same scores of tied ids."""
+    from indexer.exact import ExactIndex
+    from indexer.vectors import VectorIndex
+
+    rng = np.random.default_rng(0)
+    for n, dups in ((300, False), (40, True)):
+        base = rng.standard_normal((6 if dups else n, 16)).astype(np.float32)
+        vectors = base[rng.integers(0, 6, size=n)] if dups else base  # identical vectors: ties everywhere
+        ids = np.sort(rng.choice(10 * n, size=n, replace=False)).astype(np.int64)
+        flat = VectorIndex.create(16, "Flat")
+        flat.add(ids, vectors)  # in id order, as loupe builds its flat indices
+        exact = ExactIndex(ids[::-1].copy(), vectors[::-1].copy())  # given in any order
+        for q in rng.standard_normal((3, 16)).astype(np.float32).tolist() + vectors[:3].tolist():
+            q = np.asarray(q, dtype=np.float32)
+            for k in (1, 2, 5, 9, 40, n + 20):
+                for allowed in (None, ids[::3], ids[:1]):
+                    s1, i1 = flat.search(q[None], k, allowed)
+                    s2, i2 = exact.search(q[None], k, allowed)
+                    assert np.array_equal(i1 >= 0, i2 >= 0)
+                    assert np.allclose(s1, s2, atol=1e-5)
+                    if not dups:
+                        assert np.array_equal(i1, i2), (n, k, allowed)
+                        continue
+                    got = i2[i2 >= 0]
+                    assert len(set(got.tolist())) == len(got) and np.all(np.isin(got, ids if allowed is None else allowed))
+                    score_of = dict(zip(ids.tolist(), (vectors @ q).tolist()))
+                    assert np.allclose([score_of[i] for i in got], s2[i2 >= 0], atol=1e-5)
+                    assert np.all(np.diff(s2[i2 >= 0]) <= 1e-6)  # best first
+
+
+def test_catalogs_the_reader_leaves_to_sqlalchemy(tmp_path, cold_home):
+    """PostgreSQL and other URLs, missing files, other schema versions: `open_reader` says no, and the
+    search goes through SQLAlchemy, which migrates an older catalog and refuses a newer one."""
+    import shutil
+
+    from indexer.catalog import SCHEMA_VERSION
+    from indexer.catalog_reader import open_reader
+
+    home, _, env = cold_home
+    assert open_reader("postgresql+psycopg://loupe@/postgres?host=/tmp") is None
+    assert open_reader(f"sqlite:///{tmp_path / 'none.db'}") is None and not (tmp_path / "none.db").exists()
+    assert open_reader(f"sqlite:///{home / 'catalog.db'}?mode=ro") is None
+    assert open_reader(f"sqlite:///{home / 'catalog.db'}") is not None
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    with sqlite3.connect(copy / "catalog.db") as db:
+        db.execute("UPDATE meta SET schema_version = ?", (SCHEMA_VERSION + 1,))
+    assert open_reader(f"sqlite:///{copy / 'catalog.db'}") is None
+    newer = _cli(dict(env, LOUPE_HOME=str(copy)), "search", "a dog", ok=False)
+    assert newer.returncode == 1 and "newer than this loupe knows" in newer.stderr
+
+
+def test_an_error_while_the_tower_loads_exits_cleanly(cold_home, tmp_path):
+    """The text tower starts loading first thing; a search that fails meanwhile still exits with its
+    one-line error (a process leaving while ONNX Runtime builds a session used to abort)."""
+    from indexer.random_weights import save_random_model
+
+    home, _, env = cold_home
+    other = save_random_model(tmp_path / "other.pt", seed=5)
+    for _ in range(3):
+        proc = _cli(env, "search", f"a sentence never asked {_}", "--checkpoint", other, ok=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "other weights" in proc.stderr, proc.stderr

@@ -104,3 +104,24 @@ def test_version_1_catalog_is_migrated_on_postgres(pg_url, tmp_path, tiny_encode
     assert migrated.meta().schema_version == SCHEMA_VERSION and "roots" in inspect(migrated.catalog.engine).get_table_names()
     assert index_folder(migrated, tiny_encoder, photo_dir).embedded == 0
     assert check_store(migrated).ok
+
+
+def test_cold_cli_search_on_postgres_goes_through_sqlalchemy(pg_url, tmp_path, tiny_encoder, photo_dir, loupe):
+    """A cold `loupe search --db postgresql...` reads its catalog through SQLAlchemy (the stdlib
+    sqlite3 reader is for SQLite files only) and answers as the in-process search does."""
+    import json
+
+    url = pg_url.replace("/postgres?", "/cold?")
+    with Store.open(home=tmp_path / "home", db=pg_url).catalog.engine.connect() as conn:
+        from sqlalchemy import text
+
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE cold"))
+    store = Store.open(home=loupe.home, db=url)
+    index_folder(store, tiny_encoder, photo_dir)
+    proc = loupe("search", "a dog on the beach", "--db", url, "--json", "--timings", "-k", "4")
+    timings = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert "sqlalchemy" in timings["heavy_imports"] and "typer" not in timings["heavy_imports"]
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    want = Searcher(Store.open(home=loupe.home, db=url, writer=False), tiny_encoder).search(parse_query(["a dog on the beach"]), k=4)
+    assert [h["path"] for h in got] == [h.fields["path"] for h in want]
+    assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
