@@ -123,10 +123,10 @@ def choose_factory(n: int, setting: str | None, current: str | None = None) -> s
     return ideal
 
 
-def default_nprobe(nlist: int) -> int:
+def default_nprobe(nlist: int, per_sqrt_list: float = PROBES_PER_SQRT_LIST) -> int:
     """Lists to visit per query. Text queries (across the modality gap) need far more than image
     queries; the share needed falls as lists multiply: 128 of 256 at 100k, 256 of 1024 at 1M."""
-    return max(1, min(nlist, math.ceil(PROBES_PER_SQRT_LIST * math.sqrt(nlist))))
+    return max(1, min(nlist, math.ceil(per_sqrt_list * math.sqrt(nlist))))
 
 
 def parse_search_params(text: str | None) -> dict[str, int]:
@@ -211,6 +211,8 @@ class VectorIndex:
     catalog the content holds: -1 and None when unknown.
     """
 
+    probes_per_sqrt_list: float = PROBES_PER_SQRT_LIST  # `default_nprobe`'s share for this kind of index
+
     def __init__(self, index, factory: str, generation: int = -1, catalog: str | None = None) -> None:
         self.index = index
         self.factory = factory
@@ -242,7 +244,7 @@ class VectorIndex:
         given = parse_search_params(params) if params is None or isinstance(params, str) else dict(params)
         values: dict[str, int] = {}
         if self._probed is not None:
-            values["nprobe"] = default_nprobe(self._probed.nlist)
+            values["nprobe"] = default_nprobe(self._probed.nlist, self.probes_per_sqrt_list)
         values["efSearch"] = EF_SEARCH
         values.update(given)
         space = faiss.ParameterSpace()
