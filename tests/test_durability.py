@@ -173,6 +173,9 @@ def test_inserts_are_upserts_postgres(pg_url, tmp_path, tiny_encoder, photo_dir)
 
 def test_critical_section_defers_sigint_and_sigterm():
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
+    # a test run started in the background by a shell without job control starts with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     seen = []
     signal.signal(signal.SIGTERM, lambda *_: seen.append("term"))
     try:
@@ -203,6 +206,7 @@ def test_critical_section_defers_sigint_and_sigterm():
         assert not errors
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 # ---- real processes ----------------------------------------------------------------------------
