@@ -47,7 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from indexer.errors import LoupeError
 
 from indexer.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
-    IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, display_path, path_key_of, prefix_bounds,
+    IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, all_found, display_path, path_key_of, prefix_bounds,
 )
 LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
@@ -319,11 +319,7 @@ class Catalog:
 
     def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
         """Vectors for `ids`, in that order; a LoupeError if any is no longer stored."""
-        out, found = self.fetch_vectors(ids, dim, chunk)
-        if not found.all():
-            lost = np.asarray(ids)[~found]
-            raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
-        return out
+        return all_found(ids, *self.fetch_vectors(ids, dim, chunk))
 
     def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
         with self.session() as s:

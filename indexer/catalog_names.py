@@ -27,3 +27,16 @@ def prefix_bounds(folder_key: bytes) -> tuple[bytes, bytes]:
 def path_key_of(path: str | os.PathLike) -> bytes:
     """The catalog key of a path: its absolute form as raw bytes (survives non-UTF-8 names)."""
     return os.fsencode(os.path.abspath(path))
+
+
+def all_found(ids, out, found):
+    """`out` when every one of `ids` was found (`found`, a bool array), else a one-line LoupeError:
+    the catalog changed between listing the ids and reading their vectors."""
+    if not found.all():
+        import numpy as np
+
+        from indexer.errors import LoupeError
+
+        lost = np.asarray(ids)[~found]
+        raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
+    return out

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from indexer.catalog_names import IMAGE, OK, SCHEMA_VERSION, prefix_bounds
+from indexer.catalog_names import IMAGE, OK, SCHEMA_VERSION, all_found, prefix_bounds
 
 TABLES = {"meta", "vectors", "images", "captions", "roots", "settings"}
 _IMAGE_COLUMNS = "id, path_key, path, size, mtime_ns, content_hash, width, height, taken_at, vector_id, status, reason, indexed_at"
@@ -188,13 +188,7 @@ class CatalogReader:
 
     def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
         """As `Catalog.load_vectors`: vectors for `ids`, in that order; a LoupeError if any is gone."""
-        out, found = self.fetch_vectors(ids, dim, chunk)
-        if not found.all():
-            from indexer.errors import LoupeError
-
-            lost = np.asarray(ids)[~found]
-            raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
-        return out
+        return all_found(ids, *self.fetch_vectors(ids, dim, chunk))
 
     def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
         row = self.db.execute("SELECT data FROM vectors WHERE kind = ? AND content_hash = ?", (kind, content_hash)).fetchone()

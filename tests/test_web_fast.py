@@ -8,31 +8,8 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-import pytest
 
-from tests.test_webapp import BASE, PORT, TOKEN, make_service
-
-
-@pytest.fixture(scope="module")
-def app(web_index, tmp_path_factory):
-    from retrieval.webapp import create_app
-
-    service = make_service(web_index.home, web_index.encoder)
-    return create_app(service, token=TOKEN, port=PORT, thumbs_dir=tmp_path_factory.mktemp("thumbs"))
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    from starlette.testclient import TestClient
-
-    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as c:
-        yield c
-
-
-def search(client, **body) -> dict:
-    r = client.post("/api/search", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
+from tests.test_webapp import TOKEN, app, client, search  # noqa: F401  (the same app and client fixtures)
 
 
 def test_first_page_ranks_as_deep_as_the_cli(client, app, monkeypatch):
