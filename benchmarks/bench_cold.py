@@ -64,7 +64,7 @@ def rclip_model(datadir: Path) -> None:
     import open_clip
     import torch
 
-    from indexer.clip_tokenizer import default_bpe_path
+    from loupe.indexer.models.clip_tokenizer import default_bpe_path
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32-256", pretrained=None).eval()

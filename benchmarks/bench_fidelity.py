@@ -33,7 +33,7 @@ import numpy as np
 
 from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, machine, median, run_loupe, write_json
 
-from indexer.imageio import DRAFT_FACTOR  # noqa: E402  (common puts the repository on sys.path)
+from loupe.indexer.pipeline.imageio import DRAFT_FACTOR  # noqa: E402  (common puts the repository on sys.path)
 
 FACTORS = (1.0, 2.0, DRAFT_FACTOR)  # 1 = loupe before; DRAFT_FACTOR = loupe now
 SWEEP_SCALES = (2, 4, 8)
@@ -92,7 +92,7 @@ def pipelines(encoder) -> dict:
     """name -> function(path) giving the model's input tensor."""
     from PIL import Image
 
-    from indexer.imageio import decode_image
+    from loupe.indexer.pipeline.imageio import decode_image
 
     size, pre = encoder.image_size, encoder.preprocess
 
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     args = ap.parse_args()
 
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average_at_start']}")

@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     a = p.parse_args()
 
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), a.device)

@@ -1,9 +1,9 @@
 """An index larger than memory: build from npy shards with bounded RSS, then recall and latency.
 
 Stages (each in its own process, so each peak RSS is its own):
-  1. generate: N synthetic CLIP-like image vectors (indexer/synthetic.py) written as
+  1. generate: N synthetic CLIP-like image vectors (indexer/storage/synthetic.py) written as
      clip-retrieval shards (img_emb/img_emb_N.npy, float16 by default, metadata parquet);
-  2. build: `indexer.ondisk.build_ondisk` (IVF trained on a sample, shard-by-shard add,
+  2. build: `loupe.indexer.storage.ondisk.build_ondisk` (IVF trained on a sample, shard-by-shard add,
      merged on-disk inverted lists); reports stage times, disk size and peak RSS (VmHWM);
   3. query: text-like queries against the memory-mapped index with exact re-ranking from the
      memory-mapped shards, one query at a time (p50/p95 latency), and recall@10 against exact
@@ -35,9 +35,9 @@ from benchmarks.common import OUT, load_average  # noqa: E402
 def generate(args) -> dict:
     import numpy as np
 
-    from indexer.ondisk import peak_rss_bytes
-    from indexer.shards import IMG, ShardWriter
-    from indexer.synthetic import ClipLike
+    from loupe.indexer.storage.ondisk import peak_rss_bytes
+    from loupe.indexer.interop.shards import IMG, ShardWriter
+    from loupe.indexer.storage.synthetic import ClipLike
 
     t = time.perf_counter()
     world = ClipLike(dim=args.dim, spread=args.spread)
@@ -54,7 +54,7 @@ def generate(args) -> dict:
 def build(args) -> dict:
     import faiss
 
-    from indexer.ondisk import build_ondisk, peak_rss_bytes, report_dict
+    from loupe.indexer.storage.ondisk import build_ondisk, peak_rss_bytes, report_dict
 
     faiss.omp_set_num_threads(args.threads)
     out = Path(args.work) / "index"
@@ -67,8 +67,8 @@ def query(args) -> dict:
     import faiss
     import numpy as np
 
-    from indexer.ondisk import OnDiskIndex, ShardSet, exact_search, peak_rss_bytes
-    from indexer.synthetic import ClipLike
+    from loupe.indexer.storage.ondisk import OnDiskIndex, ShardSet, exact_search, peak_rss_bytes
+    from loupe.indexer.storage.synthetic import ClipLike
 
     faiss.omp_set_num_threads(args.threads)
     queries = ClipLike(dim=args.dim, spread=args.spread).texts(args.queries, seed=7)
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--shard-size", type=int, default=1_000_000)
     ap.add_argument("--spread", type=float, default=1.5, help="synthetic content noise (bench_query.py's harder default; 1.2: more clustered)")
-    ap.add_argument("--factory", default="", help="FAISS factory (default: indexer.ondisk.auto_factory)")
+    ap.add_argument("--factory", default="", help="FAISS factory (default: loupe.indexer.storage.ondisk.auto_factory)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--rerank", type=int, nargs="+", default=[100, 300])

@@ -5,7 +5,7 @@
 
 The index holds the 800 real flickr8k photos (indexed by `loupe index` with the benchmark's
 ViT-B-32: random weights, the real architecture and so the real query-encoding cost) plus
-synthetic filler vectors up to `--vectors` (indexer/synthetic.py), so FAISS, the catalog
+synthetic filler vectors up to `--vectors` (indexer/storage/synthetic.py), so FAISS, the catalog
 snapshot and the filters work at full size while every result the page shows is a real photo
 file with a real thumbnail. The fillers are made to lose: each is moved away from the span of
 the benchmark's query vectors (checked below: the best filler scores under the 60th real photo
@@ -25,7 +25,7 @@ query cache is emptied before the server starts, and no query repeats):
 
 Baselines measured in the same run: the POST /api/search round trip inside those page loads
 (Resource Timing); after each page query, the CLI's fast path (`loupe search` through the server:
-POST /search, 60 hits, a distinct text) on the same server; and the thumbnail maker alone (`retrieval.media.make_thumbnail`) on the
+POST /search, 60 hits, a distinct text) on the same server; and the thumbnail maker alone (`loupe.retrieval.web.media.make_thumbnail`) on the
 500x375 flickr photos and on synthetic 12 MP and 24 MP JPEGs made from them.
 Writes benchmarks/out/bench_page.json. On a machine shared with other jobs, run it as
 `nice -n -10 ...` (root) so that the figures measure loupe rather than the queue for the CPU;
@@ -48,7 +48,7 @@ import numpy as np
 
 from common import CAPTIONS, FLICKR, OUT, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, write_json
 
-from indexer.synthetic import ClipLike, insert_images
+from loupe.indexer.storage.synthetic import ClipLike, insert_images
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -88,9 +88,9 @@ def losing_fillers(n: int, dim: int, qvecs: np.ndarray, beta: float, seed: int =
 
 def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     """800 real photos + fillers up to `n` vectors, the vector index built as `loupe index` builds it."""
-    from indexer.catalog import IMAGE
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.store import Store
+    from loupe.indexer.storage.catalog import IMAGE
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.storage.store import Store
 
     ckpt = checkpoint("ViT-B-32") if model == "ViT-B-32" else _tiny()
     home = OUT / f"page-{model}-{n}"
@@ -130,7 +130,7 @@ def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
 
 
 def _tiny() -> Path:
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.random_weights import save_random_model
 
     path = OUT / "models" / "loupe-tiny.pt"
     if not path.exists():
@@ -141,8 +141,8 @@ def _tiny() -> Path:
 
 def forget_queries(home: Path) -> None:
     """Empty the on-disk query cache (shared by the page and the CLI): no query of an earlier run is free."""
-    from indexer.locations import resolve_location
-    from retrieval.query_cache import cache_path
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.engine.query_cache import cache_path
 
     path = cache_path(resolve_location(home))
     for suffix in ("", "-wal", "-shm"):
@@ -150,12 +150,12 @@ def forget_queries(home: Path) -> None:
 
 
 def start_server(home: Path):
-    from indexer.locations import resolve_location
-    from retrieval.server import read_state, state_file
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.web.server import read_state, state_file
 
     location = resolve_location(home)
     path = state_file(location)
-    proc = subprocess.Popen([PYTHON, "-m", "cli.main", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
+    proc = subprocess.Popen([PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -291,7 +291,7 @@ def thumbnail_scaling(repeats: int) -> list[dict]:
     """make_thumbnail alone on the flickr photos and on large JPEGs made from them."""
     from PIL import Image
 
-    from retrieval.media import make_thumbnail
+    from loupe.retrieval.web.media import make_thumbnail
 
     by_side: dict[int, list[Path]] = {}
     for p in sorted(FLICKR.iterdir()):

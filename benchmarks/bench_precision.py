@@ -52,7 +52,7 @@ def variants(encoder, extras: list[str], workdir: Path, timed_bf16: bool) -> dic
     """name -> (function from an fp32 batch to vectors, whether to time it)."""
     import torch
 
-    from indexer import precision
+    from loupe.indexer.models import precision
 
     visual = encoder.model.visual
 
@@ -105,7 +105,7 @@ def onnx_sessions(visual, size: int, workdir: Path) -> dict:
 
 def bare(encoder, a) -> dict:
     """Interleaved rounds over the variants; img/s per round, and fidelity to fp32 on every photo."""
-    from indexer.precision import cpu_has_bf16
+    from loupe.indexer.models.precision import cpu_has_bf16
 
     x = photos_tensor(encoder, a.photos)
     todo = variants(encoder, a.extras, a.workdir / "onnx", cpu_has_bf16())
@@ -245,8 +245,8 @@ def main() -> None:
     a.extras = [e for e in a.extras.split(",") if e]
     a.workdir.mkdir(parents=True, exist_ok=True)
 
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.precision import cpu_has_bf16, fastest, resolve
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.precision import cpu_has_bf16, fastest, resolve
 
     ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")

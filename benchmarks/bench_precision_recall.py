@@ -171,10 +171,10 @@ def gate_curve(ref_images: np.ndarray, texts: np.ndarray, caption_image: np.ndar
 
 
 def analyse(ckpt: Path, a) -> dict:
-    from indexer.encoder import file_sha256, load_encoder, make_spec
-    from retrieval.annotations import load_annotations
-    from retrieval.evaluate import bind_images, score_embeddings
-    from retrieval.training import decode_all
+    from loupe.indexer.models.encoder import file_sha256, load_encoder, make_spec
+    from loupe.retrieval.eval.annotations import load_annotations
+    from loupe.retrieval.eval.evaluate import bind_images, score_embeddings
+    from loupe.retrieval.eval.training import decode_all
 
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
     bound = bind_images(load_annotations(CAPTIONS), FLICKR, allow_missing=False)
@@ -278,7 +278,7 @@ def main() -> None:
     a.precisions = ["fp32"] + [x for x in a.precisions.split(",") if x and x != "fp32"]
     a.workdir.mkdir(parents=True, exist_ok=True)
 
-    from indexer.precision import cpu_has_bf16
+    from loupe.indexer.models.precision import cpu_has_bf16
 
     out = {"machine": machine(), "bound_points": BOUND, "cpu_has_bf16": cpu_has_bf16(), "steps": a.steps, "models": {}}
     print(f"{out['machine']['cpu']}: bf16 units {out['cpu_has_bf16']}, load {load_average()}", flush=True)

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_query.py --sizes 10000 --repeats 3   # quick
 
 For each size, a catalog bound to ViT-B-32 (random weights: same speed as the pretrained
-model) is filled with CLIP-like synthetic image vectors (indexer/synthetic.py: the modality
+model) is filled with CLIP-like synthetic image vectors (indexer/storage/synthetic.py: the modality
 gap and a topic structure) and the vector index is built exactly as `loupe index` builds it
 (size-chosen factory). Measured, side by side in one run:
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from common import CAPTIONS, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, write_json
 
-from indexer.synthetic import ClipLike, insert_images, stats
+from loupe.indexer.storage.synthetic import ClipLike, insert_images, stats
 
 BARE = (
     "import open_clip\n"
@@ -74,8 +74,8 @@ def exact_top(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int = 1
 
 def build_home(n: int, workdir: Path, encoder, world: ClipLike) -> tuple[Path, np.ndarray, np.ndarray]:
     """A loupe home with `n` synthetic image vectors, bound to the benchmark's ViT-B-32 (reused if built)."""
-    from indexer.catalog import IMAGE
-    from indexer.store import Store
+    from loupe.indexer.storage.catalog import IMAGE
+    from loupe.indexer.storage.store import Store
 
     home = workdir / f"query-{n}"
     images = world.images(n)
@@ -119,12 +119,12 @@ def cold(home: Path, repeats: int, ckpt: Path, query: str) -> dict:
 
 def warm(home: Path, sentences: list[str]) -> dict:
     """Latency of text->image queries through a running `loupe serve` (HTTP from this process)."""
-    from indexer.locations import resolve_location
-    from retrieval.server import read_state, request, state_file
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.web.server import read_state, request, state_file
 
     path = state_file(resolve_location(home))
     proc = subprocess.Popen(
-        [PYTHON, "-m", "cli.main", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
+        [PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -179,8 +179,8 @@ def text_encoding(encoder, sentences: list[str]) -> dict:
 
 
 def index_recall(home: Path, images: np.ndarray, ids: np.ndarray, text_q: np.ndarray, image_q: np.ndarray) -> dict:
-    from indexer.catalog import IMAGE
-    from indexer.store import Store
+    from loupe.indexer.storage.catalog import IMAGE
+    from loupe.indexer.storage.store import Store
 
     index = Store.open(home=home).vector_index(IMAGE)
     out = {"factory": index.factory, "nprobe": index.nprobe}
@@ -201,8 +201,8 @@ def compare_kinds(images: np.ndarray, text_q: np.ndarray, image_q: np.ndarray, h
     """Index kinds on the same vectors, one query at a time: recall@10 for text and image queries."""
     import faiss
 
-    from indexer import vectors
-    from indexer.vectors import VectorIndex, default_nprobe
+    from loupe.indexer.storage import vectors
+    from loupe.indexer.storage.vectors import VectorIndex, default_nprobe
 
     n = len(images)
     ids = np.arange(n, dtype=np.int64)
@@ -245,7 +245,7 @@ def blas_threshold(images: np.ndarray, queries: np.ndarray) -> dict:
     flat = faiss.IndexFlatIP(images.shape[1])
     flat.add(images)
     out = {}
-    from indexer.vectors import BLAS_THRESHOLD
+    from loupe.indexer.storage.vectors import BLAS_THRESHOLD
 
     for name, value in (("faiss_default", 128000), ("loupe", BLAS_THRESHOLD)):
         faiss.cvar.distance_compute_blas_threshold = value
@@ -267,7 +267,7 @@ def main() -> None:
     p.add_argument("--skip-kinds", action="store_true", help="skip the index-kind comparison")
     a = p.parse_args()
 
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     ckpt = checkpoint("ViT-B-32")
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")

@@ -37,7 +37,7 @@ def photos(limit: int, into: Path) -> Path:
 
 
 def tiny_checkpoint(out: Path) -> Path:
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.random_weights import save_random_model
 
     path = out / "loupe-tiny.pt"
     if not path.exists():
@@ -88,9 +88,9 @@ def commit_rate(url: str, rows: int, batch: int, dim: int = 512) -> dict:
     """Rows/s of the commit unit: `rows` fresh rows with vectors, `batch` per transaction."""
     import numpy as np
 
-    from indexer.catalog import Catalog
-    from indexer.pipeline import IndexReport
-    from indexer.stages import Committer, WorkUnit
+    from loupe.indexer.storage.catalog import Catalog
+    from loupe.indexer.pipeline.jobs import IndexReport
+    from loupe.indexer.pipeline.stages import Committer, WorkUnit
 
     catalog = Catalog(url)
     catalog.create_meta(model="bench", pretrained=None, checkpoint_path=None, checkpoint_size=None,

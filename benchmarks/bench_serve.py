@@ -50,15 +50,15 @@ def extract(ref: str, into: Path) -> str | None:
 
 
 def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:
-    from indexer.locations import resolve_location
-    from retrieval.server import read_state, state_file
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.web.server import read_state, state_file
 
     location = resolve_location(home)
     path = state_file(location)
     for suffix in ("", "-wal", "-shm"):  # the on-disk query cache: no sentence of an earlier run is free
         (location.vector_dir / f"{location.prefix}query-cache.sqlite{suffix}").unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [PYTHON, "-m", "cli.main", "serve", "--home", str(home)], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
+        [PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 600
@@ -82,14 +82,14 @@ def percentiles(seconds: list[float]) -> dict:
 
 def whole_process(code: Path, home: Path, queries: list[str], state, repeats: int) -> dict:
     """Wall time of `loupe search` as a fresh process while the server runs (checked: it answered)."""
-    from retrieval.server import request
+    from loupe.retrieval.web.server import request
 
     before = request(state, "GET", "/health")[1]["queries"]
     walls = []
     for i in range(repeats + 1):
         t = time.perf_counter()
         proc = subprocess.run(
-            [PYTHON, "-m", "cli.main", "search", queries[i % len(queries)], "-k", "10", "--home", str(home)],
+            [PYTHON, "-m", "loupe", "search", queries[i % len(queries)], "-k", "10", "--home", str(home)],
             cwd=code, env=loupe_env(PYTHONPATH=str(code), LOUPE_NO_SERVER="0"), capture_output=True, text=True,
         )
         wall = time.perf_counter() - t
@@ -104,7 +104,7 @@ def whole_process(code: Path, home: Path, queries: list[str], state, repeats: in
 
 
 def cli_endpoint(state, sentences: list[str]) -> dict:
-    from retrieval.server import request
+    from loupe.retrieval.web.server import request
 
     times = []
     for s in sentences:
@@ -158,7 +158,7 @@ def thumbnails(sizes_mp: list[float], repeats: int = 5) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from retrieval.media import make_thumbnail
+    from loupe.retrieval.web.media import make_thumbnail
 
     rng = np.random.default_rng(0)
     out = []
@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--thumb-sizes", default="0.3,3,12,24", help="photo sizes (megapixels) for the thumbnail timing")
     a = p.parse_args()
 
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")

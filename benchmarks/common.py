@@ -31,7 +31,7 @@ PYTHON = sys.executable
 
 def checkpoint(model: str = "ViT-B-32") -> Path:
     """A random-weight checkpoint of `model` under benchmarks/out/models (made once)."""
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.random_weights import save_random_model
 
     path = OUT / "models" / f"{model}.pt"
     if not path.exists():
@@ -103,7 +103,7 @@ def run_loupe(args: list[str], home: Path, check: bool = True, **extra_env: str)
     """Run `loupe ARGS` as a user would, in a fresh process; (wall seconds, result)."""
     t = time.perf_counter()
     proc = subprocess.run(
-        [PYTHON, "-m", "cli.main", *map(str, args)], cwd=REPO, env=loupe_env(home, **extra_env), capture_output=True, text=True
+        [PYTHON, "-m", "loupe", *map(str, args)], cwd=REPO, env=loupe_env(home, **extra_env), capture_output=True, text=True
     )
     wall = time.perf_counter() - t
     if check and proc.returncode != 0:

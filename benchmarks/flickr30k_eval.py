@@ -42,7 +42,7 @@ def build_command(argv: list[str] | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO))
-    from cli.main import run
+    from loupe.cli.main import run
 
     sys.argv = ["loupe", *build_command(argv)]
     run()

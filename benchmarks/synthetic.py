@@ -1,3 +1,3 @@
-"""Moved to `indexer.synthetic` (shared by tests and benchmarks); kept so old imports still work."""
+"""Moved to `loupe.indexer.storage.synthetic` (shared by tests and benchmarks); kept so old imports still work."""
 
-from indexer.synthetic import ClipLike, bind_meta, insert_images, stats  # noqa: F401
+from loupe.indexer.storage.synthetic import ClipLike, bind_meta, insert_images, stats  # noqa: F401

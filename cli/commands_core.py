@@ -10,36 +10,17 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cli.main import app, fail
-from cli.options import (
-    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NprobeOpt,
-    PrecisionOpt, PretrainedOpt, SearchParamsOpt, TextPrecisionOpt,
+from loupe.cli.app import app, fail, open_store, writing
+from loupe.cli.options import (
+    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NoWaitOpt,
+    NprobeOpt, PrecisionOpt, PretrainedOpt, SearchParamsOpt, TextPrecisionOpt,
 )
-
-
-def _store(home, db, writer: bool = True):
-    """The index; `writer=False` for commands that only read it (they never write vector files)."""
-    from indexer.store import Store
-
-    return Store.open(home, db, writer=writer)
-
-
-NoWaitOpt = Annotated[
-    bool, typer.Option("--no-wait", help="Fail at once if another loupe process is writing this index, instead of waiting.")
-]
-
-
-def _writing(store, no_wait: bool = False):
-    """Hold the index's writer lock for a writing command (a second writer waits, or fails with --no-wait)."""
-    from indexer.locking import writer_lock
-
-    return writer_lock(store, wait=not no_wait)
 
 
 def _encoder_for(store, model, pretrained, checkpoint, device):
     """The model to index with: the options if given, else the one the index is bound to."""
-    from indexer.encoder import load_encoder, resolve_spec
-    from indexer.store import bound_spec
+    from loupe.indexer.models.encoder import load_encoder, resolve_spec
+    from loupe.indexer.storage.store import bound_spec
 
     return load_encoder(resolve_spec(model, pretrained, checkpoint, bound_spec(store.meta())), device)
 
@@ -78,8 +59,8 @@ def index(
     a folder that is gone or empty where photos were indexed (an unplugged drive) is reported
     offline and nothing is removed. Bad files are skipped, kept with their reason, and listed.
     """
-    from indexer.pipeline import index_files, index_folder
-    from indexer.precision import CHOICES
+    from loupe.indexer.pipeline.jobs import index_files, index_folder
+    from loupe.indexer.models.precision import CHOICES
 
     if precision not in CHOICES:
         raise fail(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
@@ -88,14 +69,14 @@ def index(
         raise fail("give photo folders to index, or --files LIST")
     ray = ray or ray_address is not None
     if ray:
-        from indexer.ray_runner import require_ray
+        from loupe.indexer.pipeline.ray_runner import require_ray
 
         require_ray()  # before any work: one line naming the extra
     _check_folders(folders, home, db)
     import functools
 
-    store = _store(home, db)
-    ctx.with_resource(_writing(store, no_wait))  # held until the command returns
+    store = open_store(home, db)
+    ctx.with_resource(writing(store, no_wait))  # held until the command returns
     meta = store.meta()
 
     def load_with_precision():
@@ -107,9 +88,9 @@ def index(
     # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
     # model options are checked against the index's binding by name, tag and checkpoint hash
     if meta is not None and (model or pretrained or checkpoint):
-        from indexer.binding import check_binding
-        from indexer.encoder import resolve_spec
-        from indexer.store import bound_spec
+        from loupe.indexer.models.binding import check_binding
+        from loupe.indexer.models.encoder import resolve_spec
+        from loupe.indexer.storage.store import bound_spec
 
         check_binding(store, meta, resolve_spec(model, pretrained, checkpoint, bound_spec(meta)))
     encoder = load() if meta is None else load
@@ -118,7 +99,7 @@ def index(
     sources = [(f, False) for f in folders] + ([(files, True)] if files is not None else [])
     for folder, is_list in sources:
         if ray:
-            from indexer.ray_runner import index_on_ray
+            from loupe.indexer.pipeline.ray_runner import index_on_ray
 
             report = index_on_ray(
                 store, encoder, str(folder), files=is_list, address=ray_address, num_cpus=workers,
@@ -149,8 +130,8 @@ def index(
 
 
 def _cache_text_tower(store, encoder) -> None:
-    """Export the index model's text tower (`indexer.text_tower`) unless it is cached or known not to export."""
-    from indexer.text_tower import export_text_tower, tower_enabled, tower_state
+    """Export the index model's text tower (`loupe.indexer.models.text_tower`) unless it is cached or known not to export."""
+    from loupe.indexer.models.text_tower import export_text_tower, tower_enabled, tower_state
 
     meta = store.meta()
     if meta is None or not tower_enabled() or encoder.device.type != "cpu" or tower_state(store.location, meta.model, meta.weights_id) != "absent":
@@ -166,12 +147,12 @@ def _check_folders(folders: List[Path], home, db) -> None:
     absent = [f for f in folders if not f.is_dir()]
     if not absent:
         return
-    from indexer.catalog import path_key_of
-    from indexer.locations import resolve_location
+    from loupe.indexer.storage.catalog import path_key_of
+    from loupe.indexer.storage.locations import resolve_location
 
     url = resolve_location(home, db).url
     exists = not url.startswith("sqlite:///") or Path(url[len("sqlite:///") :].split("?", 1)[0]).exists()
-    store = _store(home, db) if exists else None  # no catalog yet: do not create one for a typo
+    store = open_store(home, db) if exists else None  # no catalog yet: do not create one for a typo
     for folder in absent:
         if store is None or not store.catalog.has_images(path_key_of(folder)):
             raise fail(f"not a folder: {folder}")
@@ -222,12 +203,12 @@ def index_text(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Add a caption corpus to the index, so an image can find the sentences that describe it."""
-    from indexer.pipeline import index_captions
-    from indexer.sources import read_captions
+    from loupe.indexer.pipeline.jobs import index_captions
+    from loupe.indexer.pipeline.sources import read_captions
 
     read_captions(file, column)  # fail on a bad file before loading the model
-    store = _store(home, db)
-    with _writing(store, no_wait):
+    store = open_store(home, db)
+    with writing(store, no_wait):
         encoder = _encoder_for(store, model, pretrained, checkpoint, device)
         r = index_captions(store, encoder, file, column=column, batch_size=batch_size, progress=_show_progress())
     typer.echo(f"{r.source}: {r.captions} captions; {r.embedded} embedded, {r.reused} reused in {r.seconds:.2f}s")
@@ -273,7 +254,7 @@ def search(
     has a quoted, weighted or image term: 'a dog - "a cat"'. Otherwise they
     are words of one sentence: a dog - not a cat, t - shirt, salt + pepper.
     """
-    from cli.search_entry import run_search
+    from loupe.cli.search_entry import run_search
 
     run_search(
         query, k, captions, min_score, folder, glob, after, before, date_field, as_json, model, pretrained, checkpoint,
@@ -289,9 +270,9 @@ def info(
     db: DbOpt = None,
 ) -> None:
     """Show what the index holds: counts, skipped files and why, model, sizes, last update."""
-    from retrieval.status import index_status, skipped_files
+    from loupe.retrieval.engine.status import index_status, skipped_files
 
-    store = _store(home, db, writer=False)
+    store = open_store(home, db, writer=False)
     out = index_status(store)  # the same facts the web page's status view shows
     out["image_precision"] = store.image_precisions()
     if skipped:
@@ -303,7 +284,7 @@ def info(
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
-    from indexer.precision import describe_record
+    from loupe.indexer.models.precision import describe_record
 
     typer.echo(f"precision    image vectors {describe_record(out['image_precision'])}")
     missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
@@ -338,9 +319,9 @@ def check(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Verify that the catalog and the vector index agree (exit 1 if not)."""
-    from indexer.store import check_store
+    from loupe.indexer.storage.store import check_store
 
-    store = _store(home, db, writer=repair)
+    store = open_store(home, db, writer=repair)
     report = check_store(store)
     for note in report.notes:
         typer.echo(f"note: {note}")
@@ -350,7 +331,7 @@ def check(
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     if repair:
-        with _writing(store, no_wait):
+        with writing(store, no_wait):
             for kind, r in store.sync_all(load=True).items():  # read every file: a label is checked against its content
                 typer.echo(f"repaired {kind} index: +{r.added} -{r.removed}{' (rebuilt)' if r.rebuilt else ''}")
             repaired = check_store(store).ok
@@ -368,10 +349,10 @@ def remove(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Remove files, folders or caption corpora from the index."""
-    from indexer.pipeline import remove_items
+    from loupe.indexer.pipeline.jobs import remove_items
 
-    store = _store(home, db)
-    with _writing(store, no_wait):
+    store = open_store(home, db)
+    with writing(store, no_wait):
         r = remove_items(store, list(paths))
     typer.echo(f"removed {r.images} images and {r.captions} captions")
 
@@ -381,7 +362,7 @@ def models() -> None:
     """List open_clip model names and their pretrained tags (loupe's own configs included)."""
     import open_clip
 
-    from indexer.encoder import register_model_configs
+    from loupe.indexer.models.encoder import register_model_configs
 
     register_model_configs()
     tags: dict[str, list[str]] = {}

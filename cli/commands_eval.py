@@ -1,4 +1,4 @@
-"""eval and train: option parsing and printing only; the work is in retrieval.evaluate/training."""
+"""eval and train: option parsing and printing only; the work is in loupe.retrieval.eval.evaluate/training."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.main import app
-from cli.options import (
+from loupe.cli.app import app
+from loupe.cli.options import (
     BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, MinCosineOpt, ModelOpt, NprobeOpt, PrecisionOpt, PretrainedOpt,
     SearchParamsOpt,
 )
@@ -52,10 +52,10 @@ def eval_command(
     Images are embedded in fp32 unless --precision says otherwise (e.g. `auto`, to score what
     `loupe index` would store).
     """
-    from indexer.encoder import load_encoder, resolve_spec
-    from indexer.vectors import join_search_params, parse_search_params
-    from retrieval.annotations import load_annotations
-    from retrieval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
+    from loupe.indexer.models.encoder import load_encoder, resolve_spec
+    from loupe.indexer.storage.vectors import join_search_params, parse_search_params
+    from loupe.retrieval.eval.annotations import load_annotations
+    from loupe.retrieval.eval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
 
     params = join_search_params(search_params, nprobe, ef_search)
     parse_search_params(params)  # a bad string fails before any work
@@ -108,8 +108,8 @@ def train(
 
     Start from a pretrained tag, a checkpoint, or a bare config (e.g. --model loupe-tiny).
     """
-    from retrieval.training import TrainOptions
-    from retrieval.training import train as run_training
+    from loupe.retrieval.eval.training import TrainOptions
+    from loupe.retrieval.eval.training import train as run_training
 
     run_training(
         TrainOptions(

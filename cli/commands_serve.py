@@ -6,8 +6,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cli.main import app
-from cli.options import (
+from loupe.cli.app import app
+from loupe.cli.options import (
     CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, ModelOpt, NprobeOpt, PretrainedOpt, SearchParamsOpt,
     TextPrecisionOpt,
 )
@@ -35,11 +35,11 @@ def serve(
     Open the printed URL in a browser. The model and indices stay loaded, so a query costs
     milliseconds instead of a model load. Changes made by `loupe index` meanwhile are picked up
     before the next query. Stop with Ctrl-C or SIGTERM. API: GET /api/openapi.json; the CLI's
-    GET /health and POST /search (retrieval/server.py).
+    GET /health and POST /search (retrieval/web/server.py).
     """
-    from indexer.vectors import join_search_params
-    from retrieval.search import open_searcher
-    from retrieval.server import serve as run_server
+    from loupe.indexer.storage.vectors import join_search_params
+    from loupe.retrieval.engine.search import open_searcher
+    from loupe.retrieval.web.server import serve as run_server
 
     searcher = open_searcher(
         home, db, model, pretrained, checkpoint, device, text_precision=text_precision, long_lived=True,

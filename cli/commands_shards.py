@@ -8,9 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.commands_core import NoWaitOpt, _store, _writing
-from cli.main import app
-from cli.options import CheckpointOpt, DbOpt, HomeOpt, JsonOpt, ModelOpt, PretrainedOpt
+from loupe.cli.app import app, open_store, writing
+from loupe.cli.options import CheckpointOpt, DbOpt, HomeOpt, JsonOpt, ModelOpt, NoWaitOpt, PretrainedOpt
 
 
 @app.command("export")
@@ -31,13 +30,13 @@ def export_(
     vector_id); loupe_manifest.json names the model. autofaiss, embedding-reader and
     clip-retrieval read it as is; `loupe import` reads it back.
     """
-    from indexer.shards import require_pyarrow
-    from indexer.transfer import describe_export, export_catalog
+    from loupe.indexer.interop.shards import require_pyarrow
+    from loupe.indexer.interop.transfer import describe_export, export_catalog
 
     require_pyarrow()
-    store = _store(home, db, writer=False)
+    store = open_store(home, db, writer=False)
     store.require_meta()
-    with _writing(store, no_wait):
+    with writing(store, no_wait):
         report = export_catalog(store, folder, dtype=dtype, shard_size=shard_size)
     typer.echo(json.dumps(vars(report)) if as_json else describe_export(report))
 
@@ -60,12 +59,12 @@ def import_(
     clip-retrieval's output (no manifest) say which weights made the vectors with --model and
     --pretrained, or --checkpoint. Re-importing adds nothing; the vector files are synced at the end.
     """
-    from indexer.shards import require_pyarrow
-    from indexer.transfer import describe_import, import_shards
+    from loupe.indexer.interop.shards import require_pyarrow
+    from loupe.indexer.interop.transfer import describe_import, import_shards
 
     require_pyarrow()
-    store = _store(home, db)
-    with _writing(store, no_wait):
+    store = open_store(home, db)
+    with writing(store, no_wait):
         report = import_shards(store, folder, model=model, pretrained=pretrained, checkpoint=checkpoint, path_column=path_column)
     typer.echo(json.dumps(vars(report)) if as_json else describe_import(report))
 
@@ -92,17 +91,17 @@ def build_index(
     lists into one on-disk file; an interrupted build resumes with the blocks already added.
     Searches re-rank their candidates exactly against the float vectors (the catalog's, or the shards').
     """
-    from indexer.errors import LoupeError
-    from indexer.ondisk import build_catalog_ondisk, build_ondisk, report_dict
-    from indexer.shards import IMG, TXT
+    from loupe.indexer.errors import LoupeError
+    from loupe.indexer.storage.ondisk import build_catalog_ondisk, build_ondisk, report_dict
+    from loupe.indexer.interop.shards import IMG, TXT
 
     def say(message: str) -> None:
         typer.echo(message, err=True)
 
     if shards is None:
-        store = _store(home, db, writer=False)
+        store = open_store(home, db, writer=False)
         store.require_meta()
-        with _writing(store, no_wait):  # the catalog holds still while its vectors are read
+        with writing(store, no_wait):  # the catalog holds still while its vectors are read
             report = build_catalog_ondisk(store, "text" if texts else "image", factory=factory, progress=say)
     elif out is None:
         raise LoupeError("build-index SHARDS needs OUT, the folder for the index (or no argument: the index's own vectors)")

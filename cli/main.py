@@ -2,62 +2,24 @@
 
 Heavy modules (torch, open_clip, faiss, sqlalchemy) are imported inside the commands, so
 `loupe --help` is instant and a search only pays for what it uses. typer itself is imported
-only when needed: a plain `loupe search ...` runs without it (`cli.search_entry`).
+only when needed: a plain `loupe search ...` runs without it (`loupe.cli.search_entry`).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import typer
-
-_app = None
-
-
-def __getattr__(name: str):
-    """`app`, the typer application, made on first use (`from cli.main import app`)."""
-    global _app
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if _app is None:
-        import typer
-
-        _app = typer.Typer(
-            name="loupe",
-            help="Search your photos by sentence, by image, or against captions (open_clip + FAISS).",
-            no_args_is_help=True,
-            add_completion=False,
-            pretty_exceptions_enable=False,
-        )
-    return _app
-
-
-def fail(message: str, code: int = 1) -> "typer.Exit":
-    """Print a one-line error to stderr and return the Exit to raise."""
-    import typer
-
-    typer.echo(f"loupe: error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _register() -> None:
-    from cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
-    from cli import commands_serve  # noqa: F401  (registers serve)
-    from cli import commands_shards  # noqa: F401  (registers export/import/build-index)
+    from loupe.cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
+    from loupe.cli import commands_serve  # noqa: F401  (registers serve)
+    from loupe.cli import commands_shards  # noqa: F401  (registers export/import/build-index)
 
-    try:
-        from cli import commands_eval  # noqa: F401  (registers eval/train)
-    except ImportError as exc:  # pragma: no cover - only while that module is being written
-        if "commands_eval" not in str(exc):
-            raise
+    from loupe.cli import commands_eval  # noqa: F401  (registers eval/train)
 
 
 def run() -> None:
     """Console-script entry point: turns LoupeError and Ctrl-C into one-line messages."""
     if sys.argv[1:2] == ["search"]:  # the everyday command: without typer when its arguments are plain
-        from cli.search_entry import run_fast
+        from loupe.cli.search_entry import run_fast
 
         try:
             code = run_fast(sys.argv[2:])
@@ -67,9 +29,10 @@ def run() -> None:
             _exit(code)
     import typer
 
-    from indexer.errors import LoupeError
+    from loupe.indexer.errors import LoupeError
 
-    app = __getattr__("app")
+    from loupe.cli.app import app
+
     _register()
     sys.argv[1:] = _expand_ray_address(sys.argv[1:])
     try:
@@ -123,13 +86,13 @@ def _exit(code: int, message: str | None = None) -> None:
     except ValueError:  # not the main thread
         pass
     if message:
-        from cli.search_entry import echo
+        from loupe.cli.search_entry import echo
 
         echo(message, err=True)
     sys.exit(code)
 
 
-if __name__ == "__main__":  # `python -m cli.main`: run the importable module's app, not __main__'s
-    from cli.main import run as _run
+if __name__ == "__main__":  # `python -m loupe.cli.main`: run the importable module's app, not __main__'s
+    from loupe.cli.main import run as _run
 
     _run()

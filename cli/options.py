@@ -64,3 +64,6 @@ SearchParamsOpt = Annotated[
     Optional[str],
     typer.Option("--search-params", help="FAISS search parameters, e.g. 'nprobe=64,efSearch=128' (--nprobe/--ef-search win over it). `loupe search` with any of these three searches in its own process, not on a running `loupe serve`."),
 ]
+NoWaitOpt = Annotated[
+    bool, typer.Option("--no-wait", help="Fail at once if another loupe process is writing this index, instead of waiting.")
+]

@@ -151,7 +151,7 @@ def run_fast(args: Sequence[str]) -> int | None:
     values = parse_search_args(args)
     if values is None:
         return None
-    from indexer.errors import LoupeError
+    from loupe.indexer.errors import LoupeError
 
     try:
         _start_tower(values)
@@ -163,7 +163,7 @@ def run_fast(args: Sequence[str]) -> int | None:
 
 
 def _start_tower(values: dict) -> None:
-    """Begin loading the index's cached text tower first thing (`indexer.text_tower.prestart`).
+    """Begin loading the index's cached text tower first thing (`loupe.indexer.models.text_tower.prestart`).
 
     The ONNX Runtime session is the longest single step of a cold search, and the only large one
     that runs outside the GIL: started before the rest of the search is even imported, it loads
@@ -172,10 +172,10 @@ def _start_tower(values: dict) -> None:
     """
     if values["text_precision"] not in ("auto", "fp32") or values["device"] not in ("auto", "cpu"):
         return
-    from indexer.errors import LoupeError
-    from indexer.locations import resolve_location
-    from retrieval.query import parse_query
-    from retrieval.server import state_file
+    from loupe.indexer.errors import LoupeError
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.web.server import state_file
 
     try:
         terms = parse_query(values["query"])
@@ -184,7 +184,7 @@ def _start_tower(values: dict) -> None:
     location = resolve_location(values["home"], values["db"])
     if state_file(location).exists():
         return
-    from indexer.text_tower import prestart
+    from loupe.indexer.models.text_tower import prestart
 
     prestart(location, [t.value for t in terms if t.kind == "text"])
 
@@ -197,9 +197,9 @@ def run_search(
 ) -> None:
     """The body of `loupe search` (see its help in cli/commands_core.py); `echo` prints a line."""
     started = time.perf_counter()
-    from indexer.vectors import join_search_params, parse_search_params
-    from retrieval.query import parse_query
-    from retrieval.server import search_via_server
+    from loupe.indexer.storage.vectors import join_search_params, parse_search_params
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.web.server import search_via_server
 
     params = join_search_params(search_params, nprobe, ef_search)
     parse_search_params(params)  # a bad string fails before any work
@@ -214,11 +214,11 @@ def run_search(
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
         texts = [t.value for t in terms if t.kind == "text"]
         if text_precision in ("auto", "fp32") and device in ("auto", "cpu"):
-            from indexer.locations import resolve_location
-            from indexer.text_tower import prestart
+            from loupe.indexer.storage.locations import resolve_location
+            from loupe.indexer.models.text_tower import prestart
 
             prestart(resolve_location(home, db), texts)  # the text tower loads while the catalog opens
-        from retrieval.search import Filters, open_searcher
+        from loupe.retrieval.engine.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
         searcher = open_searcher(
@@ -235,13 +235,13 @@ def run_search(
         print_table(hits, captions, echo)
     report = {"seconds": round(time.perf_counter() - started, 4), "server": searcher is None}
     if searcher is not None:
-        from indexer.text_tower import OnnxTextTower
+        from loupe.indexer.models.text_tower import OnnxTextTower
 
         report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
                       text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
                       heavy_imports=[m for m in HEAVY if m in sys.modules])
         sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
-        from retrieval.search import cache_text_tower
+        from loupe.retrieval.engine.search import cache_text_tower
 
         report["text_tower"] = cache_text_tower(searcher)
     if timings:

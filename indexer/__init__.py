@@ -1,5 +1,5 @@
 """loupe's offline side: walk sources, embed them, keep the catalog and the vector index."""
 
-from indexer.errors import LoupeError
+from loupe.indexer.errors import LoupeError
 
 __all__ = ["LoupeError"]

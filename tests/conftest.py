@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from indexer.random_weights import save_random_model  # noqa: F401  (tests import it from here too)
+from loupe.indexer.models.random_weights import save_random_model  # noqa: F401  (tests import it from here too)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub call would otherwise hang ~47 s before failing
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# exporting a model's text tower to ONNX (`indexer.text_tower`) costs seconds per fresh index: tests
+# exporting a model's text tower to ONNX (`loupe.indexer.models.text_tower`) costs seconds per fresh index: tests
 # that are not about it keep the torch path; tests/test_cold_search.py turns it on where it tests it
 os.environ.setdefault("LOUPE_TEXT_TOWER", "0")
 
@@ -35,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint):
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     return load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")
 
@@ -59,7 +59,7 @@ def photo_dir(tmp_path, flickr_images) -> Path:
 
 @pytest.fixture
 def store(tmp_path):
-    from indexer.store import Store
+    from loupe.indexer.storage.store import Store
 
     return Store.open(home=tmp_path / "home")
 
@@ -77,7 +77,7 @@ class LoupeRunner:
 
     def __call__(self, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [sys.executable, "-m", "cli.main", *map(str, args)],
+            [sys.executable, "-m", "loupe", *map(str, args)],
             cwd=REPO,
             env=self.env(),
             capture_output=True,
@@ -90,7 +90,7 @@ class LoupeRunner:
 
     def popen(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *map(str, args)],
+            [sys.executable, "-m", "loupe", *map(str, args)],
             cwd=REPO,
             env=self.env(),
             stdout=subprocess.PIPE,
@@ -161,8 +161,8 @@ def web_index(tmp_path_factory, tiny_encoder, flickr_images) -> WebIndex:
     import json as _json
     from datetime import datetime as _dt
 
-    from indexer.pipeline import index_captions, index_folder
-    from indexer.store import Store
+    from loupe.indexer.pipeline.jobs import index_captions, index_folder
+    from loupe.indexer.storage.store import Store
 
     idx = WebIndex(tmp_path_factory.mktemp("web"), tiny_encoder)
     sources = sorted(flickr_images.iterdir())

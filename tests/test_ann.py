@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from indexer.synthetic import ClipLike, bind_meta, insert_images
-from indexer import vectors
-from indexer.catalog import IMAGE, ImageRow, Meta, Vector
-from indexer.errors import LoupeError
-from indexer.store import Store, check_store
-from indexer.vectors import VectorIndex, auto_factory, choose_factory, read_label
+from loupe.indexer.storage.synthetic import ClipLike, bind_meta, insert_images
+from loupe.indexer.storage import vectors
+from loupe.indexer.storage.catalog import IMAGE, ImageRow, Meta, Vector
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.vectors import VectorIndex, auto_factory, choose_factory, read_label
 
 DIM = 512  # CLIP-sized: the tuned defaults are for vectors like ViT-B-32's
 WORLD = ClipLike(dim=DIM, topics=20, subtopics=10, seed=3)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import ClipLike
-from indexer import vectors
-from indexer.errors import LoupeError
-from indexer.vectors import EF_SEARCH, VectorIndex, default_nprobe, faiss_module
+from loupe.indexer.storage import vectors
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.storage.vectors import EF_SEARCH, VectorIndex, default_nprobe, faiss_module
 
 N = 24_000
 DIM = 512

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from indexer.errors import LoupeError
-from retrieval.annotations import load_annotations, resolve_image_paths
+from loupe.indexer.errors import LoupeError
+from loupe.retrieval.eval.annotations import load_annotations, resolve_image_paths
 from tests.conftest import SHARED_DATA
 
 

@@ -23,7 +23,7 @@ def test_benchmarks_import_and_make_checkpoints_without_pytest(tmp_path):
         path = common.checkpoint("loupe-tiny")
         for name in {BENCHMARKS!r}:
             importlib.import_module(name)
-        from indexer.synthetic import ClipLike
+        from loupe.indexer.storage.synthetic import ClipLike
         assert ClipLike(dim=32, topics=4, subtopics=2).images(10).shape == (10, 32)
         assert "pytest" not in [m for m, v in sys.modules.items() if v is not None]
         print(path)

@@ -71,8 +71,8 @@ def absent_devices() -> list[str]:
 
 
 def test_absent_devices_are_refused():
-    from indexer.encoder import resolve_device
-    from indexer.errors import LoupeError
+    from loupe.indexer.models.encoder import resolve_device
+    from loupe.indexer.errors import LoupeError
 
     for name in [*absent_devices(), "cuda:99", "cuda:x", "tpu"]:
         with pytest.raises(LoupeError, match=r"--device|unknown device"):

@@ -9,7 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from indexer.locations import Location
+from loupe.indexer.storage.locations import Location
 
 TRICKY = [
     "a dog running on the grass",
@@ -41,7 +41,7 @@ def _hits(proc) -> list[dict]:
 def test_tokenizer_gives_open_clips_ids(context_length):
     import open_clip
 
-    from indexer.clip_tokenizer import ClipTokenizer
+    from loupe.indexer.models.clip_tokenizer import ClipTokenizer
 
     reference = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     ours = ClipTokenizer(context_length)
@@ -52,7 +52,7 @@ def test_plain_ascii_needs_no_ftfy():
     """The tokenizer skips ftfy for printable ASCII without '&': ftfy must leave such text alone."""
     import ftfy
 
-    from indexer.clip_tokenizer import _PLAIN
+    from loupe.indexer.models.clip_tokenizer import _PLAIN
 
     plain = [t for t in TRICKY + ["a <b>bold</b> claim; x=1 {y} [z] ~ ^ | \\ `"] if _PLAIN.fullmatch(t)]
     assert len(plain) >= 5
@@ -62,7 +62,7 @@ def test_plain_ascii_needs_no_ftfy():
 
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory, tiny_encoder):
-    from indexer.text_tower import export_text_tower
+    from loupe.indexer.models.text_tower import export_text_tower
 
     folder = tmp_path_factory.mktemp("tower")
     location = Location(url="sqlite:///unused", vector_dir=folder, prefix="")
@@ -71,7 +71,7 @@ def tower_dir(tmp_path_factory, tiny_encoder):
 
 
 def test_onnx_tower_matches_torch(tower_dir, tiny_encoder):
-    from indexer.text_tower import cached_tower, open_tower
+    from loupe.indexer.models.text_tower import cached_tower, open_tower
 
     location, manifest = tower_dir
     assert manifest["usable"], manifest
@@ -88,7 +88,7 @@ def test_onnx_tower_matches_torch(tower_dir, tiny_encoder):
 def test_a_model_that_does_not_export_is_recorded_and_left_to_torch(tmp_path, tiny_encoder):
     import dataclasses
 
-    from indexer.text_tower import export_text_tower, tower_state
+    from loupe.indexer.models.text_tower import export_text_tower, tower_state
 
     location = Location(url="sqlite:///unused", vector_dir=tmp_path, prefix="")
     other = dataclasses.replace(tiny_encoder, tokenizer=lambda texts: tiny_encoder.tokenizer(texts))  # not CLIP's own
@@ -101,9 +101,9 @@ def test_a_model_that_does_not_export_is_recorded_and_left_to_torch(tmp_path, ti
 def test_cold_search_needs_no_torch_and_ranks_as_torch(loupe, photo_dir, tiny_checkpoint, tiny_encoder):
     """Right after indexing (no tower yet) a search loads torch and caches the tower; the next
     searches run without torch or open_clip, rank as torch does, and repeat from the query cache."""
-    from indexer.store import Store
-    from retrieval.query import parse_query
-    from retrieval.search import Searcher
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import Searcher
 
     loupe("index", photo_dir, "--checkpoint", tiny_checkpoint)  # LOUPE_TEXT_TOWER=0 here: no tower yet
     on = loupe.env()
@@ -136,8 +136,8 @@ def test_cold_search_needs_no_torch_and_ranks_as_torch(loupe, photo_dir, tiny_ch
 def test_a_damaged_tower_falls_back_to_torch(tower_dir, tiny_encoder, tmp_path):
     import shutil
 
-    from indexer.binding import OnnxEncoder
-    from indexer.text_tower import open_tower
+    from loupe.indexer.models.binding import OnnxEncoder
+    from loupe.indexer.models.text_tower import open_tower
 
     location, manifest = tower_dir
     copy = Location(url="sqlite:///unused", vector_dir=tmp_path, prefix="")
@@ -152,12 +152,12 @@ def test_a_damaged_tower_falls_back_to_torch(tower_dir, tiny_encoder, tmp_path):
 
 def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_encoder, tiny_checkpoint):
     """The query cache sits behind `Searcher` (CLI and server alike), keyed by the index's weights."""
-    from indexer.pipeline import index_folder
-    from indexer.random_weights import save_random_model
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.store import Store
-    from retrieval.query import parse_query
-    from retrieval.search import Searcher
+    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.models.random_weights import save_random_model
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import Searcher
 
     store = Store.open(home=tmp_path / "home")
     index_folder(store, tiny_encoder, photo_dir)
@@ -181,7 +181,7 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
 
 
 def test_query_cache_is_keyed_by_weights_and_precision_and_bounded(tmp_path):
-    from retrieval.query_cache import QueryCache
+    from loupe.retrieval.engine.query_cache import QueryCache
 
     path = tmp_path / "query-cache.sqlite"
     a = QueryCache(path, "sha256:aaa", 4, max_entries=3)
@@ -205,7 +205,7 @@ def test_query_cache_is_keyed_by_weights_and_precision_and_bounded(tmp_path):
 def test_no_change_index_with_model_options_does_not_load_the_model(loupe, photo_dir, tiny_checkpoint, tmp_path):
     import shutil
 
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.random_weights import save_random_model
 
     def report(*args):
         return json.loads(loupe("index", photo_dir, "--json", *args).stdout.strip().splitlines()[-1])
@@ -226,7 +226,8 @@ def test_no_change_index_with_model_options_does_not_load_the_model(loupe, photo
 def _typer_search_command():
     import typer.main
 
-    from cli.main import _register, app
+    from loupe.cli.app import app
+    from loupe.cli.main import _register
 
     _register()
     return typer.main.get_command(app).commands["search"]
@@ -234,7 +235,7 @@ def _typer_search_command():
 
 def test_search_options_are_typers():
     """The option table of the typer-free entry names every option of typer's command, the same way."""
-    from cli.search_entry import DEFAULTS, ENVVARS, OPTIONS
+    from loupe.cli.search_entry import DEFAULTS, ENVVARS, OPTIONS
 
     command = _typer_search_command()
     options = {p.name: p for p in command.params if p.name != "query"}
@@ -269,7 +270,7 @@ REFUSED = [  # left to typer: help, unknown or malformed options, values it may 
 
 @pytest.mark.parametrize("env", [{}, {"LOUPE_HOME": "/tmp/env-home", "LOUPE_DB": "sqlite:////tmp/env.db"}])
 def test_plain_arguments_are_read_as_typer_reads_them(monkeypatch, env):
-    from cli.search_entry import parse_search_args
+    from loupe.cli.search_entry import parse_search_args
 
     for var in ("LOUPE_HOME", "LOUPE_DB"):
         monkeypatch.delenv(var, raising=False)
@@ -314,7 +315,7 @@ def cold_home(tmp_path_factory, tiny_checkpoint, flickr_images):
     shutil.copy2(sorted(flickr_images.iterdir())[0], photos / "dup.jpg")
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOUPE_HOME=str(home), PYTHONPATH=str(REPO), LOUPE_TEXT_TOWER="1",
                LOUPE_NO_SERVER="1")
-    subprocess.run([sys.executable, "-m", "cli.main", "index", str(photos), "--checkpoint", str(tiny_checkpoint)],
+    subprocess.run([sys.executable, "-m", "loupe", "index", str(photos), "--checkpoint", str(tiny_checkpoint)],
                    cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     assert json.loads((home / "text-tower.json").read_text())["usable"]
     return home, photos, env
@@ -326,7 +327,7 @@ def _cli(env, *args, ok=True):
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "loupe", *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert (proc.returncode == 0) == ok, proc.stderr
     return proc
@@ -349,11 +350,11 @@ def test_cold_search_imports_only_what_it_needs(cold_home):
 def test_light_path_gives_the_full_paths_results(cold_home, tiny_encoder):
     """The sqlite3 reader with numpy ranking against SQLAlchemy with FAISS, on the same real index:
     same files, same order, same fields, scores within float rounding, for filters and captions too."""
-    from indexer.catalog_reader import CatalogReader
-    from indexer.exact import ExactIndex
-    from indexer.store import Store
-    from retrieval.query import parse_query
-    from retrieval.search import Filters, Searcher, _open_store
+    from loupe.indexer.storage.catalog_reader import CatalogReader
+    from loupe.indexer.storage.exact import ExactIndex
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import Filters, Searcher, _open_store
 
     home, photos, _ = cold_home
     full = Searcher(Store.open(home=home, writer=False), tiny_encoder)
@@ -383,8 +384,8 @@ def test_light_path_gives_the_full_paths_results(cold_home, tiny_encoder):
 def test_numpy_ranks_as_faiss_flat():
     """Same scores and order as FAISS's flat index, filtered or not; among equal scores (identical
     vectors), whose order FAISS leaves to its code path and CPU, the same scores of tied ids."""
-    from indexer.exact import ExactIndex
-    from indexer.vectors import VectorIndex
+    from loupe.indexer.storage.exact import ExactIndex
+    from loupe.indexer.storage.vectors import VectorIndex
 
     rng = np.random.default_rng(0)
     for n, dups in ((300, False), (40, True)):
@@ -417,8 +418,8 @@ def test_catalogs_the_reader_leaves_to_sqlalchemy(tmp_path, cold_home):
     search goes through SQLAlchemy, which migrates an older catalog and refuses a newer one."""
     import shutil
 
-    from indexer.catalog import SCHEMA_VERSION
-    from indexer.catalog_reader import open_reader
+    from loupe.indexer.storage.catalog import SCHEMA_VERSION
+    from loupe.indexer.storage.catalog_reader import open_reader
 
     home, _, env = cold_home
     assert open_reader("postgresql+psycopg://loupe@/postgres?host=/tmp") is None
@@ -437,7 +438,7 @@ def test_catalogs_the_reader_leaves_to_sqlalchemy(tmp_path, cold_home):
 def test_an_error_while_the_tower_loads_exits_cleanly(cold_home, tmp_path):
     """The text tower starts loading first thing; a search that fails meanwhile still exits with its
     one-line error (a process leaving while ONNX Runtime builds a session used to abort)."""
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.random_weights import save_random_model
 
     home, _, env = cold_home
     other = save_random_model(tmp_path / "other.pt", seed=5)

@@ -23,12 +23,12 @@ import pytest
 from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
-from indexer.catalog import IMAGE, Catalog, ImageRecord, ImageRow
-from indexer.critical import critical_section
-from indexer.errors import LoupeError
-from indexer.locking import writer_lock
-from indexer.pipeline import index_folder
-from indexer.store import Store, check_store
+from loupe.indexer.storage.catalog import IMAGE, Catalog, ImageRecord, ImageRow
+from loupe.indexer.storage.critical import critical_section
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.storage.locking import writer_lock
+from loupe.indexer.pipeline.jobs import index_folder
+from loupe.indexer.storage.store import Store, check_store
 from tests.conftest import REPO
 from tests.test_postgres import pg_url  # noqa: F401  (fixture: a throwaway PostgreSQL cluster)
 
@@ -271,7 +271,7 @@ def test_kill_loop_then_every_photo_indexed_once(loupe, tiny_checkpoint, flickr_
 def _popen(loupe, err, *args) -> subprocess.Popen:
     """A `loupe` process whose stderr goes to a file (read while it runs)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=loupe.env(),
+        [sys.executable, "-m", "loupe", *map(str, args)], cwd=REPO, env=loupe.env(),
         stdout=subprocess.DEVNULL, stderr=err, text=True,
     )
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from indexer.errors import LoupeError
-from indexer.imageio import decode_image
-from retrieval.annotations import load_annotations
-from retrieval.evaluate import evaluate, format_report, published_row
-from retrieval.metrics import ranks_from_scores
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.imageio import decode_image
+from loupe.retrieval.eval.annotations import load_annotations
+from loupe.retrieval.eval.evaluate import evaluate, format_report, published_row
+from loupe.retrieval.eval.metrics import ranks_from_scores
 from tests.conftest import FLICKR8K, SHARED_DATA
 
 N_IMAGES = 16
@@ -149,7 +149,7 @@ def test_flickr30k_benchmark_script_defaults_and_missing_images(tmp_path):
 
 
 def test_same_caption_view_counts_any_image_with_that_caption():
-    from retrieval.evaluate import score_embeddings
+    from loupe.retrieval.eval.evaluate import score_embeddings
 
     images = np.eye(3, dtype=np.float32)
     a = np.array([1, 1, 0], np.float32) / np.sqrt(2)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.errors import LoupeError
-from indexer.imageio import BadImage, decode_image, image_extensions, probe_image
-from indexer.sources import read_captions
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.imageio import BadImage, decode_image, image_extensions, probe_image
+from loupe.indexer.pipeline.sources import read_captions
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.catalog import IMAGE, TEXT
-from indexer.pipeline import index_captions, index_folder, remove_items
-from indexer.store import Store, check_store
+from loupe.indexer.storage.catalog import IMAGE, TEXT
+from loupe.indexer.pipeline.jobs import index_captions, index_folder, remove_items
+from loupe.indexer.storage.store import Store, check_store
 
 
 def catalog_snapshot(store: Store) -> dict:
@@ -186,8 +186,8 @@ def test_stale_faiss_file_is_repaired_from_the_catalog(store, tiny_encoder, phot
 
 
 def test_model_binding_is_enforced(store, tiny_encoder, photo_dir, tmp_path):
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.errors import LoupeError
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.errors import LoupeError
     from tests.conftest import save_random_model
 
     index_folder(store, tiny_encoder, photo_dir)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from retrieval.metrics import (
+from loupe.retrieval.eval.metrics import (
     chance_recall,
     ranks_from_embeddings,
     ranks_from_scores,

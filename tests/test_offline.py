@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from sqlalchemy import func, inspect, select, text
 
-from indexer import catalog as catalog_module
-from indexer.catalog import IMAGE, ImageRecord, ImageRow, Vector
-from indexer.errors import LoupeError
-from indexer.pipeline import index_folder, remove_items
-from indexer.store import Store, check_store
-from retrieval.query import Term
-from retrieval.search import Filters, Searcher
+from loupe.indexer.storage import catalog as catalog_module
+from loupe.indexer.storage.catalog import IMAGE, ImageRecord, ImageRow, Vector
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.jobs import index_folder, remove_items
+from loupe.indexer.storage.store import Store, check_store
+from loupe.retrieval.engine.query import Term
+from loupe.retrieval.engine.search import Filters, Searcher
 
 N = 10
 

@@ -11,12 +11,12 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-from indexer.errors import LoupeError  # noqa: E402
-from indexer.ondisk import (  # noqa: E402
+from loupe.indexer.errors import LoupeError  # noqa: E402
+from loupe.indexer.storage.ondisk import (  # noqa: E402
     BLOCKS_DIR, INDEX_FILE, LISTS_FILE, OnDiskIndex, ShardSet, auto_factory, build_ondisk, exact_search,
 )
-from indexer.shards import IMG, ShardWriter, list_shards, read_metadata  # noqa: E402
-from indexer.synthetic import ClipLike  # noqa: E402
+from loupe.indexer.interop.shards import IMG, ShardWriter, list_shards, read_metadata  # noqa: E402
+from loupe.indexer.storage.synthetic import ClipLike  # noqa: E402
 
 N, DIM = 20_000, 64
 FACTORY = "IVF32,PQ32x4np"  # 4-bit codes, no polysemous training: fast; the benchmark measures the real choice
@@ -60,7 +60,7 @@ def built(tmp_path_factory, shard_dir) -> Path:
 
 
 def all_vectors(shard_dir: Path) -> np.ndarray:
-    """Every row, loaded the plain way (independent of indexer.ondisk's readers)."""
+    """Every row, loaded the plain way (independent of loupe.indexer.storage.ondisk's readers)."""
     return np.concatenate([np.load(p).astype(np.float32) for p in sorted((shard_dir / "img_emb").iterdir())])
 
 

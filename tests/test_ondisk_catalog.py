@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.catalog import IMAGE, TEXT
-from indexer.ondisk import INFO_FILE, OnDiskVectorIndex, build_catalog_ondisk, catalog_factory
-from indexer.pipeline import index_captions, index_folder
-from indexer.store import Store
-from indexer.vectors import VectorIndex
-from retrieval.query import Term
-from retrieval.search import Filters, Searcher
+from loupe.indexer.storage.catalog import IMAGE, TEXT
+from loupe.indexer.storage.ondisk import INFO_FILE, OnDiskVectorIndex, build_catalog_ondisk, catalog_factory
+from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.storage.store import Store
+from loupe.indexer.storage.vectors import VectorIndex
+from loupe.retrieval.engine.query import Term
+from loupe.retrieval.engine.search import Filters, Searcher
 
 N_PHOTOS = 160
 
@@ -94,7 +94,7 @@ def test_reader_uses_the_current_ondisk_index_with_exact_scores(catalog, tiny_en
 @pytest.mark.parametrize("scan", ["exact among the allowed", "ivf lists with an id selector"])
 def test_filters_apply_before_the_cut(catalog, tiny_encoder, monkeypatch, scan):
     if scan.startswith("ivf"):
-        monkeypatch.setattr("indexer.vectors.EXACT_FILTER_MAX", 0)  # filter inside the on-disk lists
+        monkeypatch.setattr("loupe.indexer.storage.vectors.EXACT_FILTER_MAX", 0)  # filter inside the on-disk lists
     store = Store.open(home=catalog / "home", writer=False)
     searcher = Searcher(store, tiny_encoder)
     assert isinstance(store.vector_index(IMAGE), OnDiskVectorIndex)
@@ -142,7 +142,7 @@ def test_stale_index_is_left_aside_and_a_reader_follows(tmp_path, catalog, tiny_
     index = reader.vector_index(IMAGE)
     assert type(index) is VectorIndex and index.ntotal == N_PHOTOS + 6  # the FAISS file, current
     assert len(reader.notices) == 1 and "is behind the catalog" in reader.notices[0] and "loupe build-index" in reader.notices[0]
-    from indexer.store import check_store
+    from loupe.indexer.storage.store import check_store
 
     assert any("on-disk image index" in n and "is behind" in n for n in check_store(reader).notes)
     queries = text_queries(tiny_encoder)

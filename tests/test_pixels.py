@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.batching import embed_images
-from indexer.encoder import load_encoder, make_spec
-from indexer.imageio import DRAFT_FACTOR, decode_image
-from retrieval.annotations import load_annotations
-from retrieval.evaluate import bind_images
-from retrieval.training import decode_all
+from loupe.indexer.pipeline.batching import embed_images
+from loupe.indexer.models.encoder import load_encoder, make_spec
+from loupe.indexer.pipeline.imageio import DRAFT_FACTOR, decode_image
+from loupe.retrieval.eval.annotations import load_annotations
+from loupe.retrieval.eval.evaluate import bind_images
+from loupe.retrieval.eval.training import decode_all
 from tests.conftest import FLICKR8K
 
 MIN_COSINE = 0.999  # the bound DRAFT_FACTOR was chosen for
@@ -108,7 +108,7 @@ def test_draft_bound_with_a_full_size_model_input(photo_12mp):
 
 
 def test_eval_says_when_it_reads_photos_unrotated(tiny_encoder, few_pairs):
-    from retrieval.evaluate import evaluate
+    from loupe.retrieval.eval.evaluate import evaluate
 
     folder, captions = few_pairs
     report = evaluate(folder, captions, tiny_encoder, batch_size=4)

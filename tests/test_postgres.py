@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from indexer.catalog import IMAGE, SCHEMA_VERSION
-from indexer.pipeline import index_captions, index_folder
-from indexer.store import Store, check_store
-from retrieval.query import parse_query
-from retrieval.search import Searcher
+from loupe.indexer.storage.catalog import IMAGE, SCHEMA_VERSION
+from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.storage.store import Store, check_store
+from loupe.retrieval.engine.query import parse_query
+from loupe.retrieval.engine.search import Searcher
 
 
 def _pg_bin(name: str) -> str | None:

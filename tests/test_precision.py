@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import precision
-from indexer.errors import LoupeError
+from loupe.indexer.models import precision
+from loupe.indexer.errors import LoupeError
 from tests.conftest import LoupeRunner
 
 TINY_VIT = "loupe-test-vit"
@@ -33,8 +33,8 @@ def vit_encoder(tmp_path_factory):
     """A tiny vision transformer (the kind of tower int8 serves), seeded random weights."""
     import open_clip
 
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.random_weights import save_random_model
 
     folder = tmp_path_factory.mktemp("configs")
     (folder / f"{TINY_VIT}.json").write_text(json.dumps(TINY_VIT_CONFIG))
@@ -111,7 +111,7 @@ def test_check_failure_falls_back_to_fp32(vit_encoder, pixels):
 
 
 def test_a_tower_that_cannot_run_quantised_falls_back(tiny_checkpoint, pixels):
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
 
     enc = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")  # ModifiedResNet: its pool reads Linear weights
     reference = enc.encode_images(pixels)
@@ -138,7 +138,7 @@ def test_mixing_rule():
 
 
 def test_library_index_records_its_precision(store, vit_encoder, photo_dir):
-    from indexer.pipeline import index_folder
+    from loupe.indexer.pipeline.jobs import index_folder
 
     vit_encoder.set_image_precision("int8")
     report = index_folder(store, vit_encoder, photo_dir, batch_size=8)
@@ -189,7 +189,7 @@ def test_unpacked_attention_is_the_same_arithmetic(vit_encoder, pixels):
     """int8 quantises the attention projections too; before quantising, that rewrite changes nothing."""
     import copy
 
-    from indexer.quantize import LinearSelfAttention, unpack_attention
+    from loupe.indexer.models.quantize import LinearSelfAttention, unpack_attention
 
     vit_encoder.set_image_precision("fp32")
     tower = copy.deepcopy(vit_encoder.model.visual)

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer import precision
+from loupe.indexer.models import precision
 
 
 @pytest.fixture(scope="module")
 def vit_encoder(tmp_path_factory):
     """loupe's tiny ViT config (the tower kind int8 serves), seeded random weights."""
-    from indexer.encoder import load_encoder, make_spec
-    from indexer.random_weights import save_random_model
+    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.random_weights import save_random_model
 
     ckpt = save_random_model(tmp_path_factory.mktemp("vit") / "vit.pt", "loupe-tiny-vit")
     return load_encoder(make_spec(None, None, ckpt), "cpu")
@@ -57,7 +57,7 @@ def test_auto_is_fp32_on_cpus_and_faster_precisions_stay_opt_in(vit_encoder, tin
 def test_auto_runs_join_an_index_of_int8_vectors(store, vit_encoder, photo_dir, tmp_path):
     """An index whose int8 vectors an earlier `auto` made still takes the fp32 runs of today's `auto`
     (mixing is judged by the 0.999 bound)."""
-    from indexer.pipeline import index_folder
+    from loupe.indexer.pipeline.jobs import index_folder
 
     names = sorted(p.name for p in photo_dir.iterdir())
     a, b = tmp_path / "a", tmp_path / "b"
@@ -79,8 +79,8 @@ def test_auto_runs_join_an_index_of_int8_vectors(store, vit_encoder, photo_dir, 
 def test_text_tower_exports_after_the_image_tower_went_int8(vit_encoder, pixels, tmp_path):
     """`loupe index --precision int8` lowers the image tower in place; the text tower's ONNX export
     that follows must still work (it failed with 'transpose for tensor of unknown rank')."""
-    from indexer.locations import Location
-    from indexer.text_tower import export_text_tower
+    from loupe.indexer.storage.locations import Location
+    from loupe.indexer.models.text_tower import export_text_tower
 
     fp32_visual = vit_encoder.model.visual
     try:

@@ -12,8 +12,8 @@ import os
 import pytest
 from PIL import Image
 
-from indexer.errors import LoupeError
-from retrieval.query import Term, parse_query
+from loupe.indexer.errors import LoupeError
+from loupe.retrieval.engine.query import Term, parse_query
 
 
 def _image(path) -> str:

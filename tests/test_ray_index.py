@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from indexer.catalog import IMAGE, path_key_of
-from indexer.pipeline import IndexReport, index_files, index_folder
-from indexer.stages import Committer, Reader, StageTimes, embed_batch, plan_files, plan_folder, read_file_list
-from indexer.store import Store, check_store
+from loupe.indexer.storage.catalog import IMAGE, path_key_of
+from loupe.indexer.pipeline.jobs import IndexReport, index_files, index_folder
+from loupe.indexer.pipeline.stages import Committer, Reader, StageTimes, embed_batch, plan_files, plan_folder, read_file_list
+from loupe.indexer.storage.store import Store, check_store
 from tests.conftest import REPO
 from tests.test_indexing import catalog_snapshot
 
@@ -125,7 +125,7 @@ def test_file_list_text_and_parquet(store, tiny_encoder, photo_dir, tmp_path):
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"file": ["a.jpg"]}), bad)
-    from indexer.errors import LoupeError
+    from loupe.indexer.errors import LoupeError
 
     with pytest.raises(LoupeError, match="path"):
         plan_files(store.catalog, read_file_list(bad))
@@ -142,7 +142,7 @@ def test_cli_files_json_reports_stages(loupe, tiny_checkpoint, photo_dir, tmp_pa
 
 
 def test_without_ray_one_line_error(tmp_path, photo_dir, tiny_checkpoint):
-    code = "import sys; sys.modules['ray'] = None; from cli.main import run; sys.argv[0] = 'loupe'; run()"
+    code = "import sys; sys.modules['ray'] = None; from loupe.cli.main import run; sys.argv[0] = 'loupe'; run()"
     env = dict(os.environ, HF_HUB_OFFLINE="1", LOUPE_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-c", code, "index", str(photo_dir), "--ray", "--checkpoint", str(tiny_checkpoint)],
@@ -250,7 +250,7 @@ def test_killed_embedding_actor_loses_and_doubles_nothing(cluster, loupe, tiny_c
 def test_interrupted_ray_run_continues_to_the_same_catalog(cluster, tiny_encoder, flickr_images, tmp_path):
     """A driver stopped mid-run (as by Ctrl-C: `max_batches` raises KeyboardInterrupt in the
     commit loop) keeps what it committed; the next run embeds only the rest."""
-    from indexer.ray_runner import index_on_ray
+    from loupe.indexer.pipeline.ray_runner import index_on_ray
 
     photos = _copy_photos(flickr_images, tmp_path / "p40", 40)
     store = Store.open(home=tmp_path / "ray-home")

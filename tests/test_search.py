@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.catalog import IMAGE
-from indexer.errors import LoupeError
-from indexer.pipeline import index_captions, index_folder
-from retrieval.query import Term, parse_query
-from retrieval.search import Filters, Searcher, parse_date
+from loupe.indexer.storage.catalog import IMAGE
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.retrieval.engine.query import Term, parse_query
+from loupe.retrieval.engine.search import Filters, Searcher, parse_date
 
 
 # ---- query language ---------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_image_to_text_against_caption_corpus(indexed, tmp_path):
 
 
 def test_wrong_model_for_search_is_an_error(indexed, tmp_path):
-    from indexer.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder, make_spec
     from tests.conftest import save_random_model
 
     other = load_encoder(make_spec(None, None, save_random_model(tmp_path / "o.pt", seed=3)), "cpu")

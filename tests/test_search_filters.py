@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 
-from indexer.pipeline import index_folder
-from retrieval.query import parse_query
-from retrieval.search import Filters, Searcher, parse_date
+from loupe.indexer.pipeline.jobs import index_folder
+from loupe.retrieval.engine.query import parse_query
+from loupe.retrieval.engine.search import Filters, Searcher, parse_date
 
 
 @pytest.fixture

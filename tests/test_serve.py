@@ -14,9 +14,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from indexer.errors import LoupeError
-from indexer.locations import resolve_location
-from retrieval.server import STATE_VERSION, read_state, state_file
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.storage.locations import resolve_location
+from loupe.retrieval.web.server import STATE_VERSION, read_state, state_file
 
 START_TIMEOUT = 180  # model load on a busy 2-core machine
 
@@ -154,7 +154,7 @@ def test_trimmed_text_encoding_matches_open_clip(tiny_encoder):
     """Dropping the padding after end-of-text (what makes warm queries fast) changes no vector."""
     import torch
 
-    from indexer.encoder import encode_text_trimmed
+    from loupe.indexer.models.encoder import encode_text_trimmed
 
     texts = ["a dog", "two children play on a sandy beach", "x " * 40]  # short, longer, truncated
     tokens = tiny_encoder.tokenizer(texts)
@@ -170,8 +170,8 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
     """bf16 text weights give the fp32 vectors to ~1e-3 and leave the image tower alone."""
     import torch
 
-    from indexer.encoder import cpu_has_bf16, load_encoder, make_spec
-    from indexer.imageio import decode_image
+    from loupe.indexer.models.encoder import cpu_has_bf16, load_encoder, make_spec
+    from loupe.indexer.pipeline.imageio import decode_image
 
     texts = ["a dog runs on the grass", "two children play on a sandy beach", "a red car"]
     reference = tiny_encoder.encode_texts(texts)
@@ -202,7 +202,7 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
 
 
 def test_search_uses_a_server_only_with_the_same_text_precision(tiny_checkpoint):
-    from retrieval.server import ServerState, _serves_model
+    from loupe.retrieval.web.server import ServerState, _serves_model
 
     state = ServerState(
         pid=1, port=9, catalog="sqlite:///x", model="loupe-tiny", pretrained=None, checkpoint=str(tiny_checkpoint),
@@ -217,7 +217,7 @@ def test_idle_client_does_not_hold_the_server(server):
     """Requests are answered one at a time; a client that connects and sends nothing is dropped."""
     import socket
 
-    from retrieval.server import REQUEST_TIMEOUT
+    from loupe.retrieval.web.server import REQUEST_TIMEOUT
 
     state, _, _ = server
     with socket.create_connection(("127.0.0.1", state.port)):

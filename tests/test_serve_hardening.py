@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from indexer.locations import resolve_location
-from retrieval.server import REQUEST_TIMEOUT, read_state, state_file
+from loupe.indexer.storage.locations import resolve_location
+from loupe.retrieval.web.server import REQUEST_TIMEOUT, read_state, state_file
 from tests.conftest import LoupeRunner
 from tests.rawsocket import exchange, read_answer, slow_sender
 from tests.test_serve import wait_for_state
@@ -242,8 +242,8 @@ def test_server_keeps_serving_after_bad_requests(served):
 
 
 def test_the_client_sends_the_token_and_falls_back_beyond_server_limits(served):
-    from retrieval.query import Term
-    from retrieval.server import search_via_server
+    from loupe.retrieval.engine.query import Term
+    from loupe.retrieval.web.server import search_via_server
 
     before = call(served, "GET", "/health")[1]["queries"]
     terms = [Term(1.0, "text", "a dog")]
@@ -258,7 +258,7 @@ def test_the_client_sends_the_token_and_falls_back_beyond_server_limits(served):
 
 
 def test_request_checks_in_isolation():
-    from retrieval.api import MAX_BODY, MAX_K, RequestError, check_auth, check_host, check_origin, content_length, decode_json, parse_search
+    from loupe.retrieval.engine.requests import MAX_BODY, MAX_K, RequestError, check_auth, check_host, check_origin, content_length, decode_json, parse_search
 
     assert content_length(["12"]) == 12 and content_length(["0"]) == 0
     for values, status in (([], 411), (["-3"], 400), (["٣"], 400), (["1", "2"], 400), ([str(MAX_BODY + 1)], 413)):

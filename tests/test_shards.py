@@ -16,12 +16,12 @@ import pytest
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from indexer.catalog import IMAGE, OK, TEXT, CaptionRow, ImageRow, Vector  # noqa: E402
-from indexer.errors import LoupeError  # noqa: E402
-from indexer.pipeline import index_captions, index_folder  # noqa: E402
-from indexer.shards import MANIFEST, list_shards  # noqa: E402
-from indexer.store import Store  # noqa: E402
-from indexer.transfer import export_catalog, import_shards  # noqa: E402
+from loupe.indexer.storage.catalog import IMAGE, OK, TEXT, CaptionRow, ImageRow, Vector  # noqa: E402
+from loupe.indexer.errors import LoupeError  # noqa: E402
+from loupe.indexer.pipeline.jobs import index_captions, index_folder  # noqa: E402
+from loupe.indexer.interop.shards import MANIFEST, list_shards  # noqa: E402
+from loupe.indexer.storage.store import Store  # noqa: E402
+from loupe.indexer.interop.transfer import export_catalog, import_shards  # noqa: E402
 
 
 def image_rows(store: Store) -> dict[str, tuple]:
@@ -287,7 +287,7 @@ def test_cli_export_import_and_one_line_errors(loupe, tmp_path, tiny_encoder, ph
     assert r.returncode == 1 and r.stderr.count("\n") == 1
     assert r.stderr.startswith("loupe: error: ") and "--checkpoint FILE" in r.stderr
     # without pyarrow: one line naming the extra
-    code = "import sys; sys.modules['pyarrow'] = None; sys.argv = ['loupe', 'export', sys.argv[1]]; from cli.main import run; run()"
+    code = "import sys; sys.modules['pyarrow'] = None; sys.argv = ['loupe', 'export', sys.argv[1]]; from loupe.cli.main import run; run()"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "x")], env=loupe.env(), capture_output=True, text=True,
         cwd=Path(__file__).parents[1],

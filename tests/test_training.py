@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from indexer.encoder import load_encoder, make_spec
-from indexer.errors import LoupeError
-from retrieval.training import TrainOptions, lr_at, train
+from loupe.indexer.models.encoder import load_encoder, make_spec
+from loupe.indexer.errors import LoupeError
+from loupe.retrieval.eval.training import TrainOptions, lr_at, train
 from tests.conftest import FLICKR8K
 
 

@@ -18,11 +18,11 @@ import pytest
 from sqlalchemy import delete, update
 
 from benchmarks.synthetic import ClipLike, bind_meta, insert_images
-from indexer import vectors
-from indexer.catalog import IMAGE, ImageRow, Meta, Vector
-from indexer.errors import LoupeError
-from indexer.store import Store, check_store
-from indexer.vectors import VectorIndex
+from loupe.indexer.storage import vectors
+from loupe.indexer.storage.catalog import IMAGE, ImageRow, Meta, Vector
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.vectors import VectorIndex
 from tests.conftest import REPO
 
 DIM = 64
@@ -137,8 +137,8 @@ KILL_INSIDE_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from indexer import vectors
-    from indexer.vectors import VectorIndex
+    from loupe.indexer.storage import vectors
+    from loupe.indexer.storage.vectors import VectorIndex
 
     path, when = vectors.Path(sys.argv[1]), sys.argv[2]
     rng = np.random.default_rng(0)
@@ -209,7 +209,7 @@ def test_catalog_rebuilt_from_scratch_with_the_same_generation_is_detected(write
 def test_loupe_search_and_check_on_a_stale_index_write_nothing(loupe, tiny_encoder, photo_dir):
     from PIL import Image
 
-    from indexer.pipeline import index_folder
+    from loupe.indexer.pipeline.jobs import index_folder
 
     store = Store.open(home=loupe.home)
     index_folder(store, tiny_encoder, photo_dir)

@@ -34,9 +34,9 @@ def test_first_page_ranks_as_deep_as_the_cli(client, app, monkeypatch):
 
 def test_sentences_share_the_cli_query_cache(client, app, web_index):
     """A sentence the page searched is not encoded again by `loupe search` (and the other way round)."""
-    from indexer.store import Store
-    from retrieval.query import parse_query
-    from retrieval.search import Searcher
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import Searcher
 
     web = app.state.web.web
     before = web.encodings
@@ -81,7 +81,7 @@ def test_query_sentences_are_encoded_on_one_thread(client, app, monkeypatch):
 def test_first_row_thumbnails_come_inline_when_cached(client, app):
     """`inline: N`: the first N results carry their cached thumbnail as a data: URL, the same bytes
     GET /api/thumb serves; a thumbnail not made yet is not made by the search."""
-    from retrieval.media import THUMB_TYPE
+    from loupe.retrieval.web.media import THUMB_TYPE
 
     web = app.state.web
     query = "a black dog and a white dog"
@@ -110,7 +110,7 @@ def test_query_cache_writes_cost_no_fsync(tmp_path):
     """The query cache is a write-ahead log synced at checkpoints: a new sentence's put is not an fsync."""
     import sqlite3
 
-    from retrieval.query_cache import QueryCache
+    from loupe.retrieval.engine.query_cache import QueryCache
 
     cache = QueryCache(tmp_path / "query-cache.sqlite", "sha256:aaa", 4)
     cache.put(["one"], [np.arange(4, dtype=np.float32)], "fp32")

@@ -28,7 +28,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 PER_FOLDER = 120
-PAGE = 60  # the page's page size (retrieval/web/js/main.js)
+PAGE = 60  # the page's page size (retrieval/web/static/js/main.js)
 DAY0 = datetime(2020, 1, 1, 12, 0, 0)
 START_TIMEOUT = 180
 
@@ -80,10 +80,10 @@ def server(tmp_path_factory, tiny_encoder, library):
 
     The index is built in this process by the functions behind `loupe index` and `loupe
     index-text` (the model is loaded here already); the server runs as a user runs it."""
-    from indexer.locations import resolve_location
-    from indexer.pipeline import index_captions, index_folder
-    from indexer.store import Store
-    from retrieval.server import read_state, state_file
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.indexer.pipeline.jobs import index_captions, index_folder
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.web.server import read_state, state_file
 
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
     store = Store.open(home=loupe.home)

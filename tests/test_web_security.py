@@ -1,4 +1,4 @@
-"""Every security rule of the web server, one test each (retrieval/webguard.py, retrieval/media.py).
+"""Every security rule of the web server, one test each (retrieval/web/guard.py, retrieval/web/media.py).
 
 In process through Starlette's TestClient where a header is enough; on a real uvicorn socket
 (in a thread, the app over the same real index) where the bytes on the wire matter: raw paths
@@ -31,7 +31,7 @@ def service(web_index):
 
 
 def app_for(service, tmp_path, **options):
-    from retrieval.webapp import create_app
+    from loupe.retrieval.web.app import create_app
 
     options.setdefault("port", PORT)
     return create_app(service, token=TOKEN, thumbs_dir=tmp_path / "thumbs", **options)
@@ -64,7 +64,7 @@ def assert_json_error(response, status: int) -> str:
 @contextmanager
 def live(service, tmp_path, request_timeout: float = 1.0, host: str = "127.0.0.1", **options):
     """The app on uvicorn (loupe's protocol and settings) in a thread, on a free port."""
-    from retrieval.server import listening_socket, uvicorn_server
+    from loupe.retrieval.web.server import listening_socket, uvicorn_server
 
     sock = listening_socket(host, 0)
     port = sock.getsockname()[1]
@@ -102,8 +102,8 @@ def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
 
 
 def test_binding_beyond_loopback_requires_a_token():
-    from indexer.errors import LoupeError
-    from retrieval.webguard import bind_needs_token, check_bind, is_loopback
+    from loupe.indexer.errors import LoupeError
+    from loupe.retrieval.web.guard import bind_needs_token, check_bind, is_loopback
 
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
         assert is_loopback(host) and not bind_needs_token(host)
@@ -273,8 +273,8 @@ def test_a_photo_reached_through_a_folder_symlink_is_served(tmp_path, web_index,
     """Indexing follows folder symlinks; such a photo is served while its bytes are the catalogued ones."""
     from starlette.testclient import TestClient
 
-    from indexer.pipeline import index_folder
-    from indexer.store import Store
+    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.storage.store import Store
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

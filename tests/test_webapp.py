@@ -19,9 +19,9 @@ BASE = f"http://127.0.0.1:{PORT}"
 
 
 def make_service(home, encoder):
-    from indexer.store import Store
-    from retrieval.search import Searcher
-    from retrieval.server import SearchService
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.search import Searcher
+    from loupe.retrieval.web.server import SearchService
 
     searcher = Searcher(Store.open(home=home, writer=False, map_files=False), encoder)
     return SearchService(searcher)
@@ -29,7 +29,7 @@ def make_service(home, encoder):
 
 @pytest.fixture(scope="module")
 def app(web_index, tmp_path_factory):
-    from retrieval.webapp import create_app
+    from loupe.retrieval.web.app import create_app
 
     service = make_service(web_index.home, web_index.encoder)
     return create_app(service, token=TOKEN, port=PORT, thumbs_dir=tmp_path_factory.mktemp("thumbs"))
@@ -74,7 +74,7 @@ def test_search_result_fields(client, web_index):
 
 def test_scores_match_the_cli_search(client, web_index):
     """The web ranking is the library's: same files, same scores as `Searcher.search`."""
-    from retrieval.query import parse_query
+    from loupe.retrieval.engine.query import parse_query
 
     searcher = client.app.state.web.service.searcher
     hits = searcher.search(parse_query(["children playing"]), k=8)
@@ -102,7 +102,7 @@ def test_paging_continues_without_overlap_or_encoding(client, app):
 
 def test_paging_past_the_first_ranked_depth(client, app, monkeypatch):
     """A page beyond what was ranked extends the same ranking (never a hard cap)."""
-    import retrieval.websearch as ws
+    import loupe.retrieval.engine.websearch as ws
 
     web = app.state.web.web
     web._rankings.clear()
@@ -200,7 +200,7 @@ def test_query_grammar_and_web_image_terms(client):
 
 
 def test_more_like_this_uses_the_stored_vector(client, app):
-    from indexer.catalog import IMAGE
+    from loupe.indexer.storage.catalog import IMAGE
 
     searcher = app.state.web.service.searcher
     target = search(client, q="", sort="newest", limit=1)["results"][0]
@@ -224,8 +224,8 @@ def test_more_like_this_uses_the_stored_vector(client, app):
 
 def test_web_query_grammar():
     """upload:ID and photo:ID are image terms in a web query only; paths are refused there."""
-    from indexer.errors import LoupeError
-    from retrieval.query import Term, parse_query
+    from loupe.indexer.errors import LoupeError
+    from loupe.retrieval.engine.query import Term, parse_query
 
     assert parse_query(['2:upload:ab12cd + "at night"'], web=True) == [Term(2.0, "image", "upload:ab12cd"), Term(1.0, "text", "at night")]
     assert parse_query(['photo:12 - "people"'], web=True) == [Term(1.0, "image", "photo:12"), Term(-1.0, "text", "people")]
@@ -266,7 +266,7 @@ def test_upload_query(client, app, web_index, flickr_images):
 
 
 def searcher_terms(path):
-    from retrieval.query import parse_query
+    from loupe.retrieval.engine.query import parse_query
 
     return parse_query([str(path)])
 
@@ -312,9 +312,9 @@ def test_captions_for_a_photo(client, web_index, tmp_path, tiny_encoder):
     # an index without captions: a clear 404
     from starlette.testclient import TestClient
 
-    from indexer.pipeline import index_folder
-    from indexer.store import Store
-    from retrieval.webapp import create_app
+    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.web.app import create_app
 
     folder = tmp_path / "p"
     folder.mkdir()
@@ -330,7 +330,7 @@ def test_captions_for_a_photo(client, web_index, tmp_path, tiny_encoder):
 
 
 def test_thumbnails_are_made_once_and_cached(client, app):
-    from retrieval.media import THUMB_SIDE, THUMB_TYPE
+    from loupe.retrieval.web.media import THUMB_SIDE, THUMB_TYPE
 
     web = app.state.web
     photo = by_name(client, "dup.jpg")
@@ -389,7 +389,7 @@ def test_exif_rotation_in_thumbnail_and_preview(client, web_index):
 
 
 def test_large_preview_is_capped(tmp_path):
-    from retrieval.media import PREVIEW_SIDE, make_preview, make_thumbnail
+    from loupe.retrieval.web.media import PREVIEW_SIDE, make_preview, make_thumbnail
 
     img = Image.new("RGB", (3000, 2000), (200, 30, 30))
     buf = io.BytesIO()
@@ -439,9 +439,9 @@ def test_index_changes_are_picked_up(tmp_path, tiny_encoder, flickr_images):
 
     from starlette.testclient import TestClient
 
-    from indexer.pipeline import index_folder
-    from indexer.store import Store
-    from retrieval.webapp import create_app
+    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.web.app import create_app
 
     folder = tmp_path / "p"
     folder.mkdir()

@@ -1,4 +1,0 @@
-"""`python -m cli` runs the loupe command."""
-from cli.main import run
-
-run()

@@ -1,0 +1,1 @@
+"""Interop: clip-retrieval's embedding shards, export and import."""

@@ -1,0 +1,1 @@
+"""Models: one model identity, the encoders (torch, ONNX), precision, the text tower export, the tokenizer."""

@@ -1,0 +1,509 @@
+"""One entry point from a model name to a ready encoder (model, transforms, tokenizer).
+
+Modelled on open_clip's own factory: `load_encoder("ViT-B-32", pretrained="laion2b_s34b_b79k")`
+fetches weights the usual open_clip way (Hugging Face hub into its cache), while
+`load_encoder("loupe-tiny", checkpoint="model.pt")` loads a local file through the very same
+open_clip code path. Vectors come out float32 and L2-normalised, so inner product is cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from loupe.indexer.models import precision as precisions
+from loupe.indexer.errors import LoupeError
+
+DEFAULT_MODEL = "ViT-B-32"
+TEXT_PRECISIONS = ("auto", "fp32", "bf16")
+BF16_MIN_COSINE = precisions.MIN_COSINE  # a bf16 text tower must agree this well with fp32 on a probe, else fp32 stays
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make loupe's bundled model configs (e.g. `loupe-tiny`) known to open_clip by name."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What names a model: an open_clip config plus either a pretrained tag or a local file."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: str | None = None
+
+    def describe(self) -> str:
+        """A short human-readable name, e.g. 'ViT-B-32/laion2b_s34b_b79k'."""
+        if self.checkpoint:
+            return f"{self.model} (checkpoint {self.checkpoint})"
+        if self.pretrained:
+            return f"{self.model}/{self.pretrained}"
+        return f"{self.model} (random weights)"
+
+    def describe_bound(self) -> str:
+        """How an index's binding reads in messages (same wording as the catalog check's)."""
+        return self.describe() if (self.checkpoint or self.pretrained) else self.model
+
+
+def model_name_from_checkpoint(path: str) -> str | None:
+    """Read the model name loupe stores in its own checkpoints (None for foreign files).
+
+    Uses torch's memory-mapped loading, so only the small metadata entry is actually read.
+    """
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("model_name"), str):
+        return obj["model_name"]
+    return None
+
+
+def make_spec(model: str | None, pretrained: str | None, checkpoint: str | Path | None) -> ModelSpec:
+    """`resolve_spec` for a command without an index (kept for callers that predate it)."""
+    return resolve_spec(model, pretrained, checkpoint)
+
+
+def resolve_spec(
+    model: str | None,
+    pretrained: str | None,
+    checkpoint: str | Path | None,
+    bound: ModelSpec | None = None,
+    *,
+    allow_random: bool = False,
+    check_tags: bool = True,
+) -> ModelSpec:
+    """The one place where --model/--pretrained/--checkpoint and the index's model become a spec.
+
+    `bound` is the model the index was built with (None: no index yet). No option means the
+    index's model, else ViT-B-32/laion2b_s34b_b79k. A checkpoint supplies its recorded model
+    name (a file that records none takes --model, else the index's model); --model must agree
+    with it. --pretrained needs --model, unless the index's model has that tag. --model alone
+    means the index's model when it names it, ViT-B-32's default tag, or random weights only
+    where `allow_random` (loupe train from a config). Options naming another model than the
+    index's are refused here, before any weights load. `check_tags=False` skips importing
+    open_clip (the server client), knowing only the index's own tag.
+    """
+    if checkpoint is not None and str(checkpoint) != "":
+        if pretrained:
+            raise LoupeError("pass either --pretrained or --checkpoint, not both")
+        checkpoint = str(Path(checkpoint).expanduser().resolve())
+        if not os.path.isfile(checkpoint):
+            raise LoupeError(f"checkpoint file not found: {checkpoint}")
+        if bound is not None and checkpoint == bound.checkpoint:
+            recorded = bound.model  # the file the index was built from: known to hold its model
+        else:
+            recorded = model_name_from_checkpoint(checkpoint)
+        if model is not None and recorded is not None and model != recorded:
+            raise LoupeError(f"{checkpoint} records model {recorded}, not {model}: drop --model or pass another file")
+        model = model or recorded or (bound.model if bound is not None else None)
+        if model is None:
+            raise LoupeError(f"{checkpoint} does not record its model name: pass --model (e.g. --model ViT-B-32)")
+        spec = ModelSpec(model=model, pretrained=None, checkpoint=checkpoint)
+    elif pretrained:
+        if model is None:
+            if bound is None or not _has_tag(bound.model, pretrained, bound, check_tags):
+                owner = f" (not a tag of this index's model {bound.model})" if bound is not None else ""
+                raise LoupeError(f"--pretrained {pretrained} needs --model{owner}, e.g. --model ViT-B-32 --pretrained {pretrained}")
+            model = bound.model
+        elif check_tags and not _has_tag(model, pretrained, bound, check_tags):
+            tags = _pretrained_tags(model)
+            if tags is not None:  # an unknown model name is load_encoder's error
+                hint = ", ".join(tags[:6]) or "none: train one with `loupe train` or pass --checkpoint"
+                raise LoupeError(f"'{pretrained}' is not a pretrained tag of {model} (known: {hint})")
+        spec = ModelSpec(model=model, pretrained=pretrained, checkpoint=None)
+    elif model is not None:
+        if bound is not None and model == bound.model:
+            spec = bound
+        elif model == DEFAULT_MODEL:
+            spec = ModelSpec(model=model, pretrained=DEFAULT_PRETRAINED, checkpoint=None)
+        elif allow_random or bound is not None:  # with an index, the binding check below speaks
+            spec = ModelSpec(model=model, pretrained=None, checkpoint=None)
+        else:
+            if _pretrained_tags(model) is None:
+                raise LoupeError(f"unknown model '{model}': `loupe models` lists the names open_clip knows")
+            raise LoupeError(
+                f"--model {model} names an architecture, not weights: add --pretrained TAG "
+                "(`loupe models` lists them) or --checkpoint FILE"
+            )
+    elif bound is not None:
+        if bound.checkpoint and not os.path.isfile(bound.checkpoint):
+            raise LoupeError(
+                f"this index was built with checkpoint {bound.checkpoint}, which no longer exists: pass --checkpoint FILE"
+            )
+        return bound
+    else:
+        spec = ModelSpec()
+    if bound is not None and (
+        spec.model != bound.model or (not spec.checkpoint and (spec.pretrained != bound.pretrained or bound.checkpoint))
+    ):
+        raise LoupeError(
+            f"this index was built with {bound.describe_bound()}, not {spec.describe()}: "
+            "use that model, or another --home/--db for a new index"
+        )
+    return spec
+
+
+def _pretrained_tags(model: str) -> list[str] | None:
+    """open_clip's pretrained tags for `model` (None: a name open_clip does not know)."""
+    import open_clip
+
+    register_model_configs()
+    if model not in open_clip.list_models():
+        return None
+    return list(open_clip.list_pretrained_tags_by_model(model))
+
+
+def _has_tag(model: str, tag: str, bound: ModelSpec | None, check_tags: bool) -> bool:
+    if bound is not None and (model, tag) == (bound.model, bound.pretrained):
+        return True
+    return check_tags and tag in (_pretrained_tags(model) or [])
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, used to bind an index to the exact checkpoint that built it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """'auto' picks CUDA, then Apple MPS, then CPU; an explicit device that is absent is an error."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" or re.fullmatch(r"cuda:\d+", name):
+        if not torch.cuda.is_available():
+            raise LoupeError(f"--device {name}: no CUDA GPU is visible to torch (use --device cpu or auto)")
+        count = torch.cuda.device_count()
+        if name != "cuda" and int(name[5:]) >= count:
+            raise LoupeError(f"--device {name}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+        return torch.device(name)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise LoupeError("--device mps: Apple MPS is not available here (use --device cpu or auto)")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise LoupeError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class Encoder:
+    """A loaded open_clip model with its eval transform and tokenizer, ready to embed batches."""
+
+    spec: ModelSpec
+    model: "torch.nn.Module"
+    preprocess: "object"
+    tokenizer: "object"
+    device: "torch.device"
+    dim: int
+    image_size: int
+    text_precision: str = "fp32"  # of query-time text encoding; see `set_text_precision`
+    image_precision: str = "fp32"  # of image encoding ('fp16': CUDA autocast); see `set_image_precision`
+    image_cosine: float = 1.0  # lowest cosine to fp32 its check measured
+    image_bound: float = precisions.MIN_COSINE  # what that check required
+    precision_notice: str | None = None  # set when a faster precision failed its check and fp32 took over
+    fidelity_seconds: float = 0.0  # what that check cost
+    _pending: tuple[str, float] | None = field(default=None, repr=False)
+    _fp32_visual: "torch.nn.Module | None" = field(default=None, repr=False)  # kept while a lowered copy runs
+    _checkpoint_sha: str | None = field(default=None, repr=False)
+
+    @property
+    def weights_id(self) -> str:
+        """Identifies the weights: the pretrained tag, or 'sha256:<hex>' of the checkpoint file."""
+        if self.spec.checkpoint:
+            if self._checkpoint_sha is None:
+                self._checkpoint_sha = file_sha256(self.spec.checkpoint)
+            return f"sha256:{self._checkpoint_sha}"
+        return self.spec.pretrained or "random"
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def set_text_precision(self, precision: str = "auto") -> str:
+        """Run the text tower in bf16 on a CPU that computes bf16 natively; returns what is used.
+
+        A one-sentence query is bound by reading the text tower's weights (150 MB for ViT-B-32
+        in fp32), so halving them cuts its encoding time by a third or more on CPUs with AMX or
+        AVX512-BF16 (RESULTS.md), while the vector moves by a cosine of ~1e-4. Meant for query
+        encoders: stored vectors (`loupe index`, `index-text`, `eval`) stay fp32. 'auto' picks
+        bf16 where the CPU has those units; any model whose bf16 text vector strays from fp32 on
+        a probe sentence keeps fp32. On CUDA, text already runs under fp16 autocast.
+        """
+        import torch
+
+        if precision not in TEXT_PRECISIONS:
+            raise LoupeError(f"unknown text precision '{precision}': use {', '.join(TEXT_PRECISIONS)}")
+        if self.device.type != "cpu":
+            self.text_precision = "fp16" if self.device.type == "cuda" else "fp32"
+            return self.text_precision
+        if precision == "fp32" or (precision == "auto" and not cpu_has_bf16()) or self.text_precision == "bf16":
+            return self.text_precision
+        probe = ["a photo of a dog on the beach"]
+        reference = self.encode_texts(probe)
+        params = [p for name, p in self.model.named_parameters() if name.split(".")[0] not in _NOT_TEXT]
+        originals = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+        try:
+            agree = float(np.dot(self.encode_texts(probe)[0], reference[0])) >= BF16_MIN_COSINE
+        except RuntimeError:  # a text tower that cannot run in bf16
+            agree = False
+        if not agree:
+            for p, data in zip(params, originals):
+                p.data = data
+            return self.text_precision
+        self.text_precision = "bf16"
+        return self.text_precision
+
+    def set_image_precision(self, precision: str = "auto", min_cosine: float = precisions.MIN_COSINE) -> str:
+        """Choose the arithmetic of image encoding (`loupe.indexer.models.precision`); returns the one chosen.
+
+        A precision other than fp32 is checked once, on the first images embedded after this
+        call: they are embedded in fp32 too, and unless every vector agrees within `min_cosine`,
+        fp32 takes over for the rest of the run (`precision_notice` says so). Text encoding is
+        `set_text_precision`'s business.
+        """
+        self._restore_fp32()
+        chosen = precisions.resolve(precision, self.device, self.model.visual)
+        self._pending = None if chosen == "fp32" else (chosen, min_cosine)
+        self.image_bound, self.precision_notice, self.fidelity_seconds = min_cosine, None, 0.0
+        return chosen
+
+    def _restore_fp32(self) -> None:
+        if self._fp32_visual is not None:
+            self.model.visual = self._fp32_visual
+            self._fp32_visual = None
+        self.image_precision, self.image_cosine = "fp32", 1.0
+
+    def _image_autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.type == "cuda" and self.image_precision in ("fp16", "bf16"):
+            return torch.autocast("cuda", dtype=torch.float16 if self.image_precision == "fp16" else torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_images(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Embed a preprocessed batch (N, 3, H, W) into L2-normalised float32 rows."""
+        if self._pending is not None:
+            return self._encode_checked(pixels)
+        return self._encode(pixels)
+
+    def _encode_checked(self, pixels: "torch.Tensor") -> np.ndarray:
+        """Switch to the pending precision if its vectors of the first images agree with fp32's."""
+        import time
+
+        chosen, bound = self._pending
+        self._pending = None
+        t = time.perf_counter()
+        sample = min(precisions.FIDELITY_SAMPLE, len(pixels))
+        reference = self._encode(pixels[:sample])
+        fp32_visual = self.model.visual
+        if self.device.type == "cpu":
+            self.model.visual = precisions.lowered(fp32_visual, chosen)
+        self.image_precision = chosen
+        self.fidelity_seconds = time.perf_counter() - t
+        try:
+            out = self._encode(pixels)
+            cosine = float(np.min(np.sum(out[:sample] * reference, axis=1)))
+            why = f"strayed from fp32 on the first images (cosine {cosine:.5f} < {bound})"
+        except Exception as exc:  # a tower that cannot run in this precision (e.g. ModifiedResNet's pool in int8)
+            cosine, why = float("nan"), f"cannot be computed ({type(exc).__name__}: {str(exc)[:80]})"
+        if cosine >= bound:
+            self.image_cosine = cosine
+            self._fp32_visual = fp32_visual if self.model.visual is not fp32_visual else None
+            return out
+        self._fp32_visual = fp32_visual if self.model.visual is not fp32_visual else None
+        self._restore_fp32()
+        self.precision_notice = f"{chosen} image vectors of {self.spec.model} {why}: embedding in fp32"
+        t = time.perf_counter()
+        out = self._encode(pixels)
+        self.fidelity_seconds += time.perf_counter() - t
+        return out
+
+    def _encode(self, pixels: "torch.Tensor") -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), self._image_autocast():
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory()  # page-locked, so the copy below is truly asynchronous
+            pixels = pixels.to(self.device, non_blocking=True)
+            if self.image_precision == "bf16" and self.device.type == "cpu":
+                pixels = pixels.to(torch.bfloat16)
+            feats = self.model.encode_image(pixels)
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embed sentences into L2-normalised float32 rows, in batches."""
+        import torch
+
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                feats = encode_text_trimmed(self.model, tokens)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+
+_NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # top-level parameters outside the text tower
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AMX or AVX512-BF16)."""
+    return precisions.cpu_has_bf16()
+
+
+def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
+    """`model.encode_text(tokens)`, computed over the tokens up to the last end-of-text only.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the padding after it
+    (77 positions for a 6-word query) cannot change the result: dropping it gives the same
+    vector up to float rounding, several times faster. Other text towers run unchanged.
+    """
+    import torch
+
+    pool = getattr(model, "text_pool_type", None)
+    mask = getattr(model, "attn_mask", None)
+    if (
+        pool not in ("argmax", "eos")
+        or mask is None
+        or not hasattr(model, "token_embedding")
+        or getattr(model, "positional_embedding", None) is None
+    ):
+        return model.encode_text(tokens)
+    if pool == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    n = int(ends.max()) + 1
+    if n >= tokens.shape[1]:
+        return model.encode_text(tokens)
+    tokens = tokens[:, :n]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
+    # open_clip 2.24's Transformer (no `batch_first` attribute) takes (L, N, D); 2.32 and later (N, L, D)
+    sequence_first = not hasattr(model.transformer, "batch_first")
+    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=mask[:n, :n])
+    x = model.ln_final(x.transpose(0, 1) if sequence_first else x)
+    # the pooling open_clip's `text_global_pool` does for 'argmax' and 'eos', done here: its
+    # signature changed across releases (2.24 returns a (pooled, tokens) pair; eos_token_id came in 3.1)
+    x = x[torch.arange(x.shape[0], device=x.device), ends]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
+def _image_size(model) -> int:
+    size = getattr(model.visual, "image_size", 224)
+    if isinstance(size, (tuple, list)):
+        size = max(size)
+    return int(size)
+
+
+def load_encoder(spec: ModelSpec | None = None, device: str = "auto") -> Encoder:
+    """Build the model, eval transform and tokenizer for `spec` on `device`.
+
+    Every failure a user can cause (unknown model, weights not downloadable, bad checkpoint,
+    absent device) becomes a one-line LoupeError that says what to pass instead.
+    """
+    import logging
+
+    spec = spec or ModelSpec()
+    dev = resolve_device(device)
+    import open_clip
+    import torch
+
+    register_model_configs()
+    if spec.model not in open_clip.list_models():
+        raise LoupeError(
+            f"unknown model '{spec.model}': `loupe models` lists the names open_clip knows"
+        )
+    pretrained = spec.checkpoint or spec.pretrained
+    if spec.pretrained and not spec.checkpoint:
+        tags = open_clip.list_pretrained_tags_by_model(spec.model)
+        if spec.pretrained not in tags:
+            hint = ", ".join(tags[:6]) or "none: train one with `loupe train` or pass --checkpoint"
+            raise LoupeError(
+                f"'{spec.pretrained}' is not a pretrained tag of {spec.model} (known: {hint})"
+            )
+    logger = logging.getLogger()
+    old_level = logger.level
+    logger.setLevel(logging.CRITICAL)  # open_clip logs 'no pretrained weights' etc. at WARNING
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=pretrained, device=dev
+        )
+    except FileNotFoundError as exc:
+        raise LoupeError(f"cannot read checkpoint {spec.checkpoint}: {exc}") from None
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if spec.checkpoint:
+            raise LoupeError(
+                f"checkpoint {spec.checkpoint} does not fit model {spec.model}: {msg[:300]}"
+            ) from None
+        raise LoupeError(
+            f"could not load weights {spec.describe()} ({msg[:200]}); without internet, "
+            "pass a local file with --checkpoint FILE (and --model NAME)"
+        ) from None
+    except Exception as exc:  # hub / network / unpickling errors surface with many types
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LoupeError(
+            f"could not load weights {spec.describe()} ({type(exc).__name__}: {msg[:200]}); "
+            "without internet, pass a local file with --checkpoint FILE (and --model NAME)"
+        ) from None
+    finally:
+        logger.setLevel(old_level)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(spec.model)
+    with torch.inference_mode():
+        dim = int(model.encode_text(tokenizer(["probe"]).to(dev)).shape[-1])
+    return Encoder(
+        spec=spec,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        device=dev,
+        dim=dim,
+        image_size=_image_size(model),
+        # CUDA embeds images under fp16 autocast (checked on the first batch) unless `set_image_precision` says otherwise
+        _pending=("fp16", precisions.MIN_COSINE) if dev.type == "cuda" else None,
+    )

@@ -1,0 +1,689 @@
+"""The catalog: what was indexed, from where, with which model, and every vector, in SQL.
+
+The catalog is the source of truth. Vectors are stored here too (float32 bytes), keyed by
+content hash, so a renamed, moved or duplicated file reuses its vector, and the FAISS files
+are a cache that can always be brought back in line (see `store.py`). Every change is one
+transaction that also bumps `generation`; a FAISS file records the generation it reflects.
+SQLite is the embedded default; any SQLAlchemy URL works (PostgreSQL tested by URL only).
+
+A file that is no longer found is kept as 'missing' (with its hash and vector) and hidden from
+every result, so a drive that comes back costs no re-embedding. The schema version in `meta` is
+checked on open: an older catalog is migrated in place (one transaction), a newer one refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    case,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from loupe.indexer.errors import LoupeError
+
+from loupe.indexer.storage.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
+    IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, all_found, display_path, path_key_of, prefix_bounds,
+)
+LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """One row: the model the index is bound to, and bookkeeping."""
+
+    __tablename__ = "meta"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schema_version: Mapped[int] = mapped_column(Integer, default=SCHEMA_VERSION)
+    model: Mapped[str] = mapped_column(String(200))
+    pretrained: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    checkpoint_mtime_ns: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    weights_id: Mapped[str] = mapped_column(String(200))
+    dim: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Vector(Base):
+    """One embedding per distinct content (kind + content hash); its id is the FAISS id."""
+
+    __tablename__ = "vectors"
+    __table_args__ = (UniqueConstraint("kind", "content_hash"), {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    content_hash: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ImageRow(Base):
+    """A file seen on disk: indexed (vector_id set) or skipped (reason set)."""
+
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_status_vector", "status", "vector_id"),)  # visible vectors, missing files
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)  # os.fsencode(abs path)
+    path: Mapped[str] = mapped_column(Text)  # display form (undecodable bytes replaced)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    vector_id: Mapped[int | None] = mapped_column(ForeignKey("vectors.id"), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(8))  # 'ok' | 'skipped' | 'missing' (not found: kept, hidden)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class CaptionRow(Base):
+    """A sentence from a caption corpus file."""
+
+    __tablename__ = "captions"
+    __table_args__ = (Index("ix_captions_source", "source"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(Text)
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    image: Mapped[str | None] = mapped_column(Text, nullable=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    vector_id: Mapped[int] = mapped_column(ForeignKey("vectors.id"), index=True)
+
+
+class RootRow(Base):
+    """A folder given to `loupe index`, and what its last run found (an offline root keeps its files)."""
+
+    __tablename__ = "roots"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    files: Mapped[int] = mapped_column(BigInteger, default=0)  # images seen by the last run that found it
+    scanned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # that run
+    offline: Mapped[str | None] = mapped_column(String(16), nullable=True)  # None | 'missing' | 'empty' | 'unreadable'
+    offline_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Setting(Base):
+    """A named option that outlives any one run (e.g. the FAISS factory chosen with --index-factory)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+@dataclass
+class ImageState:
+    """What a re-scan needs to decide whether a file changed: one row per path, one query."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    reason: str | None = None
+
+    @property
+    def needs_work(self) -> bool:
+        """A row with no vector and no real failure reason (an interrupted run's, e.g. 'no vector')."""
+        return self.status == "skipped" and self.reason in (None, "", LEGACY_NO_VECTOR)
+
+
+@dataclass
+class ImageRecord:
+    """A file to write: `vector_id` None + `reason` for skipped files."""
+
+    path_key: bytes
+    size: int
+    mtime_ns: int
+    content_hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    taken_at: datetime | None = None
+    vector_id: int | None = None
+    reason: str | None = None
+
+
+def to_blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
+
+
+class Catalog:
+    """Session-scoped access to the catalog tables; each public write is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine = create_engine(url)
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise LoupeError(f"database driver missing for {url.split(':', 1)[0]}: {exc.msg}") from None
+        except SQLAlchemyError as exc:
+            raise LoupeError(f"bad catalog URL {url!r}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            self._open_schema()
+        except OperationalError as exc:
+            raise LoupeError(f"cannot open catalog {url}: {exc.orig}") from None
+
+    # ---- schema version -------------------------------------------------------------------
+    def _open_schema(self) -> None:
+        """Create a new catalog, migrate an older one, refuse one newer than this code."""
+        with self.engine.connect() as conn:
+            version = _stored_version(conn)
+        if version is not None and version > SCHEMA_VERSION:
+            raise LoupeError(
+                f"catalog {self.url} has schema version {version}, newer than this loupe knows ({SCHEMA_VERSION}): "
+                "upgrade loupe, or use another --home/--db"
+            )
+        if version is not None and version < SCHEMA_VERSION:
+            self._migrate()
+        Base.metadata.create_all(self.engine)
+        if version is None:  # tables made before any model was bound may predate the current layout
+            with self.engine.begin() as conn:
+                _create_v2_objects(conn)
+
+    def _migrate(self) -> None:
+        """Bring an older catalog to SCHEMA_VERSION in place: every step and the version bump in ONE
+        transaction (DDL included), under a write lock, so a failure leaves it exactly as it was."""
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite would not open a transaction for DDL
+            elif self.engine.dialect.name == "postgresql":
+                conn.execute(text("LOCK TABLE meta IN EXCLUSIVE MODE"))
+            version = _stored_version(conn)  # again under the lock: another process may have migrated it
+            while version is not None and version < SCHEMA_VERSION:
+                if version not in MIGRATIONS:
+                    raise LoupeError(f"catalog {self.url} has schema version {version}, which this loupe cannot migrate")
+                MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(update(Meta).where(Meta.id == 1).values(schema_version=version))
+            conn.commit()
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ---- meta -------------------------------------------------------------------------
+    def meta(self) -> Meta | None:
+        with self.session() as s:
+            return s.get(Meta, 1)
+
+    def create_meta(self, **fields) -> Meta:
+        with self.session() as s, s.begin():
+            m = Meta(id=1, **fields)
+            s.add(m)
+        return m
+
+    def update_meta(self, **fields) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(Meta).where(Meta.id == 1).values(**fields))
+
+    def generation(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(Meta.generation).where(Meta.id == 1)) or 0
+
+    def setting(self, key: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(Setting.value).where(Setting.key == key))
+
+    def set_setting(self, key: str, value: str | None) -> bool:
+        """Store (or, with None, clear) a setting; a change bumps the generation so readers notice it."""
+        with self.session() as s, s.begin():
+            old = s.get(Setting, key)
+            if (old.value if old else None) == value:
+                return False
+            if value is None:
+                s.delete(old)
+            elif old is None:
+                s.add(Setting(key=key, value=value))
+            else:
+                old.value = value
+            self._bump(s)
+        return True
+
+    def _bump(self, s: Session) -> None:
+        s.execute(update(Meta).where(Meta.id == 1).values(generation=Meta.generation + 1, updated_at=utcnow()))
+
+    # ---- vectors ----------------------------------------------------------------------
+    def hash_to_vector(self, kind: str) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Vector.content_hash, Vector.id).where(Vector.kind == kind)).all())
+
+    def vector_ids(self, kind: str) -> np.ndarray:
+        """Ids of the searchable vectors of `kind`, sorted: for images, those of at least one visible
+        ('ok') file; a vector only missing files use stays stored but out of the FAISS index."""
+        with self.session() as s:
+            if kind == IMAGE:
+                q = select(ImageRow.vector_id).where(ImageRow.status == OK).distinct().order_by(ImageRow.vector_id)
+            else:
+                q = select(Vector.id).where(Vector.kind == kind).order_by(Vector.id)
+            ids = s.scalars(q).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def count_vectors(self, kind: str) -> int:
+        """How many ids `vector_ids(kind)` holds (what the FAISS index of `kind` should hold)."""
+        with self.session() as s:
+            if kind == IMAGE:
+                return s.scalar(select(func.count(ImageRow.vector_id.distinct())).where(ImageRow.status == OK)) or 0
+            return s.scalar(select(func.count()).select_from(Vector).where(Vector.kind == kind)) or 0
+
+    def fetch_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, found) for `ids`, in that order. An id deleted meanwhile (by another process)
+        has found False and a zero row: callers drop it, so nothing uninitialised is ever scored."""
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        found = np.zeros(len(ids), dtype=bool)
+        pos: dict[int, list[int]] = {}
+        for n, i in enumerate(ids):
+            pos.setdefault(int(i), []).append(n)
+        with self.session() as s:
+            for start in range(0, len(ids), chunk):
+                part = [int(i) for i in ids[start : start + chunk]]
+                for vid, data in s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(part))):
+                    out[pos[vid]] = np.frombuffer(data, dtype=np.float32)
+                    found[pos[vid]] = True
+        return out, found
+
+    def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
+        """Vectors for `ids`, in that order; a LoupeError if any is no longer stored."""
+        return all_found(ids, *self.fetch_vectors(ids, dim, chunk))
+
+    def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
+        with self.session() as s:
+            data = s.scalar(select(Vector.data).where(Vector.kind == kind, Vector.content_hash == content_hash))
+        return None if data is None else np.frombuffer(data, dtype=np.float32).copy()
+
+    def _insert_vectors(self, s: Session, kind: str, items: list[tuple[str, np.ndarray]]) -> dict[str, int]:
+        """Store vectors by content hash; a hash stored meanwhile (by another writer) keeps its vector.
+
+        Returns the vector id of every hash in `items`, whoever inserted it.
+        """
+        rows: dict[str, dict] = {}
+        for content_hash, vec in items:
+            rows.setdefault(content_hash, dict(kind=kind, content_hash=content_hash, data=to_blob(vec)))
+        if not rows:
+            return {}
+        _insert_or(s, Vector.__table__, list(rows.values()), ["kind", "content_hash"])
+        return self._vector_ids(s, kind, rows)
+
+    def _vector_ids(self, s: Session, kind: str, hashes: Iterable[str]) -> dict[str, int]:
+        """Content hash -> vector id for those of `hashes` the catalog holds now."""
+        hashes = list(hashes)
+        out: dict[str, int] = {}
+        for start in range(0, len(hashes), 5000):
+            part = hashes[start : start + 5000]
+            out.update(s.execute(select(Vector.content_hash, Vector.id).where(Vector.kind == kind, Vector.content_hash.in_(part))).all())
+        return out
+
+    def _gc_vectors(self, s: Session) -> int:
+        used_img = select(ImageRow.vector_id).where(ImageRow.vector_id.is_not(None))
+        used_txt = select(CaptionRow.vector_id)
+        res = s.execute(
+            delete(Vector).where(
+                ((Vector.kind == IMAGE) & Vector.id.not_in(used_img))
+                | ((Vector.kind == TEXT) & Vector.id.not_in(used_txt))
+            )
+        )
+        return res.rowcount or 0
+
+    # ---- images -----------------------------------------------------------------------
+    def image_states(self, folder_key: bytes | None = None) -> dict[bytes, ImageState]:
+        """Every catalogued file (under `folder_key` if given) with what a re-scan compares."""
+        q = select(
+            ImageRow.path_key, ImageRow.id, ImageRow.size, ImageRow.mtime_ns, ImageRow.content_hash, ImageRow.status,
+            ImageRow.reason,
+        )
+        if folder_key is not None:
+            lo, hi = prefix_bounds(folder_key)
+            q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
+        with self.session() as s:
+            return {
+                bytes(row[0]): ImageState(row[1], row[2], row[3], row[4], row[5], row[6]) for row in s.execute(q)
+            }
+
+    def image_id(self, path_key: bytes) -> int | None:
+        with self.session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.path_key == path_key))
+
+    def has_images(self, folder_key: bytes) -> bool:
+        """Whether any file under `folder_key` is catalogued (whatever its status)."""
+        lo, hi = prefix_bounds(folder_key)
+        with self.session() as s:
+            return s.scalar(select(ImageRow.id).where(ImageRow.path_key >= lo, ImageRow.path_key < hi).limit(1)) is not None
+
+    def write_images(
+        self, records: Iterable[ImageRecord], new_vectors: list[tuple[str, np.ndarray]], known: dict[str, int]
+    ) -> int:
+        """Insert or update file rows and any new vectors in ONE transaction; returns rows written.
+
+        A file row is stored either with its vector or with the reason it failed, never with
+        neither: a record whose vector is in neither the catalog nor `new_vectors` is left out
+        (the next run redoes it). Vectors and rows written meanwhile by another writer are
+        reused and updated, not duplicated. `known` (content hash -> vector id) is brought in
+        line with the catalog for every hash seen here, once the transaction is committed.
+        """
+        records = list(records)
+        wanted = {r.content_hash for r in records if r.reason is None and r.content_hash}
+        with self.session() as s, s.begin():
+            ids = self._insert_vectors(s, IMAGE, new_vectors)  # a hash stored already keeps its vector
+            ids.update(self._vector_ids(s, IMAGE, wanted.difference(ids)))
+            now = utcnow()
+            rows: dict[bytes, dict] = {}  # by path: a file listed twice is written once (its last record)
+            for r in records:
+                vid = ids.get(r.content_hash) if r.reason is None and r.content_hash else None
+                if vid is None and r.reason is None:
+                    continue
+                values = dict(
+                    path_key=r.path_key,
+                    path=display_path(r.path_key),
+                    size=r.size,
+                    mtime_ns=r.mtime_ns,
+                    content_hash=r.content_hash,
+                    width=r.width,
+                    height=r.height,
+                    taken_at=r.taken_at,
+                    vector_id=vid,
+                    status="ok" if vid is not None else "skipped",
+                    reason=None if vid is not None else r.reason,
+                    indexed_at=now,
+                )
+                rows[r.path_key] = values
+            if rows:
+                _insert_or(s, ImageRow.__table__, list(rows.values()), ["path_key"], update=True)
+            self._bump(s)
+        for h in wanted.difference(ids):
+            known.pop(h, None)  # gone from the catalog (another writer's clean-up): embed it again
+        known.update(ids)  # only once the transaction is committed
+        return len(rows)
+
+    def touch_images(self, updates: Sequence[tuple[int, int, int]]) -> None:
+        """Record a new (size, mtime) for files whose content did not change."""
+        if not updates:
+            return
+        with self.session() as s, s.begin():
+            for row_id, size, mtime_ns in updates:
+                s.execute(update(ImageRow).where(ImageRow.id == row_id).values(size=size, mtime_ns=mtime_ns))
+
+    def mark_missing(self, row_ids: Sequence[int], drop_moved: bool = True) -> tuple[int, int]:
+        """Files a walk did not find: keep them as 'missing' (hash and vector kept, hidden from results).
+
+        With `drop_moved`, a file whose content a visible file holds (a move or rename: nothing to
+        lose) is dropped instead. Returns (newly missing, dropped); one transaction.
+        """
+        if not row_ids:
+            return 0, 0
+        chunks = [list(row_ids[start : start + 5000]) for start in range(0, len(row_ids), 5000)]
+        dropped = 0
+        with self.session() as s, s.begin():
+            fresh: list[int] = []
+            for part in chunks:
+                fresh += s.scalars(select(ImageRow.id).where(ImageRow.id.in_(part), ImageRow.status != MISSING)).all()
+                s.execute(update(ImageRow).where(ImageRow.id.in_(part)).values(status=MISSING))
+            if drop_moved:  # after the update, so the rows marked here do not count as visible copies
+                visible = select(ImageRow.content_hash).where(ImageRow.status == OK)
+                for part in chunks:
+                    q = delete(ImageRow).where(ImageRow.id.in_(part), ImageRow.content_hash.in_(visible))
+                    dropped += s.execute(q).rowcount or 0
+            newly = 0
+            for start in range(0, len(fresh), 5000):
+                part = fresh[start : start + 5000]
+                newly += s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.id.in_(part))) or 0
+            if fresh or dropped:
+                self._bump(s)
+        return newly, dropped
+
+    def restore_images(self, row_ids: Sequence[int]) -> int:
+        """Missing files found again unchanged: visible again (or skipped, as before), no embedding.
+        Returns how many are visible again."""
+        visible = 0
+        with self.session() as s, s.begin():
+            for start in range(0, len(row_ids), 5000):
+                part = list(row_ids[start : start + 5000])
+                s.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id.in_(part), ImageRow.status == MISSING)
+                    .values(status=case((ImageRow.vector_id.is_(None), SKIPPED), else_=OK))
+                )
+                visible += s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.id.in_(part), ImageRow.status == OK)) or 0
+            self._bump(s)
+        return visible
+
+    def missing_ids(self, folder_key: bytes) -> list[int]:
+        """Rows of the missing files under `folder_key`."""
+        lo, hi = prefix_bounds(folder_key)
+        with self.session() as s:
+            return list(
+                s.scalars(select(ImageRow.id).where(ImageRow.path_key >= lo, ImageRow.path_key < hi, ImageRow.status == MISSING))
+            )
+
+    def delete_images(self, row_ids: Sequence[int]) -> int:
+        """Remove file rows and every vector no longer used; returns the rows removed."""
+        removed = 0
+        with self.session() as s, s.begin():
+            for start in range(0, len(row_ids), 5000):
+                part = list(row_ids[start : start + 5000])
+                removed += s.execute(delete(ImageRow).where(ImageRow.id.in_(part))).rowcount or 0
+            self._gc_vectors(s)
+            self._bump(s)
+        return removed
+
+    def collect_garbage(self) -> int:
+        """Drop vectors no file or caption uses any more (e.g. the old content of an edited photo)."""
+        with self.session() as s, s.begin():
+            n = self._gc_vectors(s)
+            if n:
+                self._bump(s)
+        return n
+
+    def image_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[ImageRow]]:
+        """Visible indexed files per vector id (several when the same content is stored twice)."""
+        out: dict[int, list[ImageRow]] = {}
+        with self.session() as s:
+            q = select(ImageRow).where(ImageRow.vector_id.in_([int(v) for v in vector_ids]), ImageRow.status == OK)
+            q = q.order_by(ImageRow.path)  # missing files are never shown, not even as duplicates
+            for row in s.scalars(q):
+                out.setdefault(row.vector_id, []).append(row)
+        return out
+
+    def iter_image_rows(self, folder_key: bytes | None = None, status: str | None = None) -> Iterator[ImageRow]:
+        q = select(ImageRow).order_by(ImageRow.path)
+        if folder_key is not None:
+            lo, hi = prefix_bounds(folder_key)
+            q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
+        if status is not None:
+            q = q.where(ImageRow.status == status)
+        with self.session() as s:
+            yield from s.scalars(q)
+
+    # ---- captions ---------------------------------------------------------------------
+    def caption_hashes(self, source: str) -> dict[tuple[int, str], int]:
+        with self.session() as s:
+            rows = s.execute(
+                select(CaptionRow.position, CaptionRow.content_hash, CaptionRow.id).where(CaptionRow.source == source)
+            ).all()
+        return {(p, h): i for p, h, i in rows}
+
+    def replace_captions(
+        self,
+        source: str,
+        rows: list[tuple[int, str, str | None, str]],
+        new_vectors: list[tuple[str, np.ndarray]],
+        known: dict[str, int],
+    ) -> None:
+        """Make the captions of `source` exactly `rows` (position, text, image, hash), in one transaction."""
+        with self.session() as s, s.begin():
+            inserted = self._insert_vectors(s, TEXT, [(h, v) for h, v in new_vectors if h not in known])
+            s.execute(delete(CaptionRow).where(CaptionRow.source == source))
+            s.add_all(
+                CaptionRow(source=source, position=p, text=t, image=img, content_hash=h, vector_id=inserted.get(h) or known[h])
+                for p, t, img, h in rows
+            )
+            self._gc_vectors(s)
+            self._bump(s)
+        known.update(inserted)
+
+    def delete_captions(self, source: str | None = None) -> int:
+        with self.session() as s, s.begin():
+            q = delete(CaptionRow)
+            if source is not None:
+                q = q.where(CaptionRow.source == source)
+            n = s.execute(q).rowcount or 0
+            self._gc_vectors(s)
+            self._bump(s)
+        return n
+
+    def caption_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[CaptionRow]]:
+        out: dict[int, list[CaptionRow]] = {}
+        with self.session() as s:
+            q = select(CaptionRow).where(CaptionRow.vector_id.in_([int(v) for v in vector_ids]))
+            for row in s.scalars(q.order_by(CaptionRow.source, CaptionRow.position)):
+                out.setdefault(row.vector_id, []).append(row)
+        return out
+
+    # ---- indexed folders ----------------------------------------------------------------
+    def record_root(self, path_key: bytes, files: int, offline: str | None = None) -> None:
+        """Remember a folder given to `loupe index` and what this run found there."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            root = s.scalar(select(RootRow).where(RootRow.path_key == path_key))
+            if root is None:
+                root = RootRow(path_key=path_key, path=display_path(path_key), files=0)
+                s.add(root)
+            if offline is None:
+                root.files, root.scanned_at, root.offline, root.offline_since = files, now, None, None
+            else:
+                root.offline_since = root.offline_since if root.offline else now
+                root.offline = offline
+
+    def roots(self) -> list[RootRow]:
+        with self.session() as s:
+            return list(s.scalars(select(RootRow).order_by(RootRow.path)))
+
+    def forget_roots(self, path_key: bytes) -> None:
+        """Forget the folder `path_key` and any recorded folder under it (`loupe remove`)."""
+        lo, hi = prefix_bounds(path_key)
+        with self.session() as s, s.begin():
+            s.execute(delete(RootRow).where((RootRow.path_key == path_key) | ((RootRow.path_key >= lo) & (RootRow.path_key < hi))))
+
+    # ---- reports ----------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self.session() as s:
+            by_status = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
+            reasons = s.execute(
+                select(ImageRow.reason, func.count())
+                .where(ImageRow.status == "skipped")
+                .group_by(ImageRow.reason)
+                .order_by(func.count().desc())
+            ).all()
+            vec = dict(s.execute(select(Vector.kind, func.count()).group_by(Vector.kind)).all())
+            captions = s.scalar(select(func.count()).select_from(CaptionRow)) or 0
+            sources = s.execute(select(CaptionRow.source, func.count()).group_by(CaptionRow.source)).all()
+            total_bytes = s.scalar(select(func.sum(ImageRow.size)).where(ImageRow.status == "ok")) or 0
+        return {
+            "images_indexed": by_status.get("ok", 0),
+            "images_skipped": by_status.get("skipped", 0),
+            "images_missing": by_status.get(MISSING, 0),
+            "skip_reasons": [(r, n) for r, n in reasons],
+            "image_vectors": vec.get(IMAGE, 0),
+            "text_vectors": vec.get(TEXT, 0),
+            "captions": captions,
+            "caption_sources": [(src, n) for src, n in sources],
+            "indexed_bytes": int(total_bytes),
+        }
+
+
+def _stored_version(conn: Connection) -> int | None:
+    """The catalog's recorded schema version; None for a new catalog (no model bound yet)."""
+    if not inspect(conn).has_table("meta"):
+        return None
+    return conn.execute(select(Meta.schema_version).where(Meta.id == 1)).scalar()
+
+
+def _create_v2_objects(conn: Connection) -> None:
+    RootRow.__table__.create(conn, checkfirst=True)
+    next(i for i in ImageRow.__table__.indexes if i.name == "ix_images_status_vector").create(conn, checkfirst=True)
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    """Version 2: files not found are kept as 'missing' (no column change: status is free text),
+    indexed folders are recorded in `roots`, and (status, vector_id) is indexed for visible vectors."""
+    _create_v2_objects(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}  # version -> step to version + 1
+
+
+def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:
+    """INSERT `rows`; one whose `conflict` columns match a stored row updates it (`update`) or is dropped.
+
+    An upsert, so two writers that meet (no writer lock, or a row written since it was read)
+    never fail with an IntegrityError: ON CONFLICT on SQLite and PostgreSQL, a savepoint per
+    row elsewhere.
+    """
+    dialect = s.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        stmt = dialect_insert(table)
+        if update:
+            cols = [c for c in rows[0] if c not in conflict]
+            stmt = stmt.on_conflict_do_update(index_elements=conflict, set_={c: stmt.excluded[c] for c in cols})
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=conflict)
+        s.execute(stmt, rows)
+        return
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    for row in rows:
+        try:
+            with s.begin_nested():
+                s.execute(insert(table).values(**row))
+        except IntegrityError:
+            if update:
+                where = [table.c[c] == row[c] for c in conflict]
+                s.execute(table.update().where(*where).values(**{c: v for c, v in row.items() if c not in conflict}))
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the indexer; crash-safe commits
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

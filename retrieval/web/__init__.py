@@ -1,0 +1,1 @@
+"""`loupe serve`: the web server, its security rules, pictures, and the page (static/)."""

@@ -1,0 +1,215 @@
+"""The web API of `loupe serve`, described by hand as OpenAPI 3 (Starlette generates none).
+
+tests/test_webapp.py checks that every mounted route is documented here and every documented
+route is mounted, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str = "OK") -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    why = {400: "bad request", 401: "missing or wrong token", 403: "foreign Host, Origin or Referer", 404: "not found",
+           408: "the request did not arrive in time", 411: "no Content-Length", 413: "body too large",
+           415: "wrong Content-Type"}
+    return {str(c): _json(ERROR, why[c]) for c in codes}
+
+
+def _id_param(description: str) -> dict:
+    return {"name": "id", "in": "path", "required": True, "description": description,
+            "schema": {"type": "integer", "minimum": 0}}
+
+
+def _nullable(kind: str, **extra) -> dict:
+    return {"type": [kind, "null"], **extra}
+
+
+IMAGE_RESULT = {
+    "type": "object",
+    "required": ["id", "name", "path", "folder", "score", "width", "height", "size", "date", "date_source", "duplicates", "thumb", "preview"],
+    "properties": {
+        "id": {"type": "integer", "description": "catalog image row id"},
+        "name": {"type": "string"},
+        "path": {"type": "string"},
+        "folder": {"type": "string"},
+        "score": _nullable("number", description="cosine similarity; null when browsing by date"),
+        "width": _nullable("integer"),
+        "height": _nullable("integer"),
+        "size": {"type": "integer", "description": "bytes"},
+        "date": _nullable("string", format="date-time"),
+        "date_source": {"enum": ["taken", "modified"]},
+        "duplicates": {"type": "integer", "description": "other identical files collapsed into this result"},
+        "thumb": {"type": "string", "description": "/api/thumb/ID?h=<content-hash prefix>"},
+        "thumb_data": {"type": "string", "description": (
+            "the cached thumbnail as a data: URL, on the first `inline` results of a search that asked (absent when not cached)")},
+        "preview": {"type": "string", "description": "/api/photo/ID"},
+    },
+}
+
+CAPTION_RESULT = {
+    "type": "object",
+    "required": ["id", "text", "score", "source"],
+    "properties": {
+        "id": {"type": "integer", "description": "caption row id"},
+        "text": {"type": "string"},
+        "score": {"type": "number"},
+        "source": {"type": "string", "description": "the caption file"},
+        "image": _nullable("string", description="the image the caption belongs to, when the corpus names one"),
+    },
+}
+
+SEARCH_REQUEST = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "q": {"type": "string", "maxLength": 4096, "description": (
+            "The CLI query grammar (`loupe search --help`): words, \"quoted text\", W: weights, + and -. "
+            "Image terms are `upload:ID` (POST /api/uploads) and `photo:ID` (an indexed photo's stored vector); "
+            "a file path (./x.jpg, /x.jpg, img:PATH) is refused. Empty: browse the whole collection by date.")},
+        "target": {"enum": ["images", "captions"], "default": "images"},
+        "offset": {"type": "integer", "minimum": 0, "default": 0},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 200, "default": 60},
+        "min_score": _nullable("number"),
+        "folder": _nullable("string", description="an indexed folder (GET /api/folders): photos under it"),
+        "after": _nullable("string", description="YYYY, YYYY-MM or YYYY-MM-DD (inclusive)"),
+        "before": _nullable("string", description="YYYY, YYYY-MM or YYYY-MM-DD (inclusive: the whole day/month/year)"),
+        "date_field": {"enum": ["auto", "taken", "modified"], "default": "auto"},
+        "sort": {"enum": ["relevance", "newest", "oldest"], "default": "relevance",
+                 "description": "a query sorted by date orders its best 1000 results (all above min_score, when given)"},
+        "collapse": {"type": "boolean", "default": True, "description": "identical files as one result"},
+        "inline": {"type": "integer", "minimum": 0, "maximum": 24, "default": 0, "description": (
+            "the first N image results carry their cached thumbnail inline (thumb_data): the page's first row "
+            "paints without further requests")},
+    },
+}
+
+CLI_SEARCH_REQUEST = {
+    "type": "object",
+    "required": ["terms"],
+    "properties": {
+        "terms": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+            "type": "object", "required": ["weight", "kind", "value"],
+            "properties": {"weight": {"type": "number"}, "kind": {"enum": ["text", "image"]},
+                           "value": {"type": "string", "description": "text, or an absolute image path"}}}},
+        "target": {"enum": ["image", "text"]}, "k": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "min_score": _nullable("number"), "folder": _nullable("string"), "globs": {"type": "array", "items": {"type": "string"}},
+        "after": _nullable("string"), "before": _nullable("string"), "date_field": {"enum": ["auto", "taken", "modified"]},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route `loupe.retrieval.web.app.create_app` mounts."""
+    image = {"description": "image bytes", "content": {"image/webp": {}, "image/jpeg": {}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "loupe serve",
+            "version": "1",
+            "description": (
+                "JSON API of the loupe web page. Errors are {\"error\": message} with a 4xx status. "
+                "Bound to 127.0.0.1 the page and /api need no token; bound to any other address every request "
+                "needs the token (cookie set by GET /?token=..., or Authorization: Bearer). /search and /health "
+                "(the CLI's) always need it. Requests with a foreign Host, Origin or cross-site Sec-Fetch-Site, "
+                "and state-changing requests with a foreign Referer, are refused (403)."),
+        },
+        "components": {
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "ImageResult": IMAGE_RESULT,
+                "CaptionResult": CAPTION_RESULT,
+            },
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "cookie": {"type": "apiKey", "in": "cookie", "name": "loupe_token_<port>"},
+            },
+        },
+        "paths": {
+            "/": {"get": {
+                "summary": "The page (index.html); ?token=... sets the access cookie and redirects to /",
+                "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the page", "content": {"text/html": {}}},
+                              "303": {"description": "token accepted: cookie set, redirect to /"}, **_errors(401, 403)}}},
+            "/{file}": {"get": {
+                "summary": "The page's static files (retrieval/web/)",
+                "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the file"}, **_errors(401, 403, 404)}}},
+            "/health": {"get": {
+                "summary": "Server health (the CLI's; token required)",
+                "responses": {"200": _json({"type": "object"}), **_errors(401, 403)}}},
+            "/search": {"post": {
+                "summary": "The CLI's search (token required; schema of retrieval/engine/requests.py parse_search)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": CLI_SEARCH_REQUEST}}},
+                "responses": {"200": _json({"type": "object", "properties": {"hits": {"type": "array"}}}),
+                              **_errors(400, 401, 403, 411, 413, 415)}}},
+            "/api/search": {"post": {
+                "summary": "Search (or browse) photos or captions, one page at a time",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": SEARCH_REQUEST}}},
+                "responses": {"200": _json({"type": "object", "required": ["results", "offset", "limit", "has_more", "took_ms"],
+                                            "properties": {
+                                                "results": {"type": "array", "items": {"oneOf": [
+                                                    {"$ref": "#/components/schemas/ImageResult"},
+                                                    {"$ref": "#/components/schemas/CaptionResult"}]}},
+                                                "offset": {"type": "integer"}, "limit": {"type": "integer"},
+                                                "has_more": {"type": "boolean"}, "took_ms": {"type": "number"}}}),
+                              **_errors(400, 401, 403, 404, 411, 413, 415)}}},
+            "/api/uploads": {"post": {
+                "summary": "Upload a query image (kept in memory only); use it as upload:ID in q",
+                "requestBody": {"required": True, "content": {
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}}},
+                "responses": {"200": _json({"type": "object", "required": ["id", "width", "height"], "properties": {
+                    "id": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                    "query": {"type": "string", "description": "upload:ID"}}}),
+                    **_errors(400, 401, 403, 411, 413, 415)}}},
+            "/api/photos/{id}": {"get": {
+                "summary": "One photo: the result fields plus content_hash, exif (camera, taken_at), duplicate_paths, available",
+                "parameters": [_id_param("catalog image row id")],
+                "responses": {"200": _json({"allOf": [{"$ref": "#/components/schemas/ImageResult"}, {"type": "object", "properties": {
+                    "content_hash": {"type": "string"}, "taken_at": _nullable("string"), "modified": {"type": "string"},
+                    "duplicate_paths": {"type": "array", "items": {"type": "string"}}, "available": {"type": "boolean"},
+                    "exif": {"type": "object", "properties": {"camera": _nullable("string"), "taken_at": _nullable("string")}}}}]}),
+                    **_errors(401, 403, 404)}}},
+            "/api/photos/{id}/captions": {"get": {
+                "summary": "Image -> text: the captions nearest to this photo (its stored vector)",
+                "parameters": [_id_param("catalog image row id"),
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 10}}],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "photo": {"type": "integer"}, "results": {"type": "array", "items": {"$ref": "#/components/schemas/CaptionResult"}}}}),
+                    **_errors(400, 401, 403, 404)}}},
+            "/api/thumb/{id}": {"get": {
+                "summary": "~256 px thumbnail (WebP), cached by content hash; immutable when h matches; ETag, 304",
+                "parameters": [_id_param("catalog image row id"),
+                               {"name": "h", "in": "query", "schema": {"type": "string"}, "description": "content-hash prefix"}],
+                "responses": {"200": image, "304": {"description": "not modified"}, **_errors(401, 403, 404)}}},
+            "/api/photo/{id}": {"get": {
+                "summary": "Large preview: EXIF-rotated JPEG, long side <= 2048; full=1: the original bytes when no rotation is needed",
+                "parameters": [_id_param("catalog image row id"),
+                               {"name": "full", "in": "query", "schema": {"enum": ["0", "1"]}}],
+                "responses": {"200": {"description": "image bytes", "content": {"image/jpeg": {}, "image/png": {}, "image/gif": {}, "image/webp": {}}},
+                              "304": {"description": "not modified"}, **_errors(401, 403, 404)}}},
+            "/api/status": {"get": {
+                "summary": "Index status: counts, model, index factory, last update, folders, skipped files with reasons",
+                "parameters": [{"name": "skipped_limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}}],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "images": {"type": "object"}, "captions": {"type": "object"}, "vectors": {"type": "object"},
+                    "model": {"type": "object"}, "index_factory": {"type": "string"}, "created": {"type": "string"},
+                    "updated": {"type": "string"}, "roots": {"type": "array"}, "skip_reasons": {"type": "array"},
+                    "skipped": {"type": "array"}, "server": {"type": "object"}}}), **_errors(400, 401, 403)}}},
+            "/api/folders": {"get": {
+                "summary": "Indexed folders (roots, offline marked) and every folder holding photos, with counts",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "roots": {"type": "array"}, "folders": {"type": "array", "items": {"type": "object", "properties": {
+                        "path": {"type": "string"}, "count": {"type": "integer"}}}}}}), **_errors(401, 403)}}},
+            "/api/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}), **_errors(401, 403)}}},
+        },
+    }
