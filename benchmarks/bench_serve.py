@@ -49,6 +49,11 @@ def extract(ref: str, into: Path) -> str | None:
     return commit
 
 
+def entry(code: Path) -> str:
+    """The module that runs the command in `code`: `loupe` since it is one package, `cli.main` before."""
+    return "loupe" if (code / "loupe" / "__main__.py").exists() else "cli.main"
+
+
 def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:
     from loupe.indexer.storage.locations import resolve_location
     from loupe.retrieval.web.server import read_state, state_file
@@ -58,7 +63,7 @@ def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:
     for suffix in ("", "-wal", "-shm"):  # the on-disk query cache: no sentence of an earlier run is free
         (location.vector_dir / f"{location.prefix}query-cache.sqlite{suffix}").unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
+        [PYTHON, "-m", entry(code), "serve", "--home", str(home)], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.monotonic() + 600
@@ -89,7 +94,7 @@ def whole_process(code: Path, home: Path, queries: list[str], state, repeats: in
     for i in range(repeats + 1):
         t = time.perf_counter()
         proc = subprocess.run(
-            [PYTHON, "-m", "loupe", "search", queries[i % len(queries)], "-k", "10", "--home", str(home)],
+            [PYTHON, "-m", entry(code), "search", queries[i % len(queries)], "-k", "10", "--home", str(home)],
             cwd=code, env=loupe_env(PYTHONPATH=str(code), LOUPE_NO_SERVER="0"), capture_output=True, text=True,
         )
         wall = time.perf_counter() - t

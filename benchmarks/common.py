@@ -60,6 +60,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
     try:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
@@ -68,6 +76,7 @@ def machine() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "bf16_units": sorted(flags & {"avx512_bf16", "amx_bf16"}) or "none",
         "memory_gb": mem_gb,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -92,7 +101,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def loupe_env(home: Path | None = None, **extra: str) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), LOUPE_NO_SERVER="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LOUPE_NO_SERVER="1")
     if home is not None:
         env["LOUPE_HOME"] = str(home)
     env.update(extra)
