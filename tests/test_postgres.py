@@ -14,7 +14,8 @@ import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, SCHEMA_VERSION
 from loupe.indexer.pipeline.jobs import index_captions, index_folder
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from loupe.retrieval.engine.query import parse_query
 from loupe.retrieval.engine.search import Searcher
 

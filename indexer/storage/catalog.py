@@ -13,7 +13,6 @@ checked on open: an older catalog is migrated in place (one transaction), a newe
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
