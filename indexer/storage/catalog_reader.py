@@ -17,9 +17,7 @@ import sqlite3
 from typing import Iterator, Sequence
 
 from loupe.indexer.storage.catalog_names import SCHEMA_VERSION
-from loupe.indexer.storage.catalog_sql import CatalogReads
-
-TABLES = {"meta", "vectors", "images", "captions", "roots", "settings"}
+from loupe.indexer.storage.catalog_sql import SQLITE_TABLES, TABLES, CatalogReads
 
 
 def sqlite_file(url: str) -> str | None:
@@ -41,7 +39,7 @@ def open_reader(url: str) -> "CatalogReader | None":
         return None
     try:
         reader = CatalogReader(url, path)
-        tables = {name for (name,) in reader.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = {name for (name,) in reader.db.execute(SQLITE_TABLES)}
         if not TABLES <= tables:
             reader.close()
             return None

@@ -31,6 +31,8 @@ _META_COLUMNS = (
 _IMAGE_COLUMNS = "id, path_key, path, size, mtime_ns, content_hash, width, height, taken_at, vector_id, status, reason, indexed_at"
 _CAPTION_COLUMNS = "id, source, position, text, image, content_hash, vector_id"
 
+TABLES = {"meta", "vectors", "images", "captions", "roots", "settings"}  # every table of the current schema
+SQLITE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"  # the tables a SQLite file holds
 META = f"SELECT {_META_COLUMNS} FROM meta WHERE id = 1"
 GENERATION = "SELECT generation FROM meta WHERE id = 1"
 SETTING = "SELECT value FROM settings WHERE key = :key"
