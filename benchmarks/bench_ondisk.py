@@ -3,7 +3,7 @@
 Stages (each in its own process, so each peak RSS is its own):
   1. generate: N synthetic CLIP-like image vectors (indexer/storage/synthetic.py) written as
      clip-retrieval shards (img_emb/img_emb_N.npy, float16 by default, metadata parquet);
-  2. build: `loupe.indexer.storage.ondisk.build_ondisk` (IVF trained on a sample, shard-by-shard add,
+  2. build: `loupe.indexer.storage.ondisk.build.build_ondisk` (IVF trained on a sample, shard-by-shard add,
      merged on-disk inverted lists); reports stage times, disk size and peak RSS (VmHWM);
   3. query: text-like queries against the memory-mapped index with exact re-ranking from the
      memory-mapped shards, one query at a time (p50/p95 latency), and recall@10 against exact
@@ -32,10 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import OUT, load_average  # noqa: E402
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM), mapped file pages included."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def generate(args) -> dict:
     import numpy as np
 
-    from loupe.indexer.storage.ondisk import peak_rss_bytes
     from loupe.indexer.interop.shards import IMG, ShardWriter
     from loupe.indexer.storage.synthetic import ClipLike
 
@@ -54,7 +66,7 @@ def generate(args) -> dict:
 def build(args) -> dict:
     import faiss
 
-    from loupe.indexer.storage.ondisk import build_ondisk, peak_rss_bytes, report_dict
+    from loupe.indexer.storage.ondisk.build import build_ondisk, report_dict
 
     faiss.omp_set_num_threads(args.threads)
     out = Path(args.work) / "index"
@@ -67,7 +79,8 @@ def query(args) -> dict:
     import faiss
     import numpy as np
 
-    from loupe.indexer.storage.ondisk import OnDiskIndex, ShardSet, exact_search, peak_rss_bytes
+    from loupe.indexer.storage.ondisk.search import OnDiskIndex, exact_search
+    from loupe.indexer.storage.ondisk.sources import ShardSet
     from loupe.indexer.storage.synthetic import ClipLike
 
     faiss.omp_set_num_threads(args.threads)
@@ -110,7 +123,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--shard-size", type=int, default=1_000_000)
     ap.add_argument("--spread", type=float, default=1.5, help="synthetic content noise (bench_query.py's harder default; 1.2: more clustered)")
-    ap.add_argument("--factory", default="", help="FAISS factory (default: loupe.indexer.storage.ondisk.auto_factory)")
+    ap.add_argument("--factory", default="", help="FAISS factory (default: loupe.indexer.storage.ondisk.layout.auto_factory)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--rerank", type=int, nargs="+", default=[100, 300])

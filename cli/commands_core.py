@@ -319,7 +319,7 @@ def check(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Verify that the catalog and the vector index agree (exit 1 if not)."""
-    from loupe.indexer.storage.store import check_store
+    from loupe.indexer.storage.check import check_store
 
     store = open_store(home, db, writer=repair)
     report = check_store(store)

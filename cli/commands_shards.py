@@ -92,7 +92,7 @@ def build_index(
     Searches re-rank their candidates exactly against the float vectors (the catalog's, or the shards').
     """
     from loupe.indexer.errors import LoupeError
-    from loupe.indexer.storage.ondisk import build_catalog_ondisk, build_ondisk, report_dict
+    from loupe.indexer.storage.ondisk.build import build_catalog_ondisk, build_ondisk, report_dict
     from loupe.indexer.interop.shards import IMG, TXT
 
     def say(message: str) -> None:

@@ -10,7 +10,8 @@ from loupe.indexer.storage.synthetic import ClipLike, bind_meta, insert_images
 from loupe.indexer.storage import vectors
 from loupe.indexer.storage.catalog import IMAGE, ImageRow, Meta, Vector
 from loupe.indexer.errors import LoupeError
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex, auto_factory, choose_factory, read_label
 
 DIM = 512  # CLIP-sized: the tuned defaults are for vectors like ViT-B-32's

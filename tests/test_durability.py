@@ -28,7 +28,8 @@ from loupe.indexer.storage.critical import critical_section
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locking import writer_lock
 from loupe.indexer.pipeline.jobs import index_folder
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from tests.conftest import REPO
 from tests.test_postgres import pg_url  # noqa: F401  (fixture: a throwaway PostgreSQL cluster)
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from loupe.indexer.storage.catalog import IMAGE, TEXT
 from loupe.indexer.pipeline.jobs import index_captions, index_folder, remove_items
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 
 
 def catalog_snapshot(store: Store) -> dict:

@@ -12,9 +12,10 @@ import pytest
 pytest.importorskip("pyarrow")
 
 from loupe.indexer.errors import LoupeError  # noqa: E402
-from loupe.indexer.storage.ondisk import (  # noqa: E402
-    BLOCKS_DIR, INDEX_FILE, LISTS_FILE, OnDiskIndex, ShardSet, auto_factory, build_ondisk, exact_search,
-)
+from loupe.indexer.storage.ondisk.build import build_ondisk  # noqa: E402
+from loupe.indexer.storage.ondisk.layout import BLOCKS_DIR, INDEX_FILE, LISTS_FILE, auto_factory  # noqa: E402
+from loupe.indexer.storage.ondisk.search import OnDiskIndex, exact_search  # noqa: E402
+from loupe.indexer.storage.ondisk.sources import ShardSet  # noqa: E402
 from loupe.indexer.interop.shards import IMG, ShardWriter, list_shards, read_metadata  # noqa: E402
 from loupe.indexer.storage.synthetic import ClipLike  # noqa: E402
 

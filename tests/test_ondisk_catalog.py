@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, TEXT
-from loupe.indexer.storage.ondisk import INFO_FILE, OnDiskVectorIndex, build_catalog_ondisk, catalog_factory
+from loupe.indexer.storage.ondisk.build import build_catalog_ondisk
+from loupe.indexer.storage.ondisk.layout import INFO_FILE, catalog_factory
+from loupe.indexer.storage.ondisk.search import OnDiskVectorIndex
 from loupe.indexer.pipeline.jobs import index_captions, index_folder
 from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex
@@ -142,7 +144,7 @@ def test_stale_index_is_left_aside_and_a_reader_follows(tmp_path, catalog, tiny_
     index = reader.vector_index(IMAGE)
     assert type(index) is VectorIndex and index.ntotal == N_PHOTOS + 6  # the FAISS file, current
     assert len(reader.notices) == 1 and "is behind the catalog" in reader.notices[0] and "loupe build-index" in reader.notices[0]
-    from loupe.indexer.storage.store import check_store
+    from loupe.indexer.storage.check import check_store
 
     assert any("on-disk image index" in n and "is behind" in n for n in check_store(reader).notes)
     queries = text_queries(tiny_encoder)

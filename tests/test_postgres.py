@@ -14,7 +14,8 @@ import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, SCHEMA_VERSION
 from loupe.indexer.pipeline.jobs import index_captions, index_folder
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from loupe.retrieval.engine.query import parse_query
 from loupe.retrieval.engine.search import Searcher
 
@@ -125,3 +126,25 @@ def test_cold_cli_search_on_postgres_goes_through_sqlalchemy(pg_url, tmp_path, t
     want = Searcher(Store.open(home=loupe.home, db=url, writer=False), tiny_encoder).search(parse_query(["a dog on the beach"]), k=4)
     assert [h["path"] for h in got] == [h.fields["path"] for h in want]
     assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
+
+
+def test_export_and_reimport_on_postgres(pg_url, tmp_path, tiny_encoder, photo_dir):
+    """The catalog reads behind export and import (one SQL for every database) on PostgreSQL: an export
+    holds every visible photo, and importing it back into the same catalog changes nothing."""
+    pytest.importorskip("pyarrow")
+    from sqlalchemy import text
+
+    from loupe.indexer.interop.transfer import export_catalog, import_shards
+
+    url = pg_url.replace("/postgres?", "/shards?")
+    with Store.open(home=tmp_path / "admin", db=pg_url).catalog.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE shards"))
+    store = Store.open(home=tmp_path / "home", db=url)
+    index_folder(store, tiny_encoder, photo_dir)
+    visible = len(list(store.catalog.iter_image_rows(status="ok")))
+    report = export_catalog(store, tmp_path / "out")
+    assert report.images == store.catalog.count_export_images() == visible > 0
+    generation = store.catalog.generation()
+    again = import_shards(store, tmp_path / "out")
+    assert (again.images_unchanged, again.images_added, again.images_updated, again.vectors_added) == (visible, 0, 0, 0)
+    assert store.catalog.generation() == generation and check_store(store).ok

@@ -20,7 +20,8 @@ import pytest
 from loupe.indexer.storage.catalog import IMAGE, path_key_of
 from loupe.indexer.pipeline.jobs import IndexReport, index_files, index_folder
 from loupe.indexer.pipeline.stages import Committer, Reader, StageTimes, embed_batch, plan_files, plan_folder, read_file_list
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from tests.conftest import REPO
 from tests.test_indexing import catalog_snapshot
 

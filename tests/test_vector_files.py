@@ -21,7 +21,8 @@ from benchmarks.synthetic import ClipLike, bind_meta, insert_images
 from loupe.indexer.storage import vectors
 from loupe.indexer.storage.catalog import IMAGE, ImageRow, Meta, Vector
 from loupe.indexer.errors import LoupeError
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex
 from tests.conftest import REPO
 

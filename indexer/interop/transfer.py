@@ -18,15 +18,18 @@ writer and brings the FAISS files in line at the end.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Iterable, Sequence
+
 import numpy as np
 
 from loupe.indexer.interop import shards as sh
-from loupe.indexer.storage.catalog import IMAGE, OK, TEXT, CaptionRow, ImageRecord, ImageRow, Meta, Vector
+from loupe.indexer.storage.catalog import OK, TEXT, ImageRecord, Meta
 from loupe.indexer.storage.critical import critical_section
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locking import holds_writer_lock
@@ -177,8 +180,6 @@ def export_catalog(
     rounds each component (~5e-4 relative). Refuses a folder that already holds shards. Holds
     the writer lock, so what it writes is one state of the catalog (searches go on meanwhile).
     """
-    from sqlalchemy import func, select
-
     t0 = time.perf_counter()
     sh.require_pyarrow()
     if dtype not in sh.DTYPES:
@@ -190,33 +191,17 @@ def export_catalog(
         raise LoupeError(f"{root} already holds embedding shards: export into a new or empty folder")
     meta = store.require_meta()
     report = ExportReport(folder=str(root), dtype=dtype)
-    with store.catalog.session() as s:  # under the writer lock: counts and rows agree
-        image_q = (
-            select(
-                ImageRow.path, ImageRow.content_hash, ImageRow.vector_id, ImageRow.size, ImageRow.mtime_ns,
-                ImageRow.width, ImageRow.height, ImageRow.taken_at, Vector.data,
-            )
-            .join(Vector, Vector.id == ImageRow.vector_id)
-            .where(ImageRow.status == OK)
-            .order_by(ImageRow.path_key)
+    catalog = store.catalog  # under the writer lock: counts and rows agree
+    n_images, n_captions = catalog.count_export_images(), catalog.count_export_captions()
+    root.mkdir(parents=True, exist_ok=True)
+    if n_images:
+        report.image_shards = _write(
+            catalog.export_images(), root, sh.IMG, n_images, meta.dim, dtype, shard_size, IMAGE_COLUMNS
         )
-        caption_q = (
-            select(
-                CaptionRow.text, CaptionRow.image, CaptionRow.source, CaptionRow.position, CaptionRow.content_hash,
-                CaptionRow.vector_id, Vector.data,
-            )
-            .join(Vector, Vector.id == CaptionRow.vector_id)
-            .order_by(CaptionRow.source, CaptionRow.position)
+    if n_captions:
+        report.caption_shards = _write(
+            catalog.export_captions(), root / CAPTIONS_DIR, sh.TXT, n_captions, meta.dim, dtype, shard_size, CAPTION_COLUMNS
         )
-        n_images = s.scalar(select(func.count()).select_from(image_q.subquery())) or 0
-        n_captions = s.scalar(select(func.count()).select_from(caption_q.subquery())) or 0
-        root.mkdir(parents=True, exist_ok=True)
-        if n_images:
-            report.image_shards = _write(s, image_q, root, sh.IMG, n_images, meta.dim, dtype, shard_size, IMAGE_COLUMNS)
-        if n_captions:
-            report.caption_shards = _write(
-                s, caption_q, root / CAPTIONS_DIR, sh.TXT, n_captions, meta.dim, dtype, shard_size, CAPTION_COLUMNS
-            )
     report.images, report.captions = n_images, n_captions
     binding = binding_of_meta(meta)
     sh.write_manifest(root, {
@@ -237,10 +222,11 @@ def export_catalog(
     return report
 
 
-def _write(s, query, root: Path, kind: str, total: int, dim: int, dtype: str, shard_size: int, names: tuple) -> int:
-    """Stream the rows of `query` (columns `names` then the vector blob) into one layout folder."""
+def _write(rows: Iterable[Sequence], root: Path, kind: str, total: int, dim: int, dtype: str, shard_size: int, names: tuple) -> int:
+    """Stream `rows` (columns `names` then the vector blob) into one layout folder, `READ_CHUNK` at a time."""
     writer = sh.ShardWriter(root, total, dim, kinds=(kind,), dtype=dtype, shard_size=shard_size)
-    for part in s.execute(query.execution_options(yield_per=READ_CHUNK)).partitions():
+    rows = iter(rows)
+    while part := list(itertools.islice(rows, READ_CHUNK)):
         cols = list(zip(*part))
         vecs = np.frombuffer(b"".join(cols[-1]), dtype=np.float32).reshape(len(part), dim)
         writer.add({kind: vecs}, {name: list(values) for name, values in zip(names, cols[:-1])})
@@ -328,37 +314,24 @@ def import_shards(
     binding = resolve_binding(store, root, manifest, given, dim)
     meta = _bind(store, binding)
     report = ImportReport(folder=str(root), model=binding.describe())
-    before = _vector_count(store)
+    before = store.catalog.count_stored_vectors()
     for sub, found in layouts:
         for shard in found:
             if sh.IMG in shard.embeddings:
                 _import_images(store, shard, meta.dim, path_column, report)
         _import_captions(store, sub, [s for s in found if sh.TXT in s.embeddings], report)
-    report.vectors_added = _vector_count(store) - before
+    report.vectors_added = store.catalog.count_stored_vectors() - before
     store.sync_all()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _vector_count(store: Store) -> int:
-    from sqlalchemy import func, select
-
-    with store.catalog.session() as s:
-        return s.scalar(select(func.count()).select_from(Vector)) or 0
-
-
 def _path_states(store: Store, keys: list[bytes]) -> dict[bytes, tuple]:
     """(content hash, size, mtime_ns, status, width, height, taken_at) of the rows at `keys`."""
-    from sqlalchemy import select
-
-    out: dict[bytes, tuple] = {}
-    cols = (ImageRow.path_key, ImageRow.content_hash, ImageRow.size, ImageRow.mtime_ns, ImageRow.status,
-            ImageRow.width, ImageRow.height, ImageRow.taken_at)
-    with store.catalog.session() as s:
-        for start in range(0, len(keys), 5000):
-            for row in s.execute(select(*cols).where(ImageRow.path_key.in_(keys[start : start + 5000]))):
-                out[bytes(row[0])] = tuple(row[1:])
-    return out
+    return {
+        key: (r.content_hash, r.size, r.mtime_ns, r.status, r.width, r.height, r.taken_at)
+        for key, r in store.catalog.image_rows_at(keys).items()
+    }
 
 
 def _import_images(store: Store, shard: sh.Shard, dim: int, path_column: str | None, report: ImportReport) -> None:

@@ -13,7 +13,6 @@ checked on open: an older catalog is migrated in place (one transaction), a newe
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +48,8 @@ from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
     IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, all_found, display_path, path_key_of, prefix_bounds,
 )
+from loupe.indexer.storage.catalog_sql import EXPORT_PAGE, CatalogReads
+
 LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
 
@@ -180,8 +181,12 @@ def to_blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype=np.float32).tobytes()
 
 
-class Catalog:
-    """Session-scoped access to the catalog tables; each public write is one transaction."""
+class Catalog(CatalogReads):
+    """Session-scoped access to the catalog tables; each public write is one transaction.
+
+    The reads a search makes are `CatalogReads`' (shared with the sqlite3 reader of a cold search),
+    run here through SQLAlchemy's `text()`; the rest are written with the ORM below.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -237,11 +242,15 @@ class Catalog:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-    # ---- meta -------------------------------------------------------------------------
-    def meta(self) -> Meta | None:
-        with self.session() as s:
-            return s.get(Meta, 1)
+    def _rows(self, sql: str, params: dict) -> list[Sequence]:
+        with self.engine.connect() as conn:
+            return conn.execute(text(sql), params).all()
 
+    def _stream(self, sql: str, params: dict) -> Iterator[Sequence]:
+        with self.engine.connect() as conn:
+            yield from conn.execution_options(yield_per=EXPORT_PAGE).execute(text(sql), params)
+
+    # ---- meta -------------------------------------------------------------------------
     def create_meta(self, **fields) -> Meta:
         with self.session() as s, s.begin():
             m = Meta(id=1, **fields)
@@ -251,14 +260,6 @@ class Catalog:
     def update_meta(self, **fields) -> None:
         with self.session() as s, s.begin():
             s.execute(update(Meta).where(Meta.id == 1).values(**fields))
-
-    def generation(self) -> int:
-        with self.session() as s:
-            return s.scalar(select(Meta.generation).where(Meta.id == 1)) or 0
-
-    def setting(self, key: str) -> str | None:
-        with self.session() as s:
-            return s.scalar(select(Setting.value).where(Setting.key == key))
 
     def set_setting(self, key: str, value: str | None) -> bool:
         """Store (or, with None, clear) a setting; a change bumps the generation so readers notice it."""
@@ -282,49 +283,6 @@ class Catalog:
     def hash_to_vector(self, kind: str) -> dict[str, int]:
         with self.session() as s:
             return dict(s.execute(select(Vector.content_hash, Vector.id).where(Vector.kind == kind)).all())
-
-    def vector_ids(self, kind: str) -> np.ndarray:
-        """Ids of the searchable vectors of `kind`, sorted: for images, those of at least one visible
-        ('ok') file; a vector only missing files use stays stored but out of the FAISS index."""
-        with self.session() as s:
-            if kind == IMAGE:
-                q = select(ImageRow.vector_id).where(ImageRow.status == OK).distinct().order_by(ImageRow.vector_id)
-            else:
-                q = select(Vector.id).where(Vector.kind == kind).order_by(Vector.id)
-            ids = s.scalars(q).all()
-        return np.asarray(ids, dtype=np.int64)
-
-    def count_vectors(self, kind: str) -> int:
-        """How many ids `vector_ids(kind)` holds (what the FAISS index of `kind` should hold)."""
-        with self.session() as s:
-            if kind == IMAGE:
-                return s.scalar(select(func.count(ImageRow.vector_id.distinct())).where(ImageRow.status == OK)) or 0
-            return s.scalar(select(func.count()).select_from(Vector).where(Vector.kind == kind)) or 0
-
-    def fetch_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors, found) for `ids`, in that order. An id deleted meanwhile (by another process)
-        has found False and a zero row: callers drop it, so nothing uninitialised is ever scored."""
-        out = np.zeros((len(ids), dim), dtype=np.float32)
-        found = np.zeros(len(ids), dtype=bool)
-        pos: dict[int, list[int]] = {}
-        for n, i in enumerate(ids):
-            pos.setdefault(int(i), []).append(n)
-        with self.session() as s:
-            for start in range(0, len(ids), chunk):
-                part = [int(i) for i in ids[start : start + chunk]]
-                for vid, data in s.execute(select(Vector.id, Vector.data).where(Vector.id.in_(part))):
-                    out[pos[vid]] = np.frombuffer(data, dtype=np.float32)
-                    found[pos[vid]] = True
-        return out, found
-
-    def load_vectors(self, ids: Sequence[int], dim: int, chunk: int = 5000) -> np.ndarray:
-        """Vectors for `ids`, in that order; a LoupeError if any is no longer stored."""
-        return all_found(ids, *self.fetch_vectors(ids, dim, chunk))
-
-    def vector_for_hash(self, kind: str, content_hash: str, dim: int) -> np.ndarray | None:
-        with self.session() as s:
-            data = s.scalar(select(Vector.data).where(Vector.kind == kind, Vector.content_hash == content_hash))
-        return None if data is None else np.frombuffer(data, dtype=np.float32).copy()
 
     def _insert_vectors(self, s: Session, kind: str, items: list[tuple[str, np.ndarray]]) -> dict[str, int]:
         """Store vectors by content hash; a hash stored meanwhile (by another writer) keeps its vector.
@@ -508,26 +466,6 @@ class Catalog:
                 self._bump(s)
         return n
 
-    def image_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[ImageRow]]:
-        """Visible indexed files per vector id (several when the same content is stored twice)."""
-        out: dict[int, list[ImageRow]] = {}
-        with self.session() as s:
-            q = select(ImageRow).where(ImageRow.vector_id.in_([int(v) for v in vector_ids]), ImageRow.status == OK)
-            q = q.order_by(ImageRow.path)  # missing files are never shown, not even as duplicates
-            for row in s.scalars(q):
-                out.setdefault(row.vector_id, []).append(row)
-        return out
-
-    def iter_image_rows(self, folder_key: bytes | None = None, status: str | None = None) -> Iterator[ImageRow]:
-        q = select(ImageRow).order_by(ImageRow.path)
-        if folder_key is not None:
-            lo, hi = prefix_bounds(folder_key)
-            q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
-        if status is not None:
-            q = q.where(ImageRow.status == status)
-        with self.session() as s:
-            yield from s.scalars(q)
-
     # ---- captions ---------------------------------------------------------------------
     def caption_hashes(self, source: str) -> dict[tuple[int, str], int]:
         with self.session() as s:
@@ -564,14 +502,6 @@ class Catalog:
             self._gc_vectors(s)
             self._bump(s)
         return n
-
-    def caption_rows_for_vectors(self, vector_ids: Sequence[int]) -> dict[int, list[CaptionRow]]:
-        out: dict[int, list[CaptionRow]] = {}
-        with self.session() as s:
-            q = select(CaptionRow).where(CaptionRow.vector_id.in_([int(v) for v in vector_ids]))
-            for row in s.scalars(q.order_by(CaptionRow.source, CaptionRow.position)):
-                out.setdefault(row.vector_id, []).append(row)
-        return out
 
     # ---- indexed folders ----------------------------------------------------------------
     def record_root(self, path_key: bytes, files: int, offline: str | None = None) -> None:

@@ -40,3 +40,13 @@ def all_found(ids, out, found):
         lost = np.asarray(ids)[~found]
         raise LoupeError(f"{len(lost)} vectors are no longer in the catalog (e.g. id {int(lost[0])}): it changed meanwhile, retry")
     return out
+
+
+def catalog_identity(meta) -> str:
+    """Which catalog this is, as index file labels record it: its creation time (`meta.created_at`),
+    to the microsecond.
+
+    A catalog deleted and rebuilt from scratch gets another one, so a file left by the old one is
+    not taken for current just because the new catalog reached the same generation.
+    """
+    return meta.created_at.isoformat(timespec="microseconds")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from loupe.indexer.storage.catalog_names import catalog_identity
 from loupe.indexer.storage.vectors import DEFAULT_FACTORY, choose_factory, read_label
 
-# vectors; reading them from SQLite costs less than importing FAISS up to about here (load ~7, CPU s:
-# 800 vectors 0.007, 5,000 0.045, 20,000 0.26; `import faiss` 0.05 with numpy loaded; RESULTS.md)
+# the largest flat collection scored with numpy: reading its vectors from SQLite costs less than
+# importing FAISS up to about this size (benchmarks/RESULTS.md)
 NUMPY_FLAT_MAX = 4_000
 
 
@@ -82,8 +83,6 @@ def exact_index(store, kind: str, meta, factory: str | None = None, limit: int =
     None when the index is (or is set to become) approximate, or larger: the caller opens FAISS.
     The vectors come straight from the catalog, so the FAISS file being behind does not matter.
     """
-    from loupe.indexer.storage.store import catalog_identity
-
     catalog = store.catalog
     n = catalog.count_vectors(kind)
     if n > limit:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loupe.indexer.storage.catalog_names import IMAGE, MISSING, TEXT
+from loupe.indexer.storage.catalog_names import IMAGE, TEXT, catalog_identity
 from loupe.indexer.storage.critical import critical_section
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locations import Location, resolve_location
@@ -45,15 +45,6 @@ class SyncReport:
     rebuilt: bool
 
 
-def catalog_identity(meta: Meta) -> str:
-    """Which catalog this is, as index file labels record it: its creation time, to the microsecond.
-
-    A catalog deleted and rebuilt from scratch gets another one, so a file left by the old one is
-    not taken for current just because the new catalog reached the same generation.
-    """
-    return meta.created_at.isoformat(timespec="microseconds")
-
-
 class Store:
     """Open (or create) the index at a location."""
 
@@ -64,10 +55,8 @@ class Store:
         """`writer=False` opens it for reading only: `sync`/`sync_all` refuse, nothing is written.
         `search_params` (a FAISS parameter string, e.g. "nprobe=64") is set on every index handed out.
         `map_files`: memory-map a current IVF file instead of reading it (`VectorIndex.load`).
-
-        Mapping suits a process that searches once (1M vectors open in 0.05 s instead of 0.35 s);
-        a long-lived searcher should read the file, since a query over mapped lists is slower
-        (100k vectors: 3.9 ms instead of 1.4 ms, measured).
+        Mapping suits a process that searches once (it opens faster); a long-lived searcher should
+        read the file, since a query over mapped lists is slower (benchmarks/RESULTS.md).
 
         `catalog`: an open catalog of `location` to use (a cold search's `loupe.indexer.storage.catalog_reader`,
         for reading only). `numpy_flat_max` > 0 lets `vector_index` score a flat collection of at
@@ -206,7 +195,7 @@ class Store:
         one is left aside with a one-line notice on stderr (the FAISS file answers instead)."""
         if not self.location.ondisk_dir(kind).is_dir():
             return None  # none built: a cold search does not even import loupe.indexer.storage.ondisk
-        from loupe.indexer.storage.ondisk import open_catalog_ondisk
+        from loupe.indexer.storage.ondisk.search import open_catalog_ondisk
 
         index, notice = open_catalog_ondisk(self, kind, meta)
         if notice and notice not in self.notices:
@@ -330,7 +319,7 @@ class Store:
             return False
         meta = self.require_meta()
         identity = catalog_identity(meta)
-        from loupe.indexer.storage.ondisk import OnDiskVectorIndex
+        from loupe.indexer.storage.ondisk.search import OnDiskVectorIndex
 
         for kind, index in stale.items():
             if isinstance(index, OnDiskVectorIndex):  # still current (this kind unchanged), or the FAISS file
@@ -397,122 +386,3 @@ def bound_spec(meta: Meta | None) -> "ModelSpec | None":
     if meta is None:
         return None
     return ModelSpec(model=meta.model, pretrained=meta.pretrained, checkpoint=meta.checkpoint_path)
-
-
-def spec_from_meta(meta: Meta) -> "ModelSpec":
-    """The model an index was built with, so search and add need no model options."""
-    from loupe.indexer.models.encoder import resolve_spec
-
-    return resolve_spec(None, None, None, bound_spec(meta))
-
-
-@dataclass
-class CheckReport:
-    problems: list[str]
-    notes: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def check_store(store: Store, sample: int = 200) -> CheckReport:
-    """Verify that catalog and FAISS files agree, without changing anything.
-
-    Checks per kind: the file exists, its label names this catalog and matches its content, it
-    records the current catalog generation, it holds exactly the catalog's vector ids, and a
-    sample of its vectors equals the stored ones. Every file row with a vector, missing ones
-    included (their vector must outlive them), points at an image vector. Also notes missing
-    files, and files no longer on disk (a re-index marks them).
-    """
-    from sqlalchemy import func, select
-
-    from loupe.indexer.storage.catalog import CaptionRow, ImageRow, Vector
-
-    meta = store.require_meta()
-    problems: list[str] = []
-    notes: list[str] = []
-    generation = store.catalog.generation()
-    identity = catalog_identity(meta)
-    for kind in (IMAGE, TEXT):
-        path = store.location.vector_file(kind)
-        want = store.catalog.vector_ids(kind)
-        if not path.exists():
-            if len(want):
-                problems.append(f"{kind} index file missing: {path}")
-            continue
-        label = read_label(path)
-        if label is None:
-            if side_file(path).exists():
-                problems.append(f"{kind} index file has the old format (its label in a separate side file, not trusted): {path}")
-            else:
-                problems.append(f"{kind} index file carries no loupe label (damaged?): {path}")
-            continue
-        if label.catalog != identity:
-            problems.append(f"{kind} index file belongs to another catalog (created {label.catalog}, this one {identity}): {path}")
-            continue
-        try:
-            index = VectorIndex.load(path)
-        except Exception as exc:
-            problems.append(f"{kind} index file unreadable ({exc}): {path}")
-            continue
-        if index.dim != meta.dim:
-            problems.append(f"{kind} index has dimension {index.dim}, catalog says {meta.dim}")
-            continue
-        if index.generation != generation:
-            problems.append(f"{kind} index reflects catalog generation {index.generation}, catalog is at {generation}")
-        have = index.ids()
-        missing = np.setdiff1d(want, have)
-        extra = np.setdiff1d(have, want)
-        if len(missing):
-            problems.append(f"{kind} index lacks {len(missing)} catalog vectors (e.g. id {missing[0]})")
-        if len(extra):
-            problems.append(f"{kind} index holds {len(extra)} ids unknown to the catalog (e.g. id {extra[0]})")
-        common = np.intersect1d(want, have)
-        if len(common):
-            rng = np.random.default_rng(0)
-            picked = rng.choice(common, size=min(sample, len(common)), replace=False)
-            stored, found = store.catalog.fetch_vectors(picked, meta.dim)  # a writer may delete some meanwhile
-            picked, stored = picked[found], stored[found]
-            try:
-                got = np.stack([index.reconstruct(int(i)) for i in picked]) if len(picked) else stored
-                if index.exact:
-                    bad = int(np.sum(np.abs(got - stored).max(axis=1) > 1e-3))
-                else:  # quantised storage (SQ8, PQ...) holds an approximation of each vector
-                    cos = np.sum(got * stored, axis=1) / np.maximum(np.linalg.norm(got, axis=1), 1e-12)
-                    bad = int(np.sum(cos < 0.95))
-                if bad:
-                    problems.append(f"{kind} index: {bad} of {len(picked)} sampled vectors differ from the catalog")
-            except RuntimeError:
-                notes.append(f"{kind} index ({index.factory}) cannot reconstruct vectors; contents not sampled")
-    with store.catalog.session() as s:
-        dangling = s.scalar(
-            select(func.count()).select_from(ImageRow).join(Vector, ImageRow.vector_id == Vector.id, isouter=True)
-            .where((ImageRow.status == "ok") | ImageRow.vector_id.is_not(None), (Vector.id.is_(None)) | (Vector.kind != IMAGE))
-        )
-        if dangling:
-            problems.append(f"{dangling} indexed files point at no image vector")
-        bad_caps = s.scalar(
-            select(func.count()).select_from(CaptionRow).join(Vector, CaptionRow.vector_id == Vector.id, isouter=True)
-            .where((Vector.id.is_(None)) | (Vector.kind != TEXT))
-        )
-        if bad_caps:
-            problems.append(f"{bad_caps} captions point at no text vector")
-    missing = 0
-    gone = 0
-    for row in store.catalog.iter_image_rows():
-        if row.status == MISSING:
-            missing += 1
-        elif not os.path.exists(os.fsdecode(row.path_key)):
-            gone += 1
-    from loupe.indexer.storage.ondisk import ondisk_status
-
-    for kind, od in ondisk_status(store, meta).items():
-        if od["state"] != "current":
-            notes.append(f"the on-disk {kind} index {od['path']} {od['why']}: searches use the FAISS file until `loupe build-index` rebuilds it")
-    if missing:
-        notes.append(f"{missing} files are missing (kept with their vectors, hidden from results; "
-                     "`loupe index DIR --prune` or `loupe remove PATH` forgets them)")
-    if gone:
-        notes.append(f"{gone} catalogued files no longer exist on disk (re-run `loupe index` on their folder)")
-    return CheckReport(problems, notes)

@@ -280,7 +280,7 @@ class VectorIndex:
         The label is checked against the content (count, dimension, digest of the ids): a file
         whose label does not describe its content, or that has no label (written by a loupe
         that kept it in a side file), raises LoupeError. `mmap` maps an IVF index's lists instead
-        of reading them (1M vectors: 0.05 s instead of 0.35 s, and no copy in memory); such an
+        of reading them (faster to open, no copy in memory: benchmarks/RESULTS.md); such an
         index is read-only, so it is for searching a file already current, and `Store` reads it
         fully before changing it.
         """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from loupe.indexer.storage.ondisk import ondisk_status
+from loupe.indexer.storage.ondisk.state import ondisk_status
 from loupe.indexer.storage.store import Store
 
 
