@@ -347,6 +347,38 @@ def _bounded(receive: Receive, limit: int) -> Receive:
 
 MIN_RATE = 1 << 20  # bytes/s a body must at least arrive at: a 32 MiB upload gets 5 + 32 s
 MAX_CONNECTIONS = 128  # open connections per server; one more is answered 503 and closed
+LINGER = 2.0  # seconds a refused request's unread body is drained (so the client reads the answer), at most
+LINGER_BYTES = 8 << 20  # bytes drained at most, then the connection is closed at once
+
+
+class _LingeringTransport:
+    """The connection's transport, whose `close()` on a request whose body was not read first
+    sends the answer and FIN, then discards what the client still sends for at most LINGER
+    seconds / LINGER_BYTES (closing at once would reset the connection and could destroy the
+    answer in the client's buffers). The deadline never grows: the client cannot hold it longer."""
+
+    def __init__(self, transport, protocol: "DeadlineH11Protocol") -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if self.lingering or self._transport.is_closing():
+            return self._transport.close() if not self.lingering else None
+        if protocol.conn.their_state is h11.SEND_BODY and self._transport.can_write_eof():
+            self.lingering = True
+            protocol._disarm()
+            protocol._deadline = protocol.loop.call_later(LINGER, self._transport.close)
+            self._transport.write_eof()  # after what is buffered: the answer arrives, then EOF
+            return
+        self._transport.close()
 
 
 class DeadlineH11Protocol(H11Protocol):
@@ -361,7 +393,8 @@ class DeadlineH11Protocol(H11Protocol):
     max_connections = MAX_CONNECTIONS
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._drained = 0
+        super().connection_made(_LingeringTransport(transport, self))
         self._deadline = None
         self._started = False  # bytes of the current request arrived
         self._extended = False
@@ -384,6 +417,11 @@ class DeadlineH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:
+            self._drained += len(data)  # the unread body of a refused request: discarded
+            if self._drained > LINGER_BYTES:
+                self.transport._transport.close()
+            return
         if self.transport.is_closing():
             return  # answered and closing: nothing more is read
         if self.cycle is not None and self.cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
@@ -419,6 +457,8 @@ class DeadlineH11Protocol(H11Protocol):
     def _expired(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
+            if self.transport.lingering:
+                self.transport._transport.close()
             return
         answered = self.cycle is not None and self.cycle.response_started
         if self._started and not answered and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -449,4 +489,5 @@ class DeadlineH11Protocol(H11Protocol):
             self.cycle.response_started = self.cycle.disconnected = True  # the app's late answer is dropped
             self.cycle.message_event.set()  # and a read it waits on ends
         self.transport.write(head + body)
-        self.transport.close()
+        transport = self.transport
+        getattr(transport, "_transport", transport).close()  # cut off: no lingering for a late or broken request
