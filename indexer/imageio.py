@@ -105,6 +105,9 @@ def _open(source: bytes | str | os.PathLike, formats: tuple[str, ...] | None = N
     if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
         raise BadImage("empty file")
     try:
+        if formats is not None:
+            Image.init()
+            formats = tuple(f for f in formats if f in Image.OPEN)  # HEIF/AVIF only where installed
         img = Image.open(fp, formats=list(formats) if formats is not None else None)
     except FileNotFoundError:
         raise
@@ -191,7 +194,7 @@ def _scaled_to_8_bits(img: Image.Image) -> Image.Image:
         lo = hi = 0.0
     out = np.empty(values.shape, np.uint8)
     for rows in _tiles(values.shape[0], values.shape[1]):
-        tile = np.nan_to_num(values[rows].astype(np.float32), nan=lo, posinf=hi, neginf=lo)
+        tile = np.nan_to_num(values[rows].astype(np.float32), copy=False, nan=lo, posinf=hi, neginf=lo)
         if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
             tile *= np.float32(255.0)
         elif hi > lo:
@@ -205,7 +208,7 @@ def _scaled_to_8_bits(img: Image.Image) -> Image.Image:
     return Image.fromarray(out)
 
 
-TILE_BYTES = 16 << 20  # high-bit-depth scaling works on row bands of about this many float32 bytes
+TILE_BYTES = 4 << 20  # high-bit-depth scaling works on row bands of about this many float32 bytes
 
 
 def _tiles(height: int, width: int):
