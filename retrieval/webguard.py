@@ -5,7 +5,7 @@
   `no_token` (`loupe serve --no-token`, loopback binds only) turns this off for single-user machines.
 - The token travels as `Authorization: Bearer <token>`, never in a cookie (cookies ignore ports:
   any other service on the host would receive it). The printed URL carries it in the fragment
-  (`/#token=...`, never sent to any server); the page keeps it in sessionStorage (per origin, so
+  (`/#token=...`, never sent to any server); the page keeps it in localStorage (per origin, so
   per port) and sends the header. Pictures (`<img>` cannot send headers) are addressed by URLs
   signed with the token for a short while (`sign_path`), handed out by authenticated answers only.
 - Host must be one of the server's own names (DNS rebinding); a foreign Origin, a cross-site

@@ -2,7 +2,7 @@
 // server's own words ({"error": "..."}), or a plain sentence when the server could not answer.
 //
 // The access token: the printed URL carries it in the fragment (`/#token=...`, never sent to a
-// server). It is kept in sessionStorage (this origin, so this port, only; never a cookie, which
+// server). It is kept in localStorage (this origin: this host and port only; never a cookie, which
 // every service on the host would receive) and sent as `Authorization: Bearer`. Pictures come
 // from URLs the server signed for a while (an <img> cannot send a header).
 
@@ -12,13 +12,13 @@ function takeToken() {
   const hash = new URLSearchParams(window.location.hash.replace(/^#/, ""));
   const given = hash.get("token");
   if (given) {
-    try { sessionStorage.setItem(TOKEN_KEY, given); } catch { /* storage off: memory only */ }
+    try { localStorage.setItem(TOKEN_KEY, given); } catch { /* storage off: memory only */ }
     hash.delete("token");
     const rest = hash.toString();
     history.replaceState(history.state, "", window.location.pathname + window.location.search + (rest ? `#${rest}` : ""));
     return given;
   }
-  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch { return ""; }
+  try { return localStorage.getItem(TOKEN_KEY) || ""; } catch { return ""; }
 }
 
 const token = takeToken();
