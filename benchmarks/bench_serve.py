@@ -50,8 +50,8 @@ def extract(ref: str, into: Path) -> str | None:
 
 
 def entry(code: Path) -> str:
-    """The module that runs the command in `code`: `loupe` since it is one package, `cli.main` before."""
-    return "loupe" if (code / "loupe" / "__main__.py").exists() else "cli.main"
+    """The module that runs the command in `code`: `loupe` since it is one package, `loupe.cli.main` before."""
+    return "loupe" if (code / "loupe" / "__main__.py").exists() else "loupe.cli.main"
 
 
 def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:

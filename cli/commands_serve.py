@@ -18,6 +18,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port).")] = 0,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback requires the printed token on every request.")] = "127.0.0.1",
     allow_host: Annotated[Optional[List[str]], typer.Option("--allow-host", help="Another Host name this server answers to (a DNS name behind which it runs); repeatable.")] = None,
+    no_token: Annotated[bool, typer.Option("--no-token", help="Single-user machines only: serve the page and API on loopback without the access token (any local user and any local service can then read the photos).")] = False,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest query image upload, in MiB.")] = 32,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
@@ -46,13 +47,17 @@ def serve(
         search_params=join_search_params(search_params, nprobe, ef_search),
     )
 
+    from loupe.retrieval.engine.status import redact_url
+    from loupe.retrieval.web.guard import canonical_host
+
     def ready(state) -> None:
-        typer.echo(f"loupe: serving {searcher.store.describe()} with {searcher.encoder.spec.describe()} on {state.url} (query text in {state.text_precision})", err=True)
-        shown = state.url if host == state.connect_host else f"http://{host}:{state.port}"
-        typer.echo(f"loupe: open {shown}/?token={state.token}", err=True)
+        typer.echo(f"loupe: serving {redact_url(searcher.store.describe())} with {searcher.encoder.spec.describe()} on {state.url} (query text in {state.text_precision})", err=True)
+        shown = state.url if canonical_host(host) == state.connect_host else f"http://{host}:{state.port}"
+        # the token in the fragment: never sent to a server, never in a cookie (see retrieval/web/guard.py)
+        typer.echo(f"loupe: open {shown}/" if no_token else f"loupe: open {shown}/#token={state.token}", err=True)
 
     run_server(
         searcher, port=port, device=device, on_ready=ready, host=host, allowed_hosts=tuple(allow_host or ()),
-        upload_limit=int(max_upload_mb * (1 << 20)),
+        upload_limit=int(max_upload_mb * (1 << 20)), no_token=no_token,
     )
     typer.echo("loupe: server stopped", err=True)

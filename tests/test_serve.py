@@ -131,7 +131,7 @@ def test_clean_shutdown_and_fallback(server, loupe):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     err = proc.stderr.read()
-    assert "server stopped" in err and f"open http://127.0.0.1:{state.port}/?token={state.token}" in err
+    assert "server stopped" in err and f"open http://127.0.0.1:{state.port}/#token={state.token}" in err
     assert not path.exists()
     out = loupe("search", "a dog", "-k", "2")  # no server: searched in-process
     assert len(out.stdout.splitlines()) == 3

@@ -115,8 +115,8 @@ def server(tmp_path_factory, tiny_encoder, library):
 
 
 def page_url(state) -> str:
-    """The URL a person opens: what `loupe serve` prints."""
-    return state.url + "/"
+    """The URL a person opens: what `loupe serve` prints (the token in the fragment)."""
+    return state.url + f"/#token={state.token}"
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +166,11 @@ def settle(page) -> list[str]:
 
 
 def api_search(page, **body) -> dict:
-    """The same search through the API the page uses (same origin, same cookie)."""
+    """The same search through the API the page uses (same origin, the token the page keeps)."""
     return page.evaluate(
         """async (body) => {
-            const r = await fetch('/api/search', {method: 'POST', headers: {'Content-Type': 'application/json'}, body: JSON.stringify(body)});
+            const auth = 'Bearer ' + localStorage.getItem('loupe-token');
+            const r = await fetch('/api/search', {method: 'POST', headers: {'Content-Type': 'application/json', 'Authorization': auth}, body: JSON.stringify(body)});
             return await r.json();
         }""",
         body,

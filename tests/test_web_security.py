@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.rawsocket import exchange, read_answer, slow_sender
-from tests.test_webapp import BASE, PORT, TOKEN, make_service
+from tests.test_webapp import AUTH, BASE, PORT, TOKEN, make_service
 
 GOOD = {"q": "a dog", "limit": 3}
 
@@ -41,7 +41,7 @@ def app_for(service, tmp_path, **options):
 def client(service, tmp_path_factory):
     from starlette.testclient import TestClient
 
-    with TestClient(app_for(service, tmp_path_factory.mktemp("sec")), base_url=BASE) as c:
+    with TestClient(app_for(service, tmp_path_factory.mktemp("sec")), base_url=BASE, headers=AUTH) as c:
         yield c
 
 
@@ -91,7 +91,7 @@ def raw(port: int, data: bytes, timeout: float = 10.0, close_write: bool = False
 def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", path, headers=headers or {})
+        conn.request("GET", path, headers=AUTH if headers is None else headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -105,48 +105,70 @@ def test_binding_beyond_loopback_requires_a_token():
     from loupe.indexer.errors import LoupeError
     from loupe.retrieval.web.guard import bind_needs_token, check_bind, is_loopback
 
-    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
-        assert is_loopback(host) and not bind_needs_token(host)
-        check_bind(host, None)
-    for host in ("0.0.0.0", "::", "192.168.1.5", "10.0.0.1", "example.com"):
-        assert bind_needs_token(host)
+    for host in ("127.0.0.1", "127.0.0.2", "127.1", "127.0.1", "0x7f.1", "localhost", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+        assert bind_needs_token(host) and not bind_needs_token(host, no_token=True)  # private by default, on loopback too
+        check_bind(host, None, no_token=True)
         with pytest.raises(LoupeError, match="token"):
             check_bind(host, None)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "10.0.0.1", "example.com", "128.0.0.1"):
+        assert not is_loopback(host) and bind_needs_token(host) and bind_needs_token(host, no_token=True)
+        with pytest.raises(LoupeError, match="token"):
+            check_bind(host, None)
+        with pytest.raises(LoupeError, match="loopback"):
+            check_bind(host, "secret", no_token=True)
         check_bind(host, "secret")
 
 
-def test_non_local_bind_needs_the_token_on_every_request(service, tmp_path):
-    """Bound to 0.0.0.0: page and API need the token; ?token= sets an HttpOnly SameSite=Strict cookie."""
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_every_api_request_needs_the_token_in_a_header_never_a_cookie(service, tmp_path, host):
+    """Loopback or not: the API needs `Authorization: Bearer`; a cookie (which every port of the host
+    receives) is ignored; the printed URL's old ?token= form moves the token to the fragment."""
     from starlette.testclient import TestClient
 
-    app = app_for(service, tmp_path, host="0.0.0.0")
+    app = app_for(service, tmp_path, host=host)
     with TestClient(app, base_url=BASE, follow_redirects=False) as c:
-        for method, path, body in (("GET", "/", None), ("GET", "/api/status", None), ("POST", "/api/search", GOOD),
-                                   ("GET", "/api/thumb/1", None), ("GET", "/api/openapi.json", None)):
+        assert c.get("/").status_code == 200  # the page's own files hold no data
+        for method, path, body in (("GET", "/api/status", None), ("POST", "/api/search", GOOD), ("GET", "/api/photos/1", None),
+                                   ("GET", "/api/photo/1?full=1", None), ("GET", "/api/thumb/1", None),
+                                   ("GET", "/api/openapi.json", None), ("GET", "/api/folders", None)):
             assert_json_error(c.request(method, path, json=body), 401)
             assert_json_error(c.request(method, path, json=body, headers={"Authorization": "Bearer wrong"}), 401)
-            assert_json_error(c.request(method, path, json=body, headers={"Cookie": f"loupe_token_{PORT}=wrong"}), 401)
-            assert_json_error(c.request(method, path, json=body, headers={"Cookie": f"loupe_token_{PORT + 1}={TOKEN}"}), 401)
+            assert_json_error(c.request(method, path, json=body, headers={"Cookie": f"loupe_token_{PORT}={TOKEN}"}), 401)
         assert_json_error(c.get("/?token=wrong"), 401)
-        r = c.get(f"/?token={TOKEN}")
-        assert r.status_code == 303 and r.headers["location"] == "/"
-        cookie = r.headers["set-cookie"]
-        assert cookie.startswith(f"loupe_token_{PORT}={TOKEN}") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
-        r = c.get(f"/?q=a+dog&token={TOKEN}&sort=newest")  # a shared link keeps its query
-        assert r.status_code == 303 and r.headers["location"] == "/?q=a+dog&sort=newest"
-        jar = {"Cookie": f"loupe_token_{PORT}={TOKEN}"}
-        assert c.get("/", headers=jar).status_code == 200
-        assert c.get("/api/status", headers=jar).status_code == 200
-        assert c.post("/api/search", json=GOOD, headers=jar).status_code == 200
-        assert c.get("/api/status", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        r = c.get(f"/?q=a+dog&token={TOKEN}&sort=newest")  # an old printed link keeps its query
+        assert r.status_code == 303 and r.headers["location"] == f"/?q=a+dog&sort=newest#token={TOKEN}"
+        assert "set-cookie" not in r.headers
+        assert c.get("/api/status", headers=AUTH).status_code == 200
+        assert c.post("/api/search", json=GOOD, headers=AUTH).status_code == 200
 
 
-def test_local_bind_serves_the_page_but_the_cli_endpoints_keep_their_token(client):
-    assert client.get("/").status_code == 200 and client.get("/api/status").status_code == 200
-    assert_json_error(client.get("/health"), 401)
-    cli = {"terms": [{"weight": 1, "kind": "text", "value": "a dog"}], "k": 2}
-    assert_json_error(client.post("/search", json=cli), 401)
-    assert client.post("/search", json=cli, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+def test_no_token_opt_out_serves_the_api_on_loopback_but_the_cli_endpoints_keep_their_token(service, tmp_path):
+    from starlette.testclient import TestClient
+
+    with TestClient(app_for(service, tmp_path, no_token=True), base_url=BASE) as client:
+        assert client.get("/").status_code == 200 and client.get("/api/status").status_code == 200
+        assert_json_error(client.get("/health"), 401)
+        cli = {"terms": [{"weight": 1, "kind": "text", "value": "a dog"}], "k": 2}
+        assert_json_error(client.post("/search", json=cli), 401)
+        assert client.post("/search", json=cli, headers=AUTH).status_code == 200
+
+
+def test_pictures_are_served_by_signed_urls_only(client):
+    """An <img> cannot send the header: results carry thumbnail and preview URLs signed for a
+    while; a URL without a signature, with another photo's, or expired is refused."""
+    from loupe.retrieval.web.guard import SIGNATURE_LIFETIME, sign_path
+
+    result = client.post("/api/search", json=GOOD).json()["results"][0]
+    for key in ("thumb", "preview"):
+        assert "sig=" in result[key] and "exp=" in result[key]
+        assert client.get(result[key], headers={"Authorization": ""}).status_code == 200
+    path = result["thumb"].split("?")[0]
+    other = f"/api/thumb/{result['id'] + 1}"
+    assert_json_error(client.get(path, headers={"Authorization": ""}), 401)
+    assert_json_error(client.get(f"{other}?{sign_path(TOKEN, path)}", headers={"Authorization": ""}), 401)
+    assert_json_error(client.get(f"{path}?{sign_path(TOKEN, path, now=time.time() - 3 * SIGNATURE_LIFETIME)}", headers={"Authorization": ""}), 401)
+    assert_json_error(client.get(f"{path}?{sign_path('x' * 43, path)}", headers={"Authorization": ""}), 401)
 
 
 # ---- Host, Origin, Referer --------------------------------------------------------------------
@@ -226,7 +248,7 @@ def test_path_traversal_on_the_wire_is_404(service, client, tmp_path):
     ]
     with live(service, tmp_path) as port:
         for path in paths:
-            status, body, _ = raw(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            status, body, _ = raw(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n".encode())
             assert status in (400, 404), (path, status, body[:200])
             assert b"root:" not in body and json.loads(body)["error"], (path, body[:200])
         pid = photo_id(client, "dup.jpg")
@@ -283,7 +305,7 @@ def test_a_photo_reached_through_a_folder_symlink_is_served(tmp_path, web_index,
     root.mkdir()
     (root / "link").symlink_to(elsewhere)
     index_folder(Store.open(home=tmp_path / "h"), tiny_encoder, root, workers=1)
-    with TestClient(app_for(make_service(tmp_path / "h", tiny_encoder), tmp_path), base_url=BASE) as c:
+    with TestClient(app_for(make_service(tmp_path / "h", tiny_encoder), tmp_path), base_url=BASE, headers=AUTH) as c:
         pid = c.post("/api/search", json={"q": "", "sort": "newest"}).json()["results"][0]["id"]
         assert c.get(f"/api/photo/{pid}?full=1").content == (elsewhere / "linked.jpg").read_bytes()
         (elsewhere / "linked.jpg").write_bytes((web_index.outside / "secret.jpg").read_bytes()[:-10] + b"0123456789")
@@ -315,7 +337,7 @@ def test_oversized_uploads_and_bodies_are_413(service, tmp_path, web_index):
 
     photos_before = sorted(p.name for p in web_index.photos.rglob("*"))
     limit = 64 << 10
-    with TestClient(app_for(service, tmp_path, upload_limit=limit), base_url=BASE) as c:
+    with TestClient(app_for(service, tmp_path, upload_limit=limit), base_url=BASE, headers=AUTH) as c:
         assert "bytes" in assert_json_error(c.post("/api/uploads", content=b"\x89PNG" + b"0" * limit, headers={"Content-Type": "image/png"}), 413)
         assert_json_error(c.post("/api/uploads", files={"file": ("big.png", b"0" * limit, "image/png")}), 413)
         assert_json_error(c.post("/api/search", content=b'{"q": "' + b"a" * (1 << 20) + b'"}',
@@ -325,7 +347,7 @@ def test_oversized_uploads_and_bodies_are_413(service, tmp_path, web_index):
     assert sorted(p.name for p in web_index.photos.rglob("*")) == photos_before  # nothing written into the photos
     with live(service, tmp_path, upload_limit=limit) as port:  # a client that sends its whole body anyway reads the 413
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", "/api/uploads", body=b"0" * (4 * limit), headers={"Content-Type": "image/png"})
+        conn.request("POST", "/api/uploads", body=b"0" * (4 * limit), headers={"Content-Type": "image/png", **AUTH})
         resp = conn.getresponse()
         assert resp.status == 413 and json.loads(resp.read())["error"]
         conn.close()
@@ -377,7 +399,7 @@ def test_wrong_content_type_is_415(client):
 def test_body_framing_on_the_wire(service, tmp_path):
     """No Content-Length, chunked, a bad or short Content-Length: 4xx JSON, quickly."""
     with live(service, tmp_path) as port:
-        head = f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        head = f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
         cases = [
             (head + "Connection: close\r\n\r\n", 411),
             (head + "Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n", 411),
@@ -399,7 +421,7 @@ def test_a_slow_sender_is_cut_off_at_the_deadline(service, tmp_path):
     """Slow-loris on the real socket: the whole request must arrive in time; others are served meanwhile."""
     timeout = 1.0
     with live(service, tmp_path, request_timeout=timeout) as port:
-        head = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode()
+        head = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nX-Slow: ".encode()
         with slow_sender(port, head, interval=0.1, count=40, timeout=10) as slow:
             status, _ = get(port, "/api/status")  # answered while the slow client trickles
             assert status == 200 and time.monotonic() - slow.start < timeout
@@ -408,7 +430,7 @@ def test_a_slow_sender_is_cut_off_at_the_deadline(service, tmp_path):
             assert answer.startswith(b"HTTP/1.0 408") and b"did not arrive" in answer, answer[:200]
             assert timeout - 0.2 < elapsed < timeout + 3
             # a slow body is cut off too (its time grows with its announced size only)
-            status, body, elapsed = raw(port, (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            status, body, elapsed = raw(port, (f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
                                                "Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{").encode())
             assert status == 408 and elapsed < timeout + 3
             # an idle connection is closed too, without an answer
@@ -420,11 +442,11 @@ def test_a_slow_sender_is_cut_off_at_the_deadline(service, tmp_path):
 def test_the_server_keeps_serving_after_bad_requests(service, tmp_path):
     with live(service, tmp_path) as port:
         for request in (b"GET / HTTP/1.1\r\nHost: evil\r\n\r\n", b"\x00\x01\x02\r\n\r\n", b"POST /api/search HTTP/1.1\r\n\r\n",
-                        f"GET /api/thumb/99999 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()):
+                        f"GET /api/thumb/99999 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()):
             status, body, _ = raw(port, request)
             assert 400 <= status < 500 and json.loads(body)["error"]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", "/api/search", body=json.dumps(GOOD), headers={"Content-Type": "application/json"})
+        conn.request("POST", "/api/search", body=json.dumps(GOOD), headers={"Content-Type": "application/json", **AUTH})
         resp = conn.getresponse()
         assert resp.status == 200 and len(json.loads(resp.read())["results"]) == 3
         conn.close()

@@ -16,6 +16,7 @@ from tests.conftest import WEB_DATES
 TOKEN = "t" * 43
 PORT = 8765
 BASE = f"http://127.0.0.1:{PORT}"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # what the page sends on every API request (the token from the printed URL)
 
 
 def make_service(home, encoder):
@@ -39,7 +40,7 @@ def app(web_index, tmp_path_factory):
 def client(app):
     from starlette.testclient import TestClient
 
-    with TestClient(app, base_url=BASE, raise_server_exceptions=False) as c:
+    with TestClient(app, base_url=BASE, raise_server_exceptions=False, headers=AUTH) as c:
         yield c
 
 
@@ -67,7 +68,7 @@ def test_search_result_fields(client, web_index):
     path = web_index.photos / first["path"]
     assert path.is_file() and first["name"] == path.name and first["folder"] == str(path.parent)
     assert first["size"] == path.stat().st_size and first["thumb"].startswith(f"/api/thumb/{first['id']}?h=")
-    assert first["preview"] == f"/api/photo/{first['id']}"
+    assert first["preview"].startswith(f"/api/photo/{first['id']}?exp=") and "&sig=" in first["preview"]  # signed for an <img>
     scores = [r["score"] for r in answer["results"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -321,7 +322,7 @@ def test_captions_for_a_photo(client, web_index, tmp_path, tiny_encoder):
     (folder / "x.jpg").write_bytes(web_index.path(f"a/{photo['name']}").read_bytes())
     index_folder(Store.open(home=tmp_path / "h"), tiny_encoder, folder, workers=1)
     other = create_app(make_service(tmp_path / "h", tiny_encoder), token=TOKEN, port=PORT, thumbs_dir=tmp_path / "t")
-    with TestClient(other, base_url=BASE) as c:
+    with TestClient(other, base_url=BASE, headers=AUTH) as c:
         pid = c.post("/api/search", json={"q": "", "sort": "newest"}).json()["results"][0]["id"]
         r = c.get(f"/api/photos/{pid}/captions")
         assert r.status_code == 404 and "no caption corpus" in r.json()["error"]
@@ -340,7 +341,7 @@ def test_thumbnails_are_made_once_and_cached(client, app):
     made = web.thumbs_made
     r = client.get(photo["thumb"])
     assert r.status_code == 200 and r.headers["content-type"] == THUMB_TYPE
-    assert r.headers["etag"] == f'"{digest}"' and r.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert r.headers["etag"] == f'"{digest}"' and r.headers["cache-control"] == "private, max-age=31536000, immutable"
     assert web.thumbs_made == made + 1 and cache_file.read_bytes() == r.content
     assert not list(cache_file.parent.glob(".tmp-*"))  # written atomically, nothing left behind
     with Image.open(io.BytesIO(r.content)) as img:
@@ -351,10 +352,10 @@ def test_thumbnails_are_made_once_and_cached(client, app):
     assert r304.status_code == 304 and r304.content == b"" and web.thumbs_made == made + 1
     # without the matching hash prefix: cacheable only with revalidation
     r = client.get(f"/api/thumb/{photo['id']}?h=0000")
-    assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"
+    assert r.status_code == 200 and r.headers["cache-control"] == "private, no-cache"
     # the identical copy shares the cached thumbnail
     original = [x for x in search(client, q="", sort="newest", limit=200, collapse=False)["results"]
-                if x["id"] != photo["id"] and x["thumb"].split("h=")[1] == photo["thumb"].split("h=")[1]]
+                if x["id"] != photo["id"] and x["thumb"].split("h=")[1].split("&")[0] == photo["thumb"].split("h=")[1].split("&")[0]]
     assert len(original) == 1
     assert client.get(original[0]["thumb"]).content == r.content and web.thumbs_made == made + 1
 
@@ -379,13 +380,13 @@ def test_exif_rotation_in_thumbnail_and_preview(client, web_index):
     with Image.open(io.BytesIO(thumb.content)) as img:
         assert img.size[0] < img.size[1] and np.asarray(img.convert("RGB"))[:5].mean() < 10
     # full=1: a rotated original is re-encoded upright; an upright one is sent as it is
-    with Image.open(io.BytesIO(client.get(rotated["preview"] + "?full=1").content)) as img:
+    with Image.open(io.BytesIO(client.get(rotated["preview"] + "&full=1").content)) as img:
         assert img.size == shown.size
     plain = by_name(client, "dup.jpg")
-    full = client.get(plain["preview"] + "?full=1")
+    full = client.get(plain["preview"] + "&full=1")
     assert full.status_code == 200 and full.content == web_index.path("b/dup.jpg").read_bytes()
     etag = full.headers["etag"]
-    assert client.get(plain["preview"] + "?full=1", headers={"If-None-Match": etag}).status_code == 304
+    assert client.get(plain["preview"] + "&full=1", headers={"If-None-Match": etag}).status_code == 304
 
 
 def test_large_preview_is_capped(tmp_path):
@@ -450,7 +451,7 @@ def test_index_changes_are_picked_up(tmp_path, tiny_encoder, flickr_images):
     writer = Store.open(home=tmp_path / "h")
     index_folder(writer, tiny_encoder, folder, workers=1)
     app = create_app(make_service(tmp_path / "h", tiny_encoder), token=TOKEN, port=PORT, thumbs_dir=tmp_path / "t")
-    with TestClient(app, base_url=BASE) as c:
+    with TestClient(app, base_url=BASE, headers=AUTH) as c:
         assert len(c.post("/api/search", json={"q": "a dog"}).json()["results"]) == 3
         shutil.copy2(sorted(flickr_images.iterdir())[60], folder / "new.jpg")
         index_folder(writer, tiny_encoder, folder, workers=1)

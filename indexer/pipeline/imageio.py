@@ -100,15 +100,20 @@ def _exif_datetime(img: Image.Image) -> datetime | None:
     return None
 
 
-def _open(source: bytes | str | os.PathLike) -> Image.Image:
+def _open(source: bytes | str | os.PathLike, formats: tuple[str, ...] | None = None) -> Image.Image:
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
     if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
         raise BadImage("empty file")
     try:
-        img = Image.open(fp)
+        if formats is not None:
+            Image.init()
+            formats = tuple(f for f in formats if f in Image.OPEN)  # HEIF/AVIF only where installed
+        img = Image.open(fp, formats=list(formats) if formats is not None else None)
     except FileNotFoundError:
         raise
     except Image.UnidentifiedImageError:
+        if formats is not None:
+            raise BadImage(f"not an image in an accepted format ({', '.join(formats)})") from None
         raise BadImage("not an image (unrecognised format)") from None
     except Exception as exc:
         raise BadImage(f"unreadable header: {exc}") from None
@@ -166,19 +171,100 @@ def _scaled_to_8_bits(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES or (
         img.mode == "I" and values.size and values.min() >= 0 and values.max() <= 65535
     ):
-        out = (values.astype(np.uint32) * 255 + 32767) // 65535
-        return Image.fromarray(out.astype(np.uint8))
-    values = values.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
-    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
-        out = values * 255.0
-    elif hi > lo:
-        out = (values - lo) * (255.0 / (hi - lo))
-    else:
-        out = np.full(values.shape, min(max(lo, 0.0), 255.0))
-    return Image.fromarray(np.rint(np.clip(out, 0, 255)).astype(np.uint8))
+        out = np.empty(values.shape, np.uint8)
+        for rows in _tiles(values.shape[0], values.shape[1]):  # at most one tile of uint32 at a time
+            tile = values[rows].astype(np.uint32)
+            tile *= 255
+            tile += 32767
+            tile //= 65535
+            out[rows] = tile
+        return Image.fromarray(out)
+    # float pictures: min and max over finite values, then scaled tile by tile in float32 (never a
+    # float64 copy of the whole picture: a 9400x9400 float TIFF once took 4 GB here)
+    lo, hi, posinf = math.inf, -math.inf, False
+    for rows in _tiles(values.shape[0], values.shape[1]):
+        tile = values[rows]
+        finite = np.isfinite(tile)
+        if finite.all():
+            if tile.size:
+                lo, hi = min(lo, float(tile.min())), max(hi, float(tile.max()))
+        elif finite.any():
+            lo, hi = min(lo, float(tile[finite].min())), max(hi, float(tile[finite].max()))
+    if lo > hi:
+        lo = hi = 0.0
+    out = np.empty(values.shape, np.uint8)
+    for rows in _tiles(values.shape[0], values.shape[1]):
+        tile = np.nan_to_num(values[rows].astype(np.float32), copy=False, nan=lo, posinf=hi, neginf=lo)
+        if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+            tile *= np.float32(255.0)
+        elif hi > lo:
+            tile -= np.float32(lo)
+            tile *= np.float32(255.0 / (hi - lo))
+        else:
+            tile[...] = min(max(lo, 0.0), 255.0)
+        np.clip(tile, 0, 255, out=tile)
+        np.rint(tile, out=tile)
+        out[rows] = tile
+    return Image.fromarray(out)
+
+
+TILE_BYTES = 4 << 20  # high-bit-depth scaling works on row bands of about this many float32 bytes
+
+
+def _tiles(height: int, width: int):
+    step = max(1, TILE_BYTES // (4 * max(1, width)))
+    for start in range(0, height, step):
+        yield slice(start, min(height, start + step))
+
+
+# ---- budgets for pictures from strangers (the web server's uploads and previews) -------------
+
+# Formats an upload may be: what people drop on a page. Nothing that runs an external program
+# (EPS/PS via Ghostscript) or that no camera or browser writes.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "MPO", "HEIF", "AVIF")
+# Bytes per pixel of a decoded raster, by mode (unknown modes count 4)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+DECODE_BUDGET = int(os.environ.get("LOUPE_DECODE_BUDGET", 160 << 20))  # bytes one web decode may hold at its peak
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes a decode of `img` (header read, draft applied) holds at its peak: the raster as
+    decoded, plus the 8-bit RGB copy (and, for high-bit-depth pictures, the 8-bit gray band)."""
+    w, h = img.size
+    raw = w * h * _MODE_BYTES.get(img.mode, 4)
+    return raw + w * h * (4 if img.mode in _SIXTEEN_BIT_MODES + ("I", "F") else 3)
+
+
+def open_within_budget(
+    source: bytes, min_size: int = 0, *, max_bytes: int = DECODE_BUDGET, formats: tuple[str, ...] | None = UPLOAD_FORMATS,
+    draft_factor: float = DRAFT_FACTOR, max_pixels: int | None = None,
+) -> Image.Image:
+    """Open `source` (header only) and check it may be decoded: a format in `formats` (None: any
+    format the indexer reads), at most `max_pixels`, and at most `max_bytes` at the decode's peak
+    (after JPEG draft scaling for `min_size`). BadImage otherwise, before any pixel is decoded."""
+    img = _open(source, formats)
+    try:
+        if formats is None and img.format in _UNWANTED_FORMATS:
+            raise BadImage(f"{img.format} pictures are not served")
+        if img.format == "JPEG" and min_size > 0 and draft_factor > 0:
+            side = math.ceil(draft_factor * min_size)
+            img.draft("RGB", (side, side))
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise BadImage(f"too large: {w}x{h} pixels, the limit is {max_pixels}")
+        if decode_cost(img) > max_bytes:
+            raise BadImage(f"too large to decode here: {w}x{h} {img.mode} pixels need over {max_bytes >> 20} MiB")
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -201,6 +287,8 @@ def decode_image(
     *,
     reference: bool = False,
     draft_factor: float = DRAFT_FACTOR,
+    max_bytes: int | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> tuple[object, ImageInfo]:
     """Decode a picture to RGB for a model whose input side is `min_size`, then `transform` it.
 
@@ -209,9 +297,13 @@ def decode_image(
     goes on white. `reference=True`: PIL open -> `.convert("RGB")`, nothing else (see the
     module docstring). Returns (transformed image, info). Raises BadImage with a readable
     reason for anything corrupt, truncated, empty, oversized or not an image. GIFs and other
-    animations use frame 0.
+    animations use frame 0. `max_bytes` (the web server's pictures): refuse, before decoding, a
+    picture whose decode would hold more (`open_within_budget`), or not in `formats`.
     """
-    img = _open(source)
+    if max_bytes is not None and not reference and isinstance(source, (bytes, bytearray, memoryview)):
+        img = open_within_budget(bytes(source), min_size, max_bytes=max_bytes, formats=formats, draft_factor=draft_factor)
+    else:
+        img = _open(source, formats)
     try:
         info = ImageInfo(*_oriented_size(img), taken_at=_exif_datetime(img))
         if not reference and img.format == "JPEG" and min_size > 0 and draft_factor > 0:
@@ -224,10 +316,21 @@ def decode_image(
         if reference:
             rgb = img.convert("RGB")
         else:
-            try:
-                img = ImageOps.exif_transpose(img) or img
-            except Exception:
-                pass  # a broken orientation tag should not lose the photo
+            turn = None
+            if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+                try:
+                    turn = _TRANSPOSES.get(img.getexif().get(0x0112))
+                except Exception:
+                    turn = None
+                deep, img = img, _scaled_to_8_bits(img)  # 8 bits first: the deep raster goes at once
+                deep.close()
+                if turn is not None:
+                    img = img.transpose(turn)
+            else:
+                try:
+                    img = ImageOps.exif_transpose(img) or img
+                except Exception:
+                    pass  # a broken orientation tag should not lose the photo
             rgb = _to_rgb(img)
         if transform is not None:
             return transform(rgb), info

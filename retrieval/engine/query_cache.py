@@ -60,7 +60,7 @@ class QueryCache:
         return self._db
 
     def _key(self, text: str, precision: str) -> str:
-        return hashlib.sha256(f"{self.prefix}{precision}\n{normalise(text)}".encode("utf-8")).hexdigest()
+        return hashlib.sha256(f"{self.prefix}{precision}\n{normalise(text)}".encode("utf-8", "surrogatepass")).hexdigest()
 
     def get(self, texts: Sequence[str], precision: str) -> list[np.ndarray | None]:
         """Cached vectors of `texts` (None where not cached); hits are marked as recently used."""

@@ -9,6 +9,22 @@ from loupe.indexer.storage.ondisk.state import ondisk_status
 from loupe.indexer.storage.store import Store
 
 
+def redact_url(url: str) -> str:
+    """A database URL without its password (`postgresql://user:***@host/db`): shown, never the secret."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}" if parts.password is not None else f"{user}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def indexed_folders(store: Store) -> list[dict[str, Any]]:
     """Indexed folders, offline ones marked: as the last run found them, or gone since."""
     out = []
@@ -41,7 +57,7 @@ def index_status(store: Store, skipped_limit: int | None = None) -> dict[str, An
     stats = store.catalog.stats()
     files = {str(p): p.stat().st_size for p in store.vector_files() if p.exists()}
     out = {
-        "catalog": store.describe(),
+        "catalog": redact_url(store.describe()),
         "model": meta.model,
         "pretrained": meta.pretrained,
         "checkpoint": meta.checkpoint_path,

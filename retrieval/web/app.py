@@ -4,13 +4,18 @@
 on uvicorn (retrieval/web/server.py) and tests call it through Starlette's TestClient, no socket.
 The API is documented in `retrieval/web/openapi.py` (served at GET /api/openapi.json).
 
-Handlers are `async` and call the model directly, on the event loop's thread, which is the
-thread that loaded the model (see `SearchService`): queries are serial, as before. Reading and
-decoding originals (thumbnails, previews) runs in worker threads, which Pillow allows.
+Handlers are `async` and call the model directly for text queries, on the event loop's thread,
+which is the thread that loaded the model (see `SearchService`): queries are serial, as before.
+Everything CPU- or memory-heavy runs in `WorkPool`s of a few low-priority threads with a queue
+limit (503 + Retry-After when full): an upload's multipart parse, decode and embedding, and the
+decoding of originals for thumbnails and previews, each within a pixel and memory budget
+(`loupe.indexer.pipeline.imageio.open_within_budget`). A search never waits behind them.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +34,67 @@ from loupe.indexer.pipeline.imageio import BadImage
 from loupe.retrieval.engine.requests import RequestError, decode_json, parse_search
 from loupe.retrieval.web.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
 from loupe.retrieval.web.server import query_threads
-from loupe.retrieval.web.guard import MAX_BODY, UPLOAD_LIMIT, Guard, own_hosts, send_json
+from loupe.retrieval.web.guard import MAX_BODY, SIGNED_PATHS, UPLOAD_LIMIT, Guard, own_hosts, send_json, sign_path
 from loupe.retrieval.engine.websearch import WebError, WebSearch, parse_web_search
 
-WEB_DIR = Path(__file__).resolve().parent / "static"
-IMMUTABLE = "public, max-age=31536000, immutable"
+WEB_DIR = Path(__file__).resolve().parent / "web"
+IMMUTABLE = "private, max-age=31536000, immutable"  # never a shared cache: pictures are private
 MAX_SKIPPED = 10_000
 MAX_CAPTIONS = 200
+MAX_PARTS = 16  # parts of a multipart upload (a browser's form sends one or two)
+UPLOAD_PIXELS = 100_000_000  # pixels of an uploaded picture after JPEG draft scaling, at most
+INTERNAL_ERROR = "the server could not answer this request (an internal error); try again, or restart `loupe serve`"
+
+
+class Busy(WebError):
+    """All workers busy and the queue full: 503 with Retry-After."""
+
+    def __init__(self, what: str, retry_after: int = 2) -> None:
+        super().__init__(503, f"the server is busy with other {what}: try again in a moment")
+        self.retry_after = retry_after
+
+
+class WorkPool:
+    """At most `workers` jobs at once on low-priority threads, at most `queue` more waiting;
+    one more is refused at once (Busy: 503). Bounds CPU and memory whatever clients send."""
+
+    def __init__(self, name: str, workers: int, queue: int) -> None:
+        self.name = name
+        self.limiter = anyio.CapacityLimiter(workers)
+        self.capacity = workers + queue
+        self.pending = 0
+        self.peak = 0
+
+    def reserve(self) -> None:
+        if self.pending >= self.capacity:
+            raise Busy(self.name)
+        self.pending += 1
+        self.peak = max(self.peak, self.pending)
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    async def run(self, fn, *args, reserved: bool = False):
+        if not reserved:
+            self.reserve()
+        try:
+            return await anyio.to_thread.run_sync(_low_priority, fn, *args, limiter=self.limiter)
+        finally:
+            self.release()
+
+
+_niced = threading.local()
+
+
+def _low_priority(fn, *args):
+    """Run `fn` on this worker thread at a lower CPU priority than the event loop (Linux: per thread)."""
+    if not getattr(_niced, "done", False):
+        _niced.done = True
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+        except (AttributeError, OSError):
+            pass
+    return fn(*args)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -64,14 +123,17 @@ class _Errors:
         except Exception as exc:  # noqa: BLE001 - a request never kills the server nor prints a traceback
             if started or scope["type"] != "http":
                 return
+            headers = [("connection", "close")]
             if isinstance(exc, (RequestError, WebError)):
                 status, message = exc.status, exc.message
+                if isinstance(exc, Busy):
+                    headers.append(("retry-after", str(exc.retry_after)))
             elif isinstance(exc, LoupeError):
                 status, message = 400, str(exc)
             else:
-                status, message = 500, f"{type(exc).__name__}: {exc}"
+                status, message = 500, INTERNAL_ERROR
             try:
-                await send_json(send, status, {"error": message})
+                await send_json(send, status, {"error": message}, headers)
             except Exception:  # noqa: BLE001 - the client is gone
                 return
 
@@ -79,11 +141,16 @@ class _Errors:
 class WebApp:
     """The handlers, over one SearchService (model, indices, catalog) and one thumbnail cache."""
 
-    def __init__(self, service, thumbs: ThumbCache, upload_limit: int) -> None:
+    def __init__(self, service, thumbs: ThumbCache, upload_limit: int, token: str = "", previews: ThumbCache | None = None) -> None:
         self.service = service
         self.web = WebSearch(service.searcher)
         self.thumbs = thumbs
+        self.previews = previews or ThumbCache(thumbs.folder.parent / f"{thumbs.folder.name}-previews", ext=".jpg")
         self.upload_limit = upload_limit
+        self.token = token
+        workers = 1 if (os.cpu_count() or 1) <= 2 else 2
+        self.uploads = WorkPool("uploads", workers, 4)  # multipart, decode and embed an upload
+        self.pictures = WorkPool("pictures", workers, 64)  # decode originals for thumbnails and previews
         self.thumbs_made = 0  # thumbnails decoded from an original (tests: a cached one is not)
         self._roots_cache: tuple[int, list[str]] | None = None
 
@@ -117,13 +184,25 @@ class WebApp:
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
         query = parse_web_search(await self._json_body(request))
+        _check_web_terms(query.q)
         self._refresh()
         with query_threads():
             answer = self.web.search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
+        for result in answer.get("results", []):
+            self._sign(result)
         answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
         return JSONResponse(answer)
+
+    def _sign(self, fields: dict) -> dict:
+        """Picture URLs of a result signed for a while (an <img> cannot send the token)."""
+        for key in ("thumb", "preview"):
+            url = fields.get(key)
+            if isinstance(url, str) and url.startswith(SIGNED_PATHS):
+                path, _, query = url.partition("?")
+                fields[key] = f"{path}?{query + '&' if query else ''}{sign_path(self.token, path)}"
+        return fields
 
     def _inline_thumbnails(self, results: list[dict]) -> None:
         """Put the cached thumbnails of `results` in the answer as data: URLs (`thumb_data`).
@@ -145,13 +224,26 @@ class WebApp:
         ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if not (ctype.startswith("image/") or ctype == "multipart/form-data"):
             raise RequestError(415, "send the image as image/* bytes or as multipart/form-data field 'file'")
-        body = await request.body()
-        if ctype == "multipart/form-data":
-            body = _multipart_file(request.headers["content-type"], body)
-        if not body:
-            raise RequestError(400, "the upload is empty")
-        self._refresh()
-        upload = self.web.add_upload(body)
+        self.uploads.reserve()  # refused (503) before a byte of the body is read when the queue is full
+        handed = False
+        try:
+            body = await request.body()
+            self._refresh()
+            full_type = request.headers["content-type"]
+            image_size = self.service.searcher.encoder.image_size
+
+            def work():
+                data = _multipart_file(full_type, body) if ctype == "multipart/form-data" else body
+                if not data:
+                    raise RequestError(400, "the upload is empty")
+                _check_upload(data, image_size)
+                return self.web.add_upload(data)
+
+            handed = True
+            upload = await self.uploads.run(work, reserved=True)
+        finally:
+            if not handed:
+                self.uploads.release()
         return JSONResponse({"id": upload.id, "width": upload.width, "height": upload.height, "query": f"upload:{upload.id}"})
 
     # ---- one photo --------------------------------------------------------------------------
@@ -159,16 +251,15 @@ class WebApp:
         self._refresh()
         photo = self.web.photo(request.path_params["id"])
         snap = self.web.snapshot()
-        out = photo.fields(duplicates=len(snap.by_vector.get(photo.vector_id, [])) - 1)
+        out = self._sign(photo.fields(duplicates=len(snap.by_vector.get(photo.vector_id, [])) - 1))
         out["content_hash"] = photo.content_hash
         out["taken_at"] = photo.taken_at.isoformat(timespec="seconds") if photo.taken_at else None
         out["modified"] = photo.modified.isoformat(timespec="seconds")
         out["duplicate_paths"] = [p.path for p in snap.by_vector.get(photo.vector_id, []) if p.id != photo.id]
         roots = self._roots()
         try:
-            data, _ = await anyio.to_thread.run_sync(read_catalogued, photo.path, photo.content_hash, roots)
+            out["exif"] = await self.pictures.run(lambda: exif_summary(read_catalogued(photo.path, photo.content_hash, roots)[0]))
             out["available"] = True
-            out["exif"] = await anyio.to_thread.run_sync(exif_summary, data)
         except NotServable as exc:
             out["available"] = False
             out["unavailable_reason"] = str(exc)
@@ -185,7 +276,8 @@ class WebApp:
         photo = self.web.photo(request.path_params["id"])
         digest = photo.content_hash
         wanted = request.query_params.get("h", "")
-        headers = {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE if wanted and digest.startswith(wanted) else "no-cache"}
+        immutable = len(wanted) >= 16 and digest.startswith(wanted)  # this URL names these bytes only
+        headers = {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE if immutable else "private, no-cache"}
         if _etag_matches(request, digest):
             return Response(status_code=304, headers=headers)
         from loupe.retrieval.web.media import THUMB_TYPE
@@ -202,12 +294,12 @@ class WebApp:
             return picture.data, picture.media_type, actual
 
         try:
-            data, media_type, actual = await anyio.to_thread.run_sync(make)
+            data, media_type, actual = await self.pictures.run(make)
         except (NotServable, BadImage) as exc:
             raise WebError(404, f"photo {photo.id}: {exc}") from None
         self.thumbs_made += 1
         if actual != digest:  # the file changed since it was indexed: not the catalogued picture
-            headers = {"ETag": f'"{actual}"', "Cache-Control": "no-cache"}
+            headers = {"ETag": f'"{actual}"', "Cache-Control": "private, no-cache"}
         return Response(data, media_type=media_type, headers=headers)
 
     async def preview(self, request: Request) -> Response:
@@ -219,13 +311,20 @@ class WebApp:
         if _etag_matches(request, tag):
             return Response(status_code=304, headers=headers)
         roots = self._roots()
+        cache_key = f"{photo.content_hash}-{'full' if full else 'preview'}"
+        cached = self.previews.get(cache_key)  # only ever a re-encoded JPEG (an original is not copied)
+        if cached is not None:
+            return Response(cached, media_type="image/jpeg", headers=headers)
 
         def make():
-            data, _ = read_catalogued(photo.path, photo.content_hash, roots)
-            return make_preview(data, full=full)
+            data, actual = read_catalogued(photo.path, photo.content_hash, roots)
+            picture = make_preview(data, full=full)
+            if picture.data is not data and actual == photo.content_hash:
+                self.previews.put(cache_key, picture.data)
+            return picture
 
         try:
-            picture = await anyio.to_thread.run_sync(make)
+            picture = await self.pictures.run(make)
         except (NotServable, BadImage) as exc:
             raise WebError(404, f"photo {photo.id}: {exc}") from None
         return Response(picture.data, media_type=picture.media_type, headers=headers)
@@ -274,9 +373,10 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.isdigit() or not lo <= int(raw[:12]) <= hi:
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else None  # parsed once, then bounded
+    if value is None or not lo <= value <= hi:
         raise RequestError(400, f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
+    return value
 
 
 def _etag_matches(request: Request, tag: str) -> bool:
@@ -285,17 +385,80 @@ def _etag_matches(request: Request, tag: str) -> bool:
 
 
 def _multipart_file(content_type: str, body: bytes) -> bytes:
-    """The 'file' field of a multipart/form-data body, parsed in memory (never spooled to disk)."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
+    """The 'file' field of a multipart/form-data body, parsed in memory (never spooled to disk).
 
-    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
+    A linear scan with bytes.find (C speed, no per-part objects): at most MAX_PARTS parts, each
+    part's headers at most 8 KiB; anything else is a 400.
+    """
+    from email.message import Message
+
+    header = Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not 1 <= len(boundary) <= 200:
+        raise RequestError(400, "malformed multipart body: no boundary")
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    if start < 0:
         raise RequestError(400, "malformed multipart body")
-    for part in message.iter_parts():
+    pos = start + len(delimiter)
+    for _ in range(MAX_PARTS):
+        if body.startswith(b"--", pos):
+            break  # the closing delimiter
+        if not body.startswith(b"\r\n", pos):
+            raise RequestError(400, "malformed multipart body")
+        head_end = body.find(b"\r\n\r\n", pos + 2, pos + 2 + 8192)
+        if head_end < 0:
+            raise RequestError(400, "malformed multipart body: part headers too long")
+        part = Message()
+        for line in body[pos + 2 : head_end].decode("latin-1").split("\r\n"):
+            name, sep, value = line.partition(":")
+            if sep:
+                part[name.strip()] = value.strip()
+        end = body.find(b"\r\n" + delimiter, head_end + 4)
+        if end < 0:
+            raise RequestError(400, "malformed multipart body: unterminated part")
         if part.get_param("name", header="content-disposition") == "file":
-            return part.get_payload(decode=True) or b""
+            return body[head_end + 4 : end]
+        pos = end + 2 + len(delimiter)
+    else:
+        raise RequestError(400, f"the multipart body has more than {MAX_PARTS} parts")
     raise RequestError(400, "the multipart body has no 'file' field")
+
+
+def _check_upload(data: bytes, image_size: int) -> None:
+    """An upload must be a format people drop (no EPS/PS or anything that runs a program) and
+    decodable within the pixel and memory budgets; checked on its header, before decoding."""
+    from loupe.indexer.pipeline.imageio import open_within_budget
+
+    try:
+        open_within_budget(data, image_size, max_pixels=UPLOAD_PIXELS).close()
+    except BadImage as exc:
+        raise WebError(400, f"cannot use the upload as an image: {exc}") from None
+
+
+def _check_web_terms(q: str) -> None:
+    """A web query's text must be valid Unicode, its weights bounded and its terms counted."""
+    from loupe.retrieval.engine.requests import MAX_TERMS, MAX_WEIGHT
+    from loupe.retrieval.engine.query import parse_query
+
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WebError(400, "bad request: q must be valid Unicode text") from None
+    if not q.strip() or q.strip().startswith(("upload:", "photo:")) and " " not in q.strip():
+        return
+    try:
+        terms = parse_query([q], web=True)
+    except LoupeError:
+        return  # reported by the search, in its own words
+    except (ValueError, OverflowError):
+        raise WebError(400, "bad request: a weight in the query is not a number loupe can use") from None
+    if len(terms) > MAX_TERMS:
+        raise WebError(400, f"bad request: at most {MAX_TERMS} terms in a query")
+    for term in terms:
+        if not abs(term.weight) <= MAX_WEIGHT:
+            raise WebError(400, f"bad request: weights must lie within ±{MAX_WEIGHT:g}")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -306,8 +469,11 @@ async def _known_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, LoupeError):
         return error(400, str(exc))
     if not isinstance(exc, (RequestError, WebError)):  # a bug: JSON too (Starlette re-raises it; `_Errors` ends it)
-        return error(500, f"{type(exc).__name__}: {exc}")
-    return error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        return error(500, INTERNAL_ERROR)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if isinstance(exc, Busy):
+        headers["Retry-After"] = str(exc.retry_after)
+    return error(exc.status, exc.message, headers or None)
 
 
 def create_app(
@@ -320,18 +486,20 @@ def create_app(
     upload_limit: int = UPLOAD_LIMIT,
     thumbs_dir: Path | None = None,
     web_dir: Path = WEB_DIR,
+    no_token: bool = False,
 ) -> "_Errors":
     """The ASGI app: page, JSON API, thumbnails, previews, and the CLI's /search and /health.
 
-    `port` and `host` are what the server listens on (Host and Origin checks; a non-loopback
-    `host` requires the token on every request). Thumbnails are cached in `thumbs_dir`
+    `port` and `host` are what the server listens on (Host and Origin checks). Every API request
+    needs the token, unless `no_token` (loopback binds only). Thumbnails are cached in `thumbs_dir`
     (default: `thumbs` beside the index files).
     """
-    from loupe.retrieval.web.guard import is_loopback
+    from loupe.retrieval.web.guard import check_bind
 
+    check_bind(host, token, no_token)
     location = service.searcher.store.location
     thumbs = ThumbCache(thumbs_dir or location.vector_dir / f"{location.prefix}thumbs")
-    web = WebApp(service, thumbs, upload_limit)
+    web = WebApp(service, thumbs, upload_limit, token=token)
     routes = [
         Route("/health", web.health, methods=["GET"]),
         Route("/search", web.cli_search, methods=["POST"]),
@@ -353,7 +521,7 @@ def create_app(
     )
     app.state.web = web
     guard = Guard(
-        app, token=token, port=port, hosts=own_hosts(host, port, allowed_hosts), local=is_loopback(host),
+        app, token=token, port=port, hosts=own_hosts(host, port, allowed_hosts), no_token=no_token,
         json_limit=MAX_BODY, upload_limit=upload_limit,
     )
     outer = _Errors(guard)

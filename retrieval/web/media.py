@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from loupe.indexer.pipeline.imageio import BadImage, decode_image
+from loupe.indexer.pipeline.imageio import DECODE_BUDGET, BadImage, decode_image
 from loupe.indexer.pipeline.jobs import content_hash
 
 THUMB_SIDE = 256  # short side of a thumbnail, in pixels (long side at most twice that)
@@ -56,7 +56,14 @@ def read_catalogued(path: str, expected_hash: str | None, roots: list[str]) -> t
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise NotServable(f"the file is not available: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder, FIFO or device: fdopen could fail or hang
+            raise NotServable("not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)  # never leak the descriptor
+        raise
+    with f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise NotServable("not a regular file")
@@ -85,7 +92,7 @@ class Picture:
 
 def make_thumbnail(data: bytes, side: int = THUMB_SIDE) -> Picture:
     """About `side` px on the short side (long side capped at 2x), EXIF-rotated, WebP (or JPEG)."""
-    img, _ = decode_image(data, side)
+    img, _ = decode_image(data, side, max_bytes=DECODE_BUDGET)
     w, h = img.size
     scale = min(side / min(w, h), 2 * side / max(w, h), 1.0)
     if scale < 1.0:
@@ -116,7 +123,8 @@ def make_preview(data: bytes, full: bool = False, side: int = PREVIEW_SIDE) -> P
         return Picture(data, ORIGINAL_TYPES[fmt])
     long_side = max(w, h)
     wanted = 0 if full or long_side <= side else max(1, (side * min(w, h)) // long_side)
-    img, _ = decode_image(data, wanted)
+    # the same budget as uploads: a picture whose decode would hold more is not previewed
+    img, _ = decode_image(data, wanted, max_bytes=DECODE_BUDGET, draft_factor=1.0)
     if not full and max(img.size) > side:
         img.thumbnail((side, side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -143,11 +151,12 @@ def exif_summary(data: bytes) -> dict:
 class ThumbCache:
     """Thumbnails on disk beside the index, `<dir>/ab/abcdef....webp`, keyed by content hash."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, ext: str = THUMB_EXT) -> None:
         self.folder = Path(folder)
+        self.ext = ext
 
     def path(self, digest: str) -> Path:
-        return self.folder / digest[:2] / f"{digest}{THUMB_EXT}"
+        return self.folder / digest[:2] / f"{digest}{self.ext}"
 
     def get(self, digest: str) -> bytes | None:
         try:
@@ -160,7 +169,7 @@ class ThumbCache:
         target = self.path(digest)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=THUMB_EXT)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=self.ext)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)

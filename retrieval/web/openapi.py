@@ -18,7 +18,7 @@ def _json(schema: dict, description: str = "OK") -> dict:
 def _errors(*codes: int) -> dict:
     why = {400: "bad request", 401: "missing or wrong token", 403: "foreign Host, Origin or Referer", 404: "not found",
            408: "the request did not arrive in time", 411: "no Content-Length", 413: "body too large",
-           415: "wrong Content-Type"}
+           415: "wrong Content-Type", 500: "internal error", 503: "busy: try again after Retry-After seconds"}
     return {str(c): _json(ERROR, why[c]) for c in codes}
 
 
@@ -114,10 +114,11 @@ def openapi_document() -> dict[str, Any]:
             "title": "loupe serve",
             "version": "1",
             "description": (
-                "JSON API of the loupe web page. Errors are {\"error\": message} with a 4xx status. "
-                "Bound to 127.0.0.1 the page and /api need no token; bound to any other address every request "
-                "needs the token (cookie set by GET /?token=..., or Authorization: Bearer). /search and /health "
-                "(the CLI's) always need it. Requests with a foreign Host, Origin or cross-site Sec-Fetch-Site, "
+                "JSON API of the loupe web page. Errors are {\"error\": message} with a 4xx/5xx status "
+                "(503 with Retry-After when the workers are busy). Every /api request, and the CLI's /search and "
+                "/health, needs the token as Authorization: Bearer, on loopback too (unless the server runs with "
+                "--no-token); never a cookie. /api/thumb/{id} and /api/photo/{id} also accept the signed URLs "
+                "(exp, sig) that search results and /api/photos/{id} hand out. Requests with a foreign Host, Origin or cross-site Sec-Fetch-Site, "
                 "and state-changing requests with a foreign Referer, are refused (403)."),
         },
         "components": {
@@ -128,15 +129,14 @@ def openapi_document() -> dict[str, Any]:
             },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "loupe_token_<port>"},
             },
         },
         "paths": {
             "/": {"get": {
-                "summary": "The page (index.html); ?token=... sets the access cookie and redirects to /",
+                "summary": "The page (index.html; no data, no token needed); ?token=... redirects to /#token=... (the page reads it there)",
                 "parameters": [{"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "the page", "content": {"text/html": {}}},
-                              "303": {"description": "token accepted: cookie set, redirect to /"}, **_errors(401, 403)}}},
+                              "303": {"description": "token accepted: redirect to /#token=..."}, **_errors(401, 403)}}},
             "/{file}": {"get": {
                 "summary": "The page's static files (retrieval/web/)",
                 "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -116,7 +116,7 @@ class SearchService:
         return {
             "status": "ok",
             "pid": os.getpid(),
-            "catalog": store.location.url,
+            "catalog": _redacted(store.location.url),
             "model": self.searcher.encoder.spec.describe(),
             "text_precision": self.searcher.encoder.text_precision,
             "generation": self.searcher.meta.generation,
@@ -177,6 +177,12 @@ def query_threads(threads: int = QUERY_THREADS) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _redacted(url: str) -> str:
+    from loupe.retrieval.engine.status import redact_url
+
+    return redact_url(url)
 
 
 def _regular_file(path: str) -> None:
@@ -253,6 +259,7 @@ def serve(
     host: str = HOST,
     allowed_hosts: Sequence[str] = (),
     upload_limit: int | None = None,
+    no_token: bool = False,
 ) -> None:
     """Serve the page, its API and the CLI's searches on `host`:`port` (0: any free port) until
     SIGTERM or Ctrl-C (uvicorn, one process, the model on this thread).
@@ -261,23 +268,24 @@ def serve(
     still ours), so `loupe search` never waits on a server that is not there.
     """
     from loupe.retrieval.web.app import create_app
-    from loupe.retrieval.web.guard import UPLOAD_LIMIT, check_bind
+    from loupe.retrieval.web.guard import UPLOAD_LIMIT, canonical_host, check_bind
 
+    host = canonical_host(host) if host not in ("", "0.0.0.0", "::") else host
     token = new_token()
-    check_bind(host, token)
+    check_bind(host, token, no_token)
     service = SearchService(searcher)
     service.warm_up()
     sock = listening_socket(host, port)
     port = sock.getsockname()[1]
     app = create_app(
         service, token=token, port=port, host=host, allowed_hosts=tuple(allowed_hosts),
-        upload_limit=upload_limit or UPLOAD_LIMIT,
+        upload_limit=upload_limit or UPLOAD_LIMIT, no_token=no_token,
     )
     app.state.web.web.snapshot()  # the web's view of the catalog, read before the first page asks
     server = uvicorn_server(app)
     spec = searcher.encoder.spec
     state = ServerState(
-        pid=os.getpid(), port=port, catalog=searcher.store.location.url, model=spec.model,
+        pid=os.getpid(), port=port, catalog=_redacted(searcher.store.location.url), model=spec.model,
         pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=device, started=time.time(),
         text_precision=searcher.encoder.text_precision, token=token, host=host,
     )
@@ -367,7 +375,7 @@ def find_server(
     if os.environ.get("LOUPE_NO_SERVER") == "1":
         return None
     state = read_state(state_file(resolve_location(home, db)))
-    if state is None or state.catalog != resolve_location(home, db).url or not _alive(state.pid):
+    if state is None or state.catalog != _redacted(resolve_location(home, db).url) or not _alive(state.pid):
         return None
     return state if _serves_model(state, model, pretrained, checkpoint, device, text_precision) else None
 
