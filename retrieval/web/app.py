@@ -37,7 +37,7 @@ from loupe.retrieval.web.server import query_threads
 from loupe.retrieval.web.guard import MAX_BODY, SIGNED_PATHS, UPLOAD_LIMIT, Guard, own_hosts, send_json, sign_path
 from loupe.retrieval.engine.websearch import WebError, WebSearch, parse_web_search
 
-WEB_DIR = Path(__file__).resolve().parent / "web"
+WEB_DIR = Path(__file__).resolve().parent / "static"
 IMMUTABLE = "private, max-age=31536000, immutable"  # never a shared cache: pictures are private
 MAX_SKIPPED = 10_000
 MAX_CAPTIONS = 200
