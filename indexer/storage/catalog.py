@@ -624,6 +624,19 @@ class Catalog:
             "indexed_bytes": int(total_bytes),
         }
 
+    def visible_photos(self) -> list[tuple]:
+        """(id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash) of every visible
+        indexed file, in path order: plain tuples, no ORM objects (100k rows in a fraction of a second)."""
+        from sqlalchemy import text
+
+        query = text(
+            "SELECT id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash FROM images "
+            "WHERE status = :ok AND vector_id IS NOT NULL ORDER BY path"
+        )
+        with self.session() as s:
+            rows = s.execute(query, {"ok": OK}).fetchall()
+        return [(*r[:6], datetime.fromisoformat(r[6]) if isinstance(r[6], str) else r[6], *r[7:]) for r in rows]
+
 
 def _stored_version(conn: Connection) -> int | None:
     """The catalog's recorded schema version; None for a new catalog (no model bound yet)."""

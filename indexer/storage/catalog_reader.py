@@ -240,3 +240,10 @@ class CatalogReader:
             for rows in out.values():
                 rows.sort(key=lambda r: (r.source, r.position))
         return out
+
+    def visible_photos(self) -> list[tuple]:
+        """As `Catalog.visible_photos`: (id, vector_id, path, size, width, height, taken_at, mtime_ns,
+        content_hash) of every visible indexed file, in path order."""
+        q = ("SELECT id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash FROM images "
+             "WHERE status = ? AND vector_id IS NOT NULL ORDER BY path")
+        return [(*r[:6], _when(r[6]), *r[7:]) for r in self.db.execute(q, (OK,))]

@@ -26,11 +26,9 @@ from starlette.staticfiles import StaticFiles
 from loupe.indexer.storage.catalog import IMAGE
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.imageio import BadImage
-from loupe.retrieval.engine.requests import RequestError, decode_json, parse_search
+from loupe.retrieval.engine.requests import RequestError, decode_json, parse_page_search, parse_search
 from loupe.retrieval.web.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
-from loupe.retrieval.web.server import query_threads
 from loupe.retrieval.web.guard import MAX_BODY, UPLOAD_LIMIT, Guard, own_hosts, send_json
-from loupe.retrieval.engine.websearch import WebError, WebSearch, parse_web_search
 
 WEB_DIR = Path(__file__).resolve().parent / "static"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -64,7 +62,7 @@ class _Errors:
         except Exception as exc:  # noqa: BLE001 - a request never kills the server nor prints a traceback
             if started or scope["type"] != "http":
                 return
-            if isinstance(exc, (RequestError, WebError)):
+            if isinstance(exc, RequestError):
                 status, message = exc.status, exc.message
             elif isinstance(exc, LoupeError):
                 status, message = 400, str(exc)
@@ -81,7 +79,7 @@ class WebApp:
 
     def __init__(self, service, thumbs: ThumbCache, upload_limit: int) -> None:
         self.service = service
-        self.web = WebSearch(service.searcher)
+        self.web = service.pages
         self.thumbs = thumbs
         self.upload_limit = upload_limit
         self.thumbs_made = 0  # thumbnails decoded from an original (tests: a cached one is not)
@@ -116,10 +114,8 @@ class WebApp:
     # ---- search -------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
-        query = parse_web_search(await self._json_body(request))
-        self._refresh()
-        with query_threads():
-            answer = self.web.search(query)
+        query = parse_page_search(await self._json_body(request))
+        answer = self.service.page_search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
         answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
@@ -204,7 +200,7 @@ class WebApp:
         try:
             data, media_type, actual = await anyio.to_thread.run_sync(make)
         except (NotServable, BadImage) as exc:
-            raise WebError(404, f"photo {photo.id}: {exc}") from None
+            raise RequestError(404, f"photo {photo.id}: {exc}") from None
         self.thumbs_made += 1
         if actual != digest:  # the file changed since it was indexed: not the catalogued picture
             headers = {"ETag": f'"{actual}"', "Cache-Control": "no-cache"}
@@ -227,7 +223,7 @@ class WebApp:
         try:
             picture = await anyio.to_thread.run_sync(make)
         except (NotServable, BadImage) as exc:
-            raise WebError(404, f"photo {photo.id}: {exc}") from None
+            raise RequestError(404, f"photo {photo.id}: {exc}") from None
         return Response(picture.data, media_type=picture.media_type, headers=headers)
 
     # ---- the index ----------------------------------------------------------------------------
@@ -303,11 +299,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _known_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RequestError):
+        return error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
     if isinstance(exc, LoupeError):
         return error(400, str(exc))
-    if not isinstance(exc, (RequestError, WebError)):  # a bug: JSON too (Starlette re-raises it; `_Errors` ends it)
-        return error(500, f"{type(exc).__name__}: {exc}")
-    return error(exc.status, exc.message, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+    return error(500, f"{type(exc).__name__}: {exc}")  # a bug: JSON too (Starlette re-raises it; `_Errors` ends it)
 
 
 def create_app(
@@ -348,7 +344,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_error, RequestError: _known_error, WebError: _known_error, LoupeError: _known_error,
+        exception_handlers={HTTPException: _http_error, RequestError: _known_error, LoupeError: _known_error,
                             Exception: _known_error},
     )
     app.state.web = web
