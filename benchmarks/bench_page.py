@@ -151,7 +151,7 @@ def forget_queries(home: Path) -> None:
 
 def start_server(home: Path):
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.server import read_state, state_file
+    from loupe.retrieval.web.client import read_state, state_file
 
     location = resolve_location(home)
     path = state_file(location)

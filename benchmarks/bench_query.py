@@ -120,7 +120,7 @@ def cold(home: Path, repeats: int, ckpt: Path, query: str) -> dict:
 def warm(home: Path, sentences: list[str]) -> dict:
     """Latency of text->image queries through a running `loupe serve` (HTTP from this process)."""
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.server import read_state, request, state_file
+    from loupe.retrieval.web.client import read_state, request, state_file
 
     path = state_file(resolve_location(home))
     proc = subprocess.Popen(

@@ -56,7 +56,7 @@ def entry(code: Path) -> str:
 
 def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.server import read_state, state_file
+    from loupe.retrieval.web.client import read_state, state_file
 
     location = resolve_location(home)
     path = state_file(location)
@@ -87,7 +87,7 @@ def percentiles(seconds: list[float]) -> dict:
 
 def whole_process(code: Path, home: Path, queries: list[str], state, repeats: int) -> dict:
     """Wall time of `loupe search` as a fresh process while the server runs (checked: it answered)."""
-    from loupe.retrieval.web.server import request
+    from loupe.retrieval.web.client import request
 
     before = request(state, "GET", "/health")[1]["queries"]
     walls = []
@@ -109,7 +109,7 @@ def whole_process(code: Path, home: Path, queries: list[str], state, repeats: in
 
 
 def cli_endpoint(state, sentences: list[str]) -> dict:
-    from loupe.retrieval.web.server import request
+    from loupe.retrieval.web.client import request
 
     times = []
     for s in sentences:

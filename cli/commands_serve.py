@@ -47,7 +47,7 @@ def serve(
         search_params=join_search_params(search_params, nprobe, ef_search),
     )
 
-    from loupe.retrieval.engine.status import redact_url
+    from loupe.indexer.storage.locations import redact_url
     from loupe.retrieval.web.guard import canonical_host
 
     def ready(state) -> None:

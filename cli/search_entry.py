@@ -175,7 +175,7 @@ def _start_tower(values: dict) -> None:
     from loupe.indexer.errors import LoupeError
     from loupe.indexer.storage.locations import resolve_location
     from loupe.retrieval.engine.query import parse_query
-    from loupe.retrieval.web.server import state_file
+    from loupe.retrieval.web.client import state_file
 
     try:
         terms = parse_query(values["query"])
@@ -199,7 +199,7 @@ def run_search(
     started = time.perf_counter()
     from loupe.indexer.storage.vectors import join_search_params, parse_search_params
     from loupe.retrieval.engine.query import parse_query
-    from loupe.retrieval.web.server import search_via_server
+    from loupe.retrieval.web.client import search_via_server
 
     params = join_search_params(search_params, nprobe, ef_search)
     parse_search_params(params)  # a bad string fails before any work

@@ -158,15 +158,16 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.engine.query import parse_query
     from loupe.retrieval.engine.search import Searcher
+    from loupe.retrieval.engine.vectors import query_vector
 
     store = Store.open(home=tmp_path / "home")
     index_folder(store, tiny_encoder, photo_dir)
     terms = parse_query(['"2:a red car" + "a dog"'])
     first = Searcher(store, tiny_encoder)
-    v1 = first.query_vector(terms)
+    v1 = query_vector(first, terms)
     assert first.stats == {"cache_hits": 0, "encoded": 2}
     second = Searcher(Store.open(home=tmp_path / "home", writer=False), tiny_encoder)
-    assert np.allclose(second.query_vector(terms), v1, atol=1e-6)
+    assert np.allclose(query_vector(second, terms), v1, atol=1e-6)
     assert second.stats == {"cache_hits": 2, "encoded": 0}
 
     for path in (tmp_path / "home").glob("*.faiss"):  # the index rebuilt with other weights, same home
@@ -176,7 +177,7 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
     rebuilt = Store.open(home=tmp_path / "home")
     index_folder(rebuilt, other, photo_dir)
     third = Searcher(rebuilt, other)
-    third.query_vector(terms)
+    query_vector(third, terms)
     assert third.stats == {"cache_hits": 0, "encoded": 2}
 
 

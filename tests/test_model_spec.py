@@ -69,7 +69,7 @@ def test_foreign_checkpoint_takes_the_index_model(tmp_path, tiny_bound, tiny_che
 
 
 def test_server_serves_the_resolved_model(tiny_checkpoint):
-    from loupe.retrieval.web.server import ServerState, _serves_model
+    from loupe.retrieval.web.client import ServerState, _serves_model
 
     state = ServerState(
         pid=1, port=9, catalog="sqlite:///x", model="loupe-tiny", pretrained=None, checkpoint=str(tiny_checkpoint),

@@ -19,7 +19,9 @@ from loupe.indexer.pipeline.jobs import index_captions, index_folder
 from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex
 from loupe.retrieval.engine.query import Term
+from loupe.retrieval.engine.photos import CatalogPhotos
 from loupe.retrieval.engine.search import Filters, Searcher
+from loupe.retrieval.engine.vectors import query_vector
 
 N_PHOTOS = 160
 
@@ -102,11 +104,11 @@ def test_filters_apply_before_the_cut(catalog, tiny_encoder, monkeypatch, scan):
     assert isinstance(store.vector_index(IMAGE), OnDiskVectorIndex)
     folder = catalog / "photos" / "a"
     filters = Filters.parse(folder, ["*[0-7].jpg"], None, None)
-    allowed = searcher.allowed_image_vectors(filters)
+    allowed = CatalogPhotos(store.catalog).allowed_vectors(filters)
     assert 0 < len(allowed) < N_PHOTOS // 2
     terms = [Term(1.0, "text", "a dog running on grass")]
     hits = searcher.search(terms, k=8, filters=filters)
-    query = searcher.query_vector(terms)
+    query = query_vector(searcher, terms)
     want_scores, want_ids = exact_top(store, IMAGE, query[None, :], 8, allowed)
     assert [h.vector_id for h in hits] == [int(i) for i in want_ids[0]]
     np.testing.assert_allclose([h.score for h in hits], want_scores[0], atol=1e-5)
@@ -120,7 +122,7 @@ def test_image_and_mixed_queries(catalog, tiny_encoder):
     photo = str(sorted((catalog / "photos" / "a").iterdir())[3])
     for terms in ([Term(1.0, "image", photo)], [Term(2.0, "text", "a dog"), Term(1.0, "image", photo), Term(-0.5, "text", "people")]):
         hits = searcher.search(terms, k=3)
-        scores, ids = exact_top(store, IMAGE, searcher.query_vector(terms)[None, :], 3)
+        scores, ids = exact_top(store, IMAGE, query_vector(searcher, terms)[None, :], 3)
         assert [h.vector_id for h in hits] == [int(i) for i in ids[0]]  # easy queries: found in the lists visited
         np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-5)
     assert searcher.search([Term(1.0, "image", photo)], k=1)[0].fields["path"] == photo

@@ -15,7 +15,9 @@ from loupe.indexer.storage.catalog import IMAGE
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.jobs import index_captions, index_folder
 from loupe.retrieval.engine.query import Term, parse_query
-from loupe.retrieval.engine.search import Filters, Searcher, parse_date
+from loupe.retrieval.engine.requests import parse_date
+from loupe.retrieval.engine.search import Filters, Searcher
+from loupe.retrieval.engine.vectors import image_file_vector, query_vector
 
 
 # ---- query language ---------------------------------------------------------------------
@@ -114,7 +116,7 @@ def test_text_query_matches_brute_force(indexed):
     terms = parse_query(["a dog running through the grass"])
     hits = indexed.search(terms, k=5)
     assert len(hits) == 5
-    assert_same_ranking(hits, brute_force(indexed, indexed.query_vector(terms)))
+    assert_same_ranking(hits, brute_force(indexed, query_vector(indexed, terms)))
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
 
 
@@ -132,7 +134,7 @@ def test_unindexed_query_image_is_embedded(indexed, tmp_path):
     Image.new("RGB", (50, 50), (250, 10, 10)).save(q)
     hits = indexed.search(parse_query([str(q)]), k=1)
     assert len(hits) == 1
-    assert_same_ranking(hits, brute_force(indexed, indexed.query_vector(parse_query([str(q)]))))
+    assert_same_ranking(hits, brute_force(indexed, query_vector(indexed, parse_query([str(q)]))))
 
 
 def test_mixed_query_is_weighted_sum(indexed, photo_dir):
@@ -140,9 +142,9 @@ def test_mixed_query_is_weighted_sum(indexed, photo_dir):
     terms = parse_query([f'"2:a beach" + {img} - "people"'])
     enc = indexed.encoder
     t = enc.encode_texts(["a beach", "people"])
-    vec = 2 * t[0] + indexed.image_vector(str(img)) - t[1]
+    vec = 2 * t[0] + image_file_vector(indexed, str(img)) - t[1]
     vec /= np.linalg.norm(vec)
-    assert np.allclose(indexed.query_vector(terms), vec, atol=1e-5)
+    assert np.allclose(query_vector(indexed, terms), vec, atol=1e-5)
     hits = indexed.search(terms, k=4)
     assert len(hits) == 4
     assert_same_ranking(hits, brute_force(indexed, vec))  # `vec` is summed here, not by the searcher
@@ -150,7 +152,7 @@ def test_mixed_query_is_weighted_sum(indexed, photo_dir):
 
 def test_filters_apply_before_the_top_k_cut(indexed, photo_dir):
     terms = parse_query(["a photo"])
-    q = indexed.query_vector(terms)
+    q = query_vector(indexed, terms)
     rows = {r.path: r for r in indexed.store.catalog.iter_image_rows()}
 
     def expect(paths):
@@ -188,7 +190,7 @@ def test_image_to_text_against_caption_corpus(indexed, tmp_path):
     terms = parse_query([str(img)])
     hits = indexed.search(terms, target="text", k=3)
     texts = ["a red square", "a tree", "blue sky"]
-    scores = indexed.encoder.encode_texts(texts) @ indexed.query_vector(terms)
+    scores = indexed.encoder.encode_texts(texts) @ query_vector(indexed, terms)
     assert [h.fields["text"] for h in hits] == [texts[i] for i in np.argsort(-scores)]
     assert next(h for h in hits if h.fields["text"] == "a red square").fields["image"] == "r.jpg"
 

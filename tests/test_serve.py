@@ -16,7 +16,7 @@ import pytest
 
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locations import resolve_location
-from loupe.retrieval.web.server import STATE_VERSION, read_state, state_file
+from loupe.retrieval.web.client import STATE_VERSION, read_state, state_file
 
 START_TIMEOUT = 180  # model load on a busy 2-core machine
 
@@ -202,7 +202,7 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
 
 
 def test_search_uses_a_server_only_with_the_same_text_precision(tiny_checkpoint):
-    from loupe.retrieval.web.server import ServerState, _serves_model
+    from loupe.retrieval.web.client import ServerState, _serves_model
 
     state = ServerState(
         pid=1, port=9, catalog="sqlite:///x", model="loupe-tiny", pretrained=None, checkpoint=str(tiny_checkpoint),
@@ -217,7 +217,7 @@ def test_idle_client_does_not_hold_the_server(server):
     """Requests are answered one at a time; a client that connects and sends nothing is dropped."""
     import socket
 
-    from loupe.retrieval.web.server import REQUEST_TIMEOUT
+    from loupe.retrieval.engine.requests import REQUEST_TIMEOUT
 
     state, _, _ = server
     with socket.create_connection(("127.0.0.1", state.port)):

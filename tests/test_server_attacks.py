@@ -322,7 +322,7 @@ def test_9_the_query_cache_keys_any_string():
 
 
 def test_10_database_passwords_are_never_shown(client, service, monkeypatch):
-    from loupe.retrieval.engine.status import redact_url
+    from loupe.indexer.storage.locations import redact_url
 
     assert redact_url("postgresql://loupe:s3cret@db.example:5432/photos") == "postgresql://loupe:***@db.example:5432/photos"
     assert redact_url("sqlite:////home/me/.loupe/catalog.db") == "sqlite:////home/me/.loupe/catalog.db"

@@ -83,7 +83,7 @@ def server(tmp_path_factory, tiny_encoder, library):
     from loupe.indexer.storage.locations import resolve_location
     from loupe.indexer.pipeline.jobs import index_captions, index_folder
     from loupe.indexer.storage.store import Store
-    from loupe.retrieval.web.server import read_state, state_file
+    from loupe.retrieval.web.client import read_state, state_file
 
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
     store = Store.open(home=loupe.home)

@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}  # what the page sends on every API 
 def make_service(home, encoder):
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.engine.search import Searcher
-    from loupe.retrieval.web.server import SearchService
+    from loupe.retrieval.engine.service import SearchService
 
     searcher = Searcher(Store.open(home=home, writer=False, map_files=False), encoder)
     return SearchService(searcher)
@@ -103,20 +103,17 @@ def test_paging_continues_without_overlap_or_encoding(client, app):
 
 def test_paging_past_the_first_ranked_depth(client, app, monkeypatch):
     """A page beyond what was ranked extends the same ranking (never a hard cap)."""
-    import loupe.retrieval.engine.websearch as ws
-
     web = app.state.web.web
     web._rankings.clear()
     calls = []
-    original = web._deepen
+    original = web.searcher.extend
 
-    def counting(*args):
-        calls.append(args[-1])
-        return original(*args)
+    def counting(ranking, need):
+        calls.append(need)
+        return original(ranking, need)
 
-    monkeypatch.setattr(web, "_deepen", counting)
-    monkeypatch.setattr(ws, "FIRST_DEPTH", 1)  # rank shallowly first
-    first = search(client, q="a dog", limit=2)["results"]
+    monkeypatch.setattr(web.searcher, "extend", counting)
+    first = search(client, q="a dog", limit=2)["results"]  # ranked as deep as the first page only
     deeper = search(client, q="a dog", limit=2, offset=10)["results"]
     assert len(calls) >= 2 and len(deeper) == 2
     whole = search(client, q="a dog", limit=12)["results"]

@@ -555,6 +555,7 @@ class Catalog(CatalogReads):
         }
 
 
+
 def _stored_version(conn: Connection) -> int | None:
     """The catalog's recorded schema version; None for a new catalog (no model bound yet)."""
     if not inspect(conn).has_table("meta"):

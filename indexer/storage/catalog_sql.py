@@ -66,6 +66,10 @@ EXPORT_IMAGES = (
 )
 COUNT_EXPORT_IMAGES = f"SELECT count(*) {_EXPORT_IMAGES_FROM}"
 _EXPORT_CAPTIONS_FROM = "FROM captions JOIN vectors ON vectors.id = captions.vector_id"
+VISIBLE_PHOTOS = (
+    "SELECT id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash FROM images "
+    "WHERE status = :ok AND vector_id IS NOT NULL ORDER BY path"
+)
 EXPORT_CAPTIONS = (
     "SELECT captions.text, captions.image, captions.source, captions.position, captions.content_hash, "
     f"captions.vector_id, vectors.data {_EXPORT_CAPTIONS_FROM} ORDER BY captions.source, captions.position"
@@ -297,3 +301,8 @@ class CatalogReads:
     def export_captions(self) -> Iterable[Sequence]:
         """Captions by source and position: (text, image, source, position, content_hash, vector_id, vector bytes)."""
         return self._stream(EXPORT_CAPTIONS, {})
+
+    def visible_photos(self) -> list[tuple]:
+        """(id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash) of every visible
+        indexed file, in path order: plain tuples, no ORM objects."""
+        return [(*r[:6], when(r[6]), *r[7:]) for r in self._rows(VISIBLE_PHOTOS, {"ok": OK})]

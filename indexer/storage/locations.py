@@ -55,3 +55,19 @@ def resolve_location(home: str | Path | None = None, db: str | None = None) -> L
         return Location(url=db, vector_dir=db_file.parent, prefix=f"{db_file.stem}.")
     tag = hashlib.sha1(db.encode()).hexdigest()[:12]
     return Location(url=db, vector_dir=home_dir.resolve(), prefix=f"db-{tag}.")
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password (`postgresql://user:***@host/db`): shown, never the secret."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:***@{hostport}" if parts.password is not None else f"{user}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))

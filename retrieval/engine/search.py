@@ -1,81 +1,35 @@
-"""Ranking: turn a query into one vector, search the FAISS index, apply filters before the cut.
+"""Ranking: one query vector searched in the FAISS index, with filters, paging and collapse.
 
 Filters (folder, path glob, date range) select the allowed vector ids first and the index
 search is restricted to them, so `-k 10 --after 2020` returns the best 10 from 2020 on, not
 whatever of the global top 10 survives. Identical files share one vector, so duplicates
-collapse into one result that lists the other paths.
+collapse into one result that lists the other paths (or, without collapse, one result each).
+A `Ranking` asks the index for exactly what is needed (`loupe search -k 60`'s k for a first
+page of 60) and is extended on demand, 4x deeper at a time: the CLI, its server endpoint and
+the page (`loupe.retrieval.engine.pages`) all rank here.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from loupe.indexer.storage.catalog_names import IMAGE, TEXT, path_key_of, prefix_bounds
+from loupe.indexer.storage.catalog_names import IMAGE, TEXT
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.store import Store
+from loupe.retrieval.engine.photos import CatalogPhotos
 from loupe.retrieval.engine.query import Term
+from loupe.retrieval.engine.requests import Filters, RequestError, SearchRequest
+from loupe.retrieval.engine.vectors import query_vector
 
 if TYPE_CHECKING:
     from loupe.indexer.storage.catalog import ImageRow
 
-DATE_FIELDS = ("auto", "taken", "modified")
-
-
-def parse_date(text: str, end: bool = False) -> datetime:
-    """'2021', '2021-06', '2021-06-30' or an ISO time; `end` rounds a partial date up (exclusive)."""
-    text = text.strip()
-    try:
-        if len(text) == 4 and text.isdigit():
-            year = int(text)
-            return datetime(year + 1 if end else year, 1, 1)
-        if len(text) == 7 and text[4] == "-":
-            year, month = int(text[:4]), int(text[5:])
-            if end:
-                year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-            return datetime(year, month, 1)
-        value = datetime.fromisoformat(text)
-        if end and len(text) == 10:
-            from datetime import timedelta
-
-            value += timedelta(days=1)
-        return value.replace(tzinfo=None)
-    except ValueError:
-        raise LoupeError(f"cannot read date '{text}': use YYYY, YYYY-MM, YYYY-MM-DD or an ISO time") from None
-
-
-@dataclass
-class Filters:
-    """Restrictions applied before the top-k cut (image results only)."""
-
-    folder: str | None = None
-    globs: list[str] = field(default_factory=list)
-    after: datetime | None = None
-    before: datetime | None = None
-    date_field: str = "auto"  # capture time when known, else modification time
-
-    def active(self) -> bool:
-        return bool(self.folder or self.globs or self.after or self.before)
-
-    @classmethod
-    def parse(
-        cls, folder: str | os.PathLike | None, globs: Sequence[str] | None, after: str | None, before: str | None,
-        date_field: str = "auto",
-    ) -> "Filters":
-        """Filters from command-line style values (dates as YYYY[-MM[-DD]]); shared by CLI and server."""
-        return cls(
-            folder=str(folder) if folder else None,
-            globs=list(globs or []),
-            after=parse_date(after) if after else None,
-            before=parse_date(before, end=True) if before else None,
-            date_field=date_field,
-        )
+UNBOUNDED_START = 256  # index k of a first search for "everything above min_score"
 
 
 @dataclass
@@ -88,27 +42,6 @@ class Hit:
 
     def to_json(self) -> dict:
         return {"rank": self.rank, "score": round(float(self.score), 6), "kind": self.kind, **self.fields}
-
-
-def _row_date(row: ImageRow, date_field: str) -> datetime:
-    if date_field == "taken" or (date_field == "auto" and row.taken_at is not None):
-        return row.taken_at
-    return datetime.fromtimestamp(row.mtime_ns / 1e9)
-
-
-def _row_passes(row: ImageRow, filters: Filters, folder_key: bytes | None) -> bool:
-    """Whether one file passes `filters`; `folder_key` is the folder's `path_key_of`, if any."""
-    if folder_key is not None and not row.path_key.startswith(prefix_bounds(folder_key)[0]):
-        return False
-    if filters.globs and not any(
-        fnmatch.fnmatch(row.path, g) or fnmatch.fnmatch(os.path.basename(row.path), g) for g in filters.globs
-    ):
-        return False
-    if filters.after or filters.before:
-        when = _row_date(row, filters.date_field)
-        if when is None or (filters.after and when < filters.after) or (filters.before and when >= filters.before):
-            return False
-    return True
 
 
 def _image_fields(rows: list[ImageRow]) -> dict:
@@ -125,6 +58,23 @@ def _image_fields(rows: list[ImageRow]) -> dict:
     }
 
 
+@dataclass
+class Ranking:
+    """One query's results so far, best first: (score, files) entries, extended on demand.
+
+    An entry's files are the visible files of one vector that pass the filters (collapsed), or
+    one file (not collapsed); for captions, the caption rows of one vector.
+    """
+
+    request: SearchRequest
+    photos: object  # `CatalogPhotos` or `Snapshot`
+    vector: np.ndarray | None
+    allowed: np.ndarray | None = None
+    entries: list[tuple[float | None, list]] = field(default_factory=list)
+    exhausted: bool = False
+    depth: int = 0  # index k used so far
+
+
 class Searcher:
     """A loaded index plus the encoder bound to it; answers any number of queries."""
 
@@ -138,43 +88,6 @@ class Searcher:
         self.query_cache = query_cache or QueryCache(cache_path(store.location), self.meta.weights_id, self.meta.dim)
         self.stats = {"cache_hits": 0, "encoded": 0}  # text terms answered by the query cache / by the model
 
-    # ---- query vectors -----------------------------------------------------------------
-    def image_vector(self, path: str) -> np.ndarray:
-        """Embed a query image; an already indexed file (same bytes) reuses its stored vector."""
-        from loupe.indexer.pipeline.imageio import BadImage, decode_image
-        from loupe.indexer.pipeline.jobs import content_hash
-
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise LoupeError(f"cannot read query image {path}: {exc.strerror}") from None
-        stored = self.store.catalog.vector_for_hash(IMAGE, content_hash(data), self.meta.dim)
-        if stored is not None:
-            return stored
-        import torch
-
-        try:
-            tensor, _ = decode_image(data, self.encoder.image_size, self.encoder.preprocess)
-        except BadImage as exc:
-            raise LoupeError(f"cannot use {path} as a query image: {exc}") from None
-        return self.encoder.encode_images(torch.stack([tensor]))[0]
-
-    def query_vector(self, terms: Sequence[Term]) -> np.ndarray:
-        """Weighted sum of the L2-normalised term embeddings, normalised again."""
-        total = np.zeros(self.meta.dim, dtype=np.float32)
-        texts = [t for t in terms if t.kind == "text"]
-        if texts:
-            for term, vec in zip(texts, self.text_vectors([t.value for t in texts])):
-                total += term.weight * vec
-        for term in terms:
-            if term.kind == "image":
-                total += term.weight * self.image_vector(term.value)
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-8:
-            raise LoupeError("the query terms cancel out: nothing left to search for")
-        return total / norm
-
     def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Embed sentences, reusing the on-disk query cache: a repeated sentence is not encoded again."""
         precision = self.encoder.text_precision
@@ -187,23 +100,77 @@ class Searcher:
         self.stats["cache_hits"] += sum(v is not None for v in cached)
         return [fresh[t] if v is None else v for t, v in zip(texts, cached)]
 
-    # ---- filters -------------------------------------------------------------------------
-    def allowed_image_vectors(self, filters: Filters) -> np.ndarray | None:
-        """Vector ids of files that pass `filters`, or None when nothing is filtered."""
-        if not filters.active():
-            return None
-        if filters.date_field not in DATE_FIELDS:
-            raise LoupeError(f"--date-field must be one of {', '.join(DATE_FIELDS)}")
-        folder = path_key_of(filters.folder) if filters.folder else None
-        if folder is not None and not os.path.isdir(filters.folder):
-            raise LoupeError(f"--in: not a folder: {filters.folder}")
-        ids: set[int] = set()
-        for row in self.store.catalog.iter_image_rows(folder, status="ok"):
-            if _row_passes(row, filters, None):  # the folder is the query's key range already
-                ids.add(row.vector_id)
-        return np.fromiter(ids, dtype=np.int64, count=len(ids))
+    # ---- ranking ---------------------------------------------------------------------------
+    def rank(self, request: SearchRequest, photos=None, image: Callable[[str], np.ndarray] | None = None) -> Ranking:
+        """A new ranking for `request` (its terms), nothing ranked yet: `extend` it.
 
-    # ---- search ----------------------------------------------------------------------------
+        `photos` is the view of the visible files (default: the catalog, per query); `image`
+        resolves image terms (default: file paths, `loupe.retrieval.engine.vectors`).
+        """
+        photos = photos if photos is not None else CatalogPhotos(self.store.catalog)
+        target, filters = request.target, request.filters
+        if target == IMAGE and filters.active():
+            photos.check_folder(filters)
+        index = self.store.vector_index(target)
+        if index.ntotal == 0:
+            what = "images" if target == IMAGE else "captions (run `loupe index-text FILE`)"
+            raise RequestError(400, f"the index holds no {what}")
+        vector = query_vector(self, request.terms, image)
+        allowed = photos.allowed_vectors(filters) if (target == IMAGE and filters.active()) else None
+        return Ranking(request, photos, vector, allowed, exhausted=allowed is not None and len(allowed) == 0)
+
+    def extend(self, ranking: Ranking, need: int | None) -> None:
+        """Rank until `need` entries exist (None: all above min_score) or nothing is left."""
+        if ranking.exhausted:
+            return
+        index = self.store.vector_index(ranking.request.target)
+        total = index.ntotal if ranking.allowed is None else len(ranking.allowed)
+        if total == 0:
+            ranking.exhausted = True
+            return
+        # first exactly what is needed; then 4x deeper, with room for collapsed duplicates
+        k = (need if need is not None else UNBOUNDED_START) if ranking.depth == 0 else max(ranking.depth * 4, (need or 0) * 2)
+        while True:
+            k = min(k, total)
+            scores, ids = index.search(ranking.vector[None, :], k, ranking.allowed)
+            ranking.depth = k
+            ranking.entries, below = self._entries(scores[0], ids[0], ranking)
+            found = int((ids[0] >= 0).sum())
+            ranking.exhausted = below or found < k or k >= total
+            if ranking.exhausted or (need is not None and len(ranking.entries) >= need):
+                return
+            k *= 4
+
+    def _entries(self, scores: np.ndarray, ids: np.ndarray, ranking: Ranking) -> tuple[list, bool]:
+        """Entries for ranked vector ids; True when min_score cut the list."""
+        request = ranking.request
+        pairs = []
+        below = False
+        for s, i in zip(scores, ids):
+            if i < 0:
+                break
+            if request.min_score is not None and s < request.min_score:
+                below = True
+                break
+            pairs.append((float(s), int(i)))
+        if request.target == TEXT:
+            rows = self.store.catalog.caption_rows_for_vectors([i for _, i in pairs])
+            return [(s, rows[i]) for s, i in pairs if i in rows], below
+        rows = ranking.photos.rows_for_vectors([i for _, i in pairs])
+        filters = request.filters if request.filters.active() else None
+        entries: list[tuple[float | None, list]] = []
+        for s, i in pairs:
+            files = rows.get(i, [])
+            if filters is not None:
+                files = [f for f in files if filters.passes(f)]
+            if not files:
+                continue
+            if request.collapse:
+                entries.append((s, files))
+            else:
+                entries.extend((s, [f]) for f in files)
+        return entries, below
+
     def search(
         self,
         terms: Sequence[Term],
@@ -212,48 +179,26 @@ class Searcher:
         filters: Filters | None = None,
         min_score: float | None = None,
     ) -> list[Hit]:
-        """Rank the `target` collection ('image' or 'text') for the query terms."""
+        """The best `k` results for the query terms in the `target` collection ('image' or 'text')."""
         if k < 1:
             raise LoupeError("-k must be at least 1")
-        index = self.store.vector_index(target)
-        if index.ntotal == 0:
-            what = "images" if target == IMAGE else "captions (run `loupe index-text FILE`)"
-            raise LoupeError(f"the index holds no {what}")
-        query = self.query_vector(terms)
-        allowed = self.allowed_image_vectors(filters) if (filters and target == IMAGE) else None
-        if allowed is not None and len(allowed) == 0:
-            return []
-        scores, ids = index.search(query[None, :], k, allowed)
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        if min_score is not None:
-            pairs = [(s, i) for s, i in pairs if s >= min_score]
-        return self._hits(pairs, target, filters if allowed is not None else None)
-
-    def _hits(self, pairs: list[tuple[float, int]], target: str, filters: Filters | None = None) -> list[Hit]:
-        """Hits with their files; under `filters`, only the files that pass them (path and duplicates)."""
-        ids = [i for _, i in pairs]
+        ranking = self.rank(SearchRequest(tuple(terms), target, 0, k, min_score, filters or Filters()))
+        self.extend(ranking, k)
         hits: list[Hit] = []
-        if target == IMAGE:
-            rows = self.store.catalog.image_rows_for_vectors(ids)
-            if filters is not None:
-                folder = path_key_of(filters.folder) if filters.folder else None
-                rows = {v: kept for v, rs in rows.items() if (kept := [r for r in rs if _row_passes(r, filters, folder)])}
-            for score, vid in pairs:
-                if vid in rows:
-                    hits.append(Hit(len(hits) + 1, score, IMAGE, vid, _image_fields(rows[vid])))
-        else:
-            rows = self.store.catalog.caption_rows_for_vectors(ids)
-            for score, vid in pairs:
-                if vid in rows:
-                    first = rows[vid][0]
-                    fields = {
-                        "text": first.text,
-                        "image": first.image,
-                        "source": first.source,
-                        "position": first.position,
-                        "duplicates": len(rows[vid]) - 1,
-                    }
-                    hits.append(Hit(len(hits) + 1, score, TEXT, vid, fields))
+        for score, rows in ranking.entries[:k]:
+            vid = rows[0].vector_id
+            if target == IMAGE:
+                hits.append(Hit(len(hits) + 1, score, IMAGE, vid, _image_fields(rows)))
+            else:
+                first = rows[0]
+                fields = {
+                    "text": first.text,
+                    "image": first.image,
+                    "source": first.source,
+                    "position": first.position,
+                    "duplicates": len(rows) - 1,
+                }
+                hits.append(Hit(len(hits) + 1, score, TEXT, vid, fields))
         return hits
 
 

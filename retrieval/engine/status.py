@@ -5,24 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from loupe.indexer.storage.locations import redact_url
+
 from loupe.indexer.storage.ondisk.state import ondisk_status
 from loupe.indexer.storage.store import Store
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password (`postgresql://user:***@host/db`): shown, never the secret."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None and "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostport}" if parts.password is not None else f"{user}@{hostport}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def indexed_folders(store: Store) -> list[dict[str, Any]]:

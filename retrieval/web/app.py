@@ -31,11 +31,9 @@ from starlette.staticfiles import StaticFiles
 from loupe.indexer.storage.catalog import IMAGE
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.imageio import BadImage
-from loupe.retrieval.engine.requests import RequestError, decode_json, parse_search
+from loupe.retrieval.engine.requests import RequestError, decode_json, parse_page_search, parse_search
 from loupe.retrieval.web.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
-from loupe.retrieval.web.server import query_threads
 from loupe.retrieval.web.guard import MAX_BODY, SIGNED_PATHS, UPLOAD_LIMIT, Guard, own_hosts, send_json, sign_path
-from loupe.retrieval.engine.websearch import WebError, WebSearch, parse_web_search
 
 WEB_DIR = Path(__file__).resolve().parent / "static"
 IMMUTABLE = "private, max-age=31536000, immutable"  # never a shared cache: pictures are private
@@ -46,7 +44,7 @@ UPLOAD_PIXELS = 100_000_000  # pixels of an uploaded picture after JPEG draft sc
 INTERNAL_ERROR = "the server could not answer this request (an internal error); try again, or restart `loupe serve`"
 
 
-class Busy(WebError):
+class Busy(RequestError):
     """All workers busy and the queue full: 503 with Retry-After."""
 
     def __init__(self, what: str, retry_after: int = 2) -> None:
@@ -124,7 +122,7 @@ class _Errors:
             if started or scope["type"] != "http":
                 return
             headers = [("connection", "close")]
-            if isinstance(exc, (RequestError, WebError)):
+            if isinstance(exc, RequestError):
                 status, message = exc.status, exc.message
                 if isinstance(exc, Busy):
                     headers.append(("retry-after", str(exc.retry_after)))
@@ -143,7 +141,7 @@ class WebApp:
 
     def __init__(self, service, thumbs: ThumbCache, upload_limit: int, token: str = "", previews: ThumbCache | None = None) -> None:
         self.service = service
-        self.web = WebSearch(service.searcher)
+        self.web = service.pages
         self.thumbs = thumbs
         self.previews = previews or ThumbCache(thumbs.folder.parent / f"{thumbs.folder.name}-previews", ext=".jpg")
         self.upload_limit = upload_limit
@@ -183,11 +181,9 @@ class WebApp:
     # ---- search -------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
-        query = parse_web_search(await self._json_body(request))
+        query = parse_page_search(await self._json_body(request))
         _check_web_terms(query.q)
-        self._refresh()
-        with query_threads():
-            answer = self.web.search(query)
+        answer = self.service.page_search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
         for result in answer.get("results", []):
@@ -296,7 +292,7 @@ class WebApp:
         try:
             data, media_type, actual = await self.pictures.run(make)
         except (NotServable, BadImage) as exc:
-            raise WebError(404, f"photo {photo.id}: {exc}") from None
+            raise RequestError(404, f"photo {photo.id}: {exc}") from None
         self.thumbs_made += 1
         if actual != digest:  # the file changed since it was indexed: not the catalogued picture
             headers = {"ETag": f'"{actual}"', "Cache-Control": "private, no-cache"}
@@ -326,7 +322,7 @@ class WebApp:
         try:
             picture = await self.pictures.run(make)
         except (NotServable, BadImage) as exc:
-            raise WebError(404, f"photo {photo.id}: {exc}") from None
+            raise RequestError(404, f"photo {photo.id}: {exc}") from None
         return Response(picture.data, media_type=picture.media_type, headers=headers)
 
     # ---- the index ----------------------------------------------------------------------------
@@ -434,7 +430,7 @@ def _check_upload(data: bytes, image_size: int) -> None:
     try:
         open_within_budget(data, image_size, max_pixels=UPLOAD_PIXELS).close()
     except BadImage as exc:
-        raise WebError(400, f"cannot use the upload as an image: {exc}") from None
+        raise RequestError(400, f"cannot use the upload as an image: {exc}") from None
 
 
 def _check_web_terms(q: str) -> None:
@@ -445,7 +441,7 @@ def _check_web_terms(q: str) -> None:
     try:
         q.encode("utf-8")
     except UnicodeEncodeError:
-        raise WebError(400, "bad request: q must be valid Unicode text") from None
+        raise RequestError(400, "bad request: q must be valid Unicode text") from None
     if not q.strip() or q.strip().startswith(("upload:", "photo:")) and " " not in q.strip():
         return
     try:
@@ -453,12 +449,12 @@ def _check_web_terms(q: str) -> None:
     except LoupeError:
         return  # reported by the search, in its own words
     except (ValueError, OverflowError):
-        raise WebError(400, "bad request: a weight in the query is not a number loupe can use") from None
+        raise RequestError(400, "bad request: a weight in the query is not a number loupe can use") from None
     if len(terms) > MAX_TERMS:
-        raise WebError(400, f"bad request: at most {MAX_TERMS} terms in a query")
+        raise RequestError(400, f"bad request: at most {MAX_TERMS} terms in a query")
     for term in terms:
         if not abs(term.weight) <= MAX_WEIGHT:
-            raise WebError(400, f"bad request: weights must lie within ±{MAX_WEIGHT:g}")
+            raise RequestError(400, f"bad request: weights must lie within ±{MAX_WEIGHT:g}")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -466,14 +462,14 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _known_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RequestError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        if isinstance(exc, Busy):
+            headers["Retry-After"] = str(exc.retry_after)
+        return error(exc.status, exc.message, headers or None)
     if isinstance(exc, LoupeError):
         return error(400, str(exc))
-    if not isinstance(exc, (RequestError, WebError)):  # a bug: JSON too (Starlette re-raises it; `_Errors` ends it)
-        return error(500, INTERNAL_ERROR)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-    if isinstance(exc, Busy):
-        headers["Retry-After"] = str(exc.retry_after)
-    return error(exc.status, exc.message, headers or None)
+    return error(500, INTERNAL_ERROR)  # a bug: JSON too, never its text (Starlette re-raises it; `_Errors` ends it)
 
 
 def create_app(
@@ -516,7 +512,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_error, RequestError: _known_error, WebError: _known_error, LoupeError: _known_error,
+        exception_handlers={HTTPException: _http_error, RequestError: _known_error, LoupeError: _known_error,
                             Exception: _known_error},
     )
     app.state.web = web
