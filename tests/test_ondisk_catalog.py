@@ -13,7 +13,8 @@ import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, TEXT
 from loupe.indexer.storage.ondisk import INFO_FILE, OnDiskVectorIndex, build_catalog_ondisk, catalog_factory
-from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.pipeline.captions import index_captions
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex
 from loupe.retrieval.engine.query import Term

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, path_key_of
-from loupe.indexer.pipeline.jobs import IndexReport, index_files, index_folder
+from loupe.indexer.pipeline.runner import IndexReport
+from loupe.indexer.pipeline.indexing import index_files, index_folder
 from loupe.indexer.pipeline.stages import Committer, Reader, StageTimes, embed_batch, plan_files, plan_folder, read_file_list
 from loupe.indexer.storage.store import Store, check_store
 from tests.conftest import REPO

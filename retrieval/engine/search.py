@@ -142,7 +142,7 @@ class Searcher:
     def image_vector(self, path: str) -> np.ndarray:
         """Embed a query image; an already indexed file (same bytes) reuses its stored vector."""
         from loupe.indexer.pipeline.imageio import BadImage, decode_image
-        from loupe.indexer.pipeline.jobs import content_hash
+        from loupe.indexer.pipeline.stages import content_hash
 
         try:
             with open(path, "rb") as f:

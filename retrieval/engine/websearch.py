@@ -371,7 +371,7 @@ class WebSearch:
         import torch
 
         from loupe.indexer.pipeline.imageio import BadImage, decode_image
-        from loupe.indexer.pipeline.jobs import content_hash
+        from loupe.indexer.pipeline.stages import content_hash
 
         ident = content_hash(data)
         known = self.uploads.get(ident)
