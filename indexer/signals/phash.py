@@ -30,10 +30,10 @@ def _bits_to_int(bits: np.ndarray) -> int:
 
 def perceptual_hashes(image: Image.Image) -> Hashes:
     """pHash and dHash of a PIL image (any mode, any size)."""
+    factor = min(image.size) // (4 * _SIDE)
+    if factor > 1:  # a fast box reduction first: the conversion and Lanczos resizes then read few pixels
+        image = image.reduce(factor)
     gray = image.convert("L")
-    factor = min(gray.size) // (4 * _SIDE)
-    if factor > 1:  # a fast box reduction first: the Lanczos resizes below then read few pixels
-        gray = gray.reduce(factor)
     small = np.asarray(gray.resize((_SIDE, _SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
     low = (_DCT @ small @ _DCT.T)[:8, :8]
     phash = _bits_to_int(low > np.median(low))
