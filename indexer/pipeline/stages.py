@@ -36,8 +36,6 @@ from loupe.indexer.signals.base import Signal, SignalResult, SourceFile, run_sig
 from loupe.indexer.storage.catalog import IMAGE, MISSING, Catalog, ImageRecord, ImageState, path_key_of
 from loupe.indexer.storage.critical import critical_section
 
-__all__ = ["reason_for"]  # re-exported: the skip reason of a failed read, for every stage user
-
 
 def content_hash(data: bytes) -> str:
     """Identity of a file's content (BLAKE2b-128, hex): equal bytes, equal vector."""
