@@ -89,7 +89,7 @@ def commit_rate(url: str, rows: int, batch: int, dim: int = 512) -> dict:
     import numpy as np
 
     from loupe.indexer.storage.catalog import Catalog
-    from loupe.indexer.pipeline.jobs import IndexReport
+    from loupe.indexer.pipeline.runner import IndexReport
     from loupe.indexer.pipeline.stages import Committer, WorkUnit
 
     catalog = Catalog(url)

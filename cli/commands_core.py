@@ -59,7 +59,7 @@ def index(
     a folder that is gone or empty where photos were indexed (an unplugged drive) is reported
     offline and nothing is removed. Bad files are skipped, kept with their reason, and listed.
     """
-    from loupe.indexer.pipeline.jobs import index_files, index_folder
+    from loupe.indexer.pipeline.indexing import index_files, index_folder
     from loupe.indexer.models.precision import CHOICES
 
     if precision not in CHOICES:
@@ -181,6 +181,11 @@ def _print_index_report(r) -> None:
             typer.echo(f"  {path}: {reason}")
         if len(r.bad_files) > 20:
             typer.echo(f"  ... and {len(r.bad_files) - 20} more (see `loupe info --skipped`)")
+    for name, counts in r.signals.items():
+        failed = f", failed on {counts['failed']}" if counts["failed"] else ""
+        typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}")
+    for path, name, reason in r.signal_errors[:20]:
+        typer.echo(f"  {path}: {name}: {reason}")
     if r.walk_errors:
         typer.echo(f"warning: {r.walk_errors} folders or files could not be read")
     if r.restored:
@@ -203,7 +208,7 @@ def index_text(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Add a caption corpus to the index, so an image can find the sentences that describe it."""
-    from loupe.indexer.pipeline.jobs import index_captions
+    from loupe.indexer.pipeline.captions import index_captions
     from loupe.indexer.pipeline.sources import read_captions
 
     read_captions(file, column)  # fail on a bad file before loading the model
@@ -275,6 +280,10 @@ def info(
     store = open_store(home, db, writer=False)
     out = index_status(store)  # the same facts the web page's status view shows
     out["image_precision"] = store.image_precisions()
+    from loupe.indexer.signals.base import versions
+    from loupe.indexer.signals.registry import registered
+
+    out["signals"] = store.catalog.signal_coverage(versions(registered()))
     if skipped:
         out["skipped_files"] = skipped_files(store)
     if as_json:
@@ -287,6 +296,9 @@ def info(
     from loupe.indexer.models.precision import describe_record
 
     typer.echo(f"precision    image vectors {describe_record(out['image_precision'])}")
+    for name, c in out["signals"].items():
+        failed = f", failed on {c['failed']}" if c["failed"] else ""
+        typer.echo(f"signal       {name} v{c['version']}: {c['done']} of {c['photos']} photos{failed}")
     missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
     typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
                f"{stats['images_skipped']} skipped{missing}, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")
@@ -349,7 +361,7 @@ def remove(
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Remove files, folders or caption corpora from the index."""
-    from loupe.indexer.pipeline.jobs import remove_items
+    from loupe.indexer.pipeline.removal import remove_items
 
     store = open_store(home, db)
     with writing(store, no_wait):

@@ -161,7 +161,8 @@ def web_index(tmp_path_factory, tiny_encoder, flickr_images) -> WebIndex:
     import json as _json
     from datetime import datetime as _dt
 
-    from loupe.indexer.pipeline.jobs import index_captions, index_folder
+    from loupe.indexer.pipeline.captions import index_captions
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
 
     idx = WebIndex(tmp_path_factory.mktemp("web"), tiny_encoder)

@@ -152,7 +152,7 @@ def test_a_damaged_tower_falls_back_to_torch(tower_dir, tiny_encoder, tmp_path):
 
 def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_encoder, tiny_checkpoint):
     """The query cache sits behind `Searcher` (CLI and server alike), keyed by the index's weights."""
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.models.random_weights import save_random_model
     from loupe.indexer.models.encoder import load_encoder, make_spec
     from loupe.indexer.storage.store import Store

@@ -27,7 +27,7 @@ from loupe.indexer.storage.catalog import IMAGE, Catalog, ImageRecord, ImageRow
 from loupe.indexer.storage.critical import critical_section
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locking import writer_lock
-from loupe.indexer.pipeline.jobs import index_folder
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.indexer.storage.check import check_store
 from loupe.indexer.storage.store import Store
 from tests.conftest import REPO

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from loupe.indexer.storage.catalog import IMAGE, TEXT
-from loupe.indexer.pipeline.jobs import index_captions, index_folder, remove_items
+from loupe.indexer.pipeline.captions import index_captions
+from loupe.indexer.pipeline.indexing import index_folder
+from loupe.indexer.pipeline.removal import remove_items
 from loupe.indexer.storage.check import check_store
 from loupe.indexer.storage.store import Store
 

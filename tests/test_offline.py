@@ -16,7 +16,8 @@ from sqlalchemy import func, inspect, select, text
 from loupe.indexer.storage import catalog as catalog_module
 from loupe.indexer.storage.catalog import IMAGE, ImageRecord, ImageRow, Vector
 from loupe.indexer.errors import LoupeError
-from loupe.indexer.pipeline.jobs import index_folder, remove_items
+from loupe.indexer.pipeline.indexing import index_folder
+from loupe.indexer.pipeline.removal import remove_items
 from loupe.indexer.storage.check import check_store
 from loupe.indexer.storage.store import Store
 from loupe.retrieval.engine.query import Term

@@ -15,7 +15,8 @@ from loupe.indexer.storage.catalog import IMAGE, TEXT
 from loupe.indexer.storage.ondisk.build import build_catalog_ondisk
 from loupe.indexer.storage.ondisk.layout import INFO_FILE, catalog_factory
 from loupe.indexer.storage.ondisk.search import OnDiskVectorIndex
-from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.pipeline.captions import index_captions
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.indexer.storage.store import Store
 from loupe.indexer.storage.vectors import VectorIndex
 from loupe.retrieval.engine.query import Term

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,7 +31,11 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 
 def test_wheel_holds_only_the_loupe_package_and_its_data(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+    src = tmp_path / "src"  # a copy: building writes build/ and egg-info beside the sources
+    for name in ("pyproject.toml", "README.md", *FOLDERS.values()):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (REPO / name).is_dir() else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("loupe-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, SCHEMA_VERSION
-from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.pipeline.captions import index_captions
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.indexer.storage.check import check_store
 from loupe.indexer.storage.store import Store
 from loupe.retrieval.engine.query import parse_query

@@ -138,7 +138,7 @@ def test_mixing_rule():
 
 
 def test_library_index_records_its_precision(store, vit_encoder, photo_dir):
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
 
     vit_encoder.set_image_precision("int8")
     report = index_folder(store, vit_encoder, photo_dir, batch_size=8)

@@ -57,7 +57,7 @@ def test_auto_is_fp32_on_cpus_and_faster_precisions_stay_opt_in(vit_encoder, tin
 def test_auto_runs_join_an_index_of_int8_vectors(store, vit_encoder, photo_dir, tmp_path):
     """An index whose int8 vectors an earlier `auto` made still takes the fp32 runs of today's `auto`
     (mixing is judged by the 0.999 bound)."""
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
 
     names = sorted(p.name for p in photo_dir.iterdir())
     a, b = tmp_path / "a", tmp_path / "b"

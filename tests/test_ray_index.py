@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from loupe.indexer.storage.catalog import IMAGE, path_key_of
-from loupe.indexer.pipeline.jobs import IndexReport, index_files, index_folder
+from loupe.indexer.pipeline.runner import IndexReport
+from loupe.indexer.pipeline.indexing import index_files, index_folder
 from loupe.indexer.pipeline.stages import Committer, Reader, StageTimes, embed_batch, plan_files, plan_folder, read_file_list
 from loupe.indexer.storage.check import check_store
 from loupe.indexer.storage.store import Store
@@ -262,3 +263,26 @@ def test_interrupted_ray_run_continues_to_the_same_catalog(cluster, tiny_encoder
     assert not second.interrupted
     assert (second.unchanged, second.embedded) == (first.embedded, 40 - first.embedded)
     assert_same_catalog(catalog_snapshot(store), _reference(tmp_path, tiny_encoder, photos))
+
+
+def test_ray_records_precision_and_runs_signals_like_the_local_runner(cluster, tiny_encoder, flickr_images, tmp_path):
+    """Both executors go through one loop: the precision of Ray-written vectors is admitted and
+    recorded as the local runner's is, and the signals run in the Ray decode pass (and, decode
+    only, on photos indexed before a signal existed)."""
+    from loupe.indexer.pipeline.ray_runner import index_on_ray
+    from loupe.indexer.signals.phash import PerceptualHash
+
+    photos = _copy_photos(flickr_images, tmp_path / "p12", 12)
+    local = Store.open(home=tmp_path / "local")
+    index_folder(local, tiny_encoder, photos, signals=[PerceptualHash()])
+    on_ray = Store.open(home=tmp_path / "ray")
+    report = index_on_ray(on_ray, tiny_encoder, str(photos), batch_size=4, signals=(PerceptualHash(),))
+    assert (report.runner, report.embedded, report.precision) == ("ray", 12, "fp32")
+    assert on_ray.image_precisions() == local.image_precisions() == {"fp32": 1.0}
+    assert report.signals == {"phash": {"done": 12, "failed": 0}}
+    assert on_ray.catalog.signal_values("phash", 1).keys() == local.catalog.signal_values("phash", 1).keys()
+
+    later = Store.open(home=tmp_path / "later")
+    index_on_ray(later, tiny_encoder, str(photos), batch_size=4, signals=())
+    backfill = index_on_ray(later, tiny_encoder, str(photos), batch_size=4, signals=(PerceptualHash(),))
+    assert (backfill.embedded, backfill.signals) == (0, {"phash": {"done": 12, "failed": 0}})

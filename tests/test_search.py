@@ -13,7 +13,8 @@ from PIL import Image
 
 from loupe.indexer.storage.catalog import IMAGE
 from loupe.indexer.errors import LoupeError
-from loupe.indexer.pipeline.jobs import index_captions, index_folder
+from loupe.indexer.pipeline.captions import index_captions
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.retrieval.engine.query import Term, parse_query
 from loupe.retrieval.engine.requests import parse_date
 from loupe.retrieval.engine.search import Filters, Searcher

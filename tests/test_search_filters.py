@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from loupe.indexer.pipeline.jobs import index_folder
+from loupe.indexer.pipeline.indexing import index_folder
 from loupe.retrieval.engine.query import parse_query
 from loupe.retrieval.engine.requests import parse_date
 from loupe.retrieval.engine.search import Filters, Searcher

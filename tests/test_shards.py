@@ -18,7 +18,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from loupe.indexer.storage.catalog import IMAGE, OK, TEXT, CaptionRow, ImageRow, Vector  # noqa: E402
 from loupe.indexer.errors import LoupeError  # noqa: E402
-from loupe.indexer.pipeline.jobs import index_captions, index_folder  # noqa: E402
+from loupe.indexer.pipeline.captions import index_captions  # noqa: E402
+from loupe.indexer.pipeline.indexing import index_folder  # noqa: E402
 from loupe.indexer.interop.shards import MANIFEST, list_shards  # noqa: E402
 from loupe.indexer.storage.store import Store  # noqa: E402
 from loupe.indexer.interop.transfer import export_catalog, import_shards  # noqa: E402

@@ -210,7 +210,7 @@ def test_catalog_rebuilt_from_scratch_with_the_same_generation_is_detected(write
 def test_loupe_search_and_check_on_a_stale_index_write_nothing(loupe, tiny_encoder, photo_dir):
     from PIL import Image
 
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
 
     store = Store.open(home=loupe.home)
     index_folder(store, tiny_encoder, photo_dir)

@@ -81,7 +81,8 @@ def server(tmp_path_factory, tiny_encoder, library):
     The index is built in this process by the functions behind `loupe index` and `loupe
     index-text` (the model is loaded here already); the server runs as a user runs it."""
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.indexer.pipeline.jobs import index_captions, index_folder
+    from loupe.indexer.pipeline.captions import index_captions
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.web.client import read_state, state_file
 

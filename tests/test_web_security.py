@@ -295,7 +295,7 @@ def test_a_photo_reached_through_a_folder_symlink_is_served(tmp_path, web_index,
     """Indexing follows folder symlinks; such a photo is served while its bytes are the catalogued ones."""
     from starlette.testclient import TestClient
 
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
 
     elsewhere = tmp_path / "elsewhere"

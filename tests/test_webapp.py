@@ -310,7 +310,7 @@ def test_captions_for_a_photo(client, web_index, tmp_path, tiny_encoder):
     # an index without captions: a clear 404
     from starlette.testclient import TestClient
 
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.web.app import create_app
 
@@ -437,7 +437,7 @@ def test_index_changes_are_picked_up(tmp_path, tiny_encoder, flickr_images):
 
     from starlette.testclient import TestClient
 
-    from loupe.indexer.pipeline.jobs import index_folder
+    from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.web.app import create_app
 

@@ -450,7 +450,7 @@ def _import_captions(store: Store, sub: Path, found: list[sh.Shard], report: Imp
     """Each loupe source (column `source`) becomes that caption corpus again; rows of a foreign
     shard form one corpus named after its metadata file. A corpus already holding exactly these
     captions is left alone."""
-    from loupe.indexer.pipeline.jobs import content_hash
+    from loupe.indexer.pipeline.stages import content_hash
 
     groups: dict[str, list[tuple[int, str, str | None, str, np.ndarray]]] = {}
     for shard in found:

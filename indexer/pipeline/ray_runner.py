@@ -1,7 +1,8 @@
-"""The Ray runner: the same stages as the in-process runner, with read+decode and embed on a cluster.
+"""The Ray executor: the runner loop's read+decode and embed on a cluster.
 
-    plan (driver) -> Ray Data of work units -> read+decode (parallel tasks) -> embed (a pool of
-    actors, one model load each) -> iter_batches on the driver -> commit (driver, `Committer`)
+    plan (driver) -> Ray Data of work units -> read+decode + signals (parallel tasks) -> embed
+    (a pool of actors, one model load each) -> iter_batches on the driver -> the loop of
+    `loupe.indexer.pipeline.runner.run_plan` (driver: precision admission, commit, progress)
 
 The catalog stays the single source of truth: only the driver writes it, with the same commit
 unit, so a re-run plans no work for what is committed, and a job that stops anywhere (a killed
@@ -17,14 +18,18 @@ however many files the plan lists. Images travel between stages as float32 bytes
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.runner import Chunk, IndexReport, Precision, run_plan
+from loupe.indexer.pipeline.stages import Loaded, Reader, StageTimes, WorkUnit, embed_batch, reason_for
+from loupe.indexer.signals.base import Signal
 
 EXTRA_HINT = "pip install 'loupe[ray]'"
 
@@ -85,48 +90,45 @@ def _object_store_bytes() -> int:
 
 # ---- the units, as Ray runs them -----------------------------------------------------------
 
-_UNIT_COLUMNS = ("path", "size", "mtime_ns", "row_id", "old_hash", "old_ok")
+_UNIT_COLUMNS = ("path", "size", "mtime_ns", "row_id", "old_hash", "old_ok", "signals")
 
 
-def read_decode_batch(batch: dict, known: frozenset, image_size: int, preprocess: Callable | None) -> dict:
-    """Ray task body: the read+decode unit (`stages.Reader`) over a batch of work units.
+def read_decode_batch(batch: dict, known: frozenset, image_size: int, preprocess: Callable | None, signals: Sequence[Signal] = ()) -> dict:
+    """Ray task body: the read+decode unit (`stages.Reader`, signals included) over a batch of work units.
 
     Output columns: the unit's, plus action, hash, width, height, taken_at (ns or -1), reason
-    (skip reason or ''), pixels (float32 bytes, empty unless action == 'embed').
+    (skip reason or ''), outcomes (the signal outcomes, pickled), pixels (float32 bytes, empty
+    unless action == 'embed').
     """
-    from loupe.indexer.pipeline.batching import reason_for
-    from loupe.indexer.pipeline.stages import Reader, WorkUnit
-
-    from loupe.indexer.pipeline.stages import StageTimes
-
     times = StageTimes()
-    reader = Reader(known, image_size, preprocess, times)
-    out: dict[str, list] = {k: [] for k in ("action", "hash", "width", "height", "taken_at", "reason", "pixels")}
+    reader = Reader(known, image_size, preprocess, times, signals)
+    out: dict[str, list] = {k: [] for k in ("action", "hash", "width", "height", "taken_at", "reason", "outcomes", "pixels")}
     for i in range(len(batch["path"])):
-        unit = _unit_of(batch, i, WorkUnit)
+        unit = _unit_of(batch, i)
         try:
             got = reader(unit)
         except Exception as exc:  # noqa: BLE001 - a bad file is a row with its reason
-            got, reason = None, reason_for(exc)
-        else:
-            reason = ""
-        info = getattr(got, "info", None)
+            got = Loaded(unit, "failed", "", reason=reason_for(exc))
+        info = got.info
         taken = getattr(info, "taken_at", None)
-        out["action"].append(got.action if got else "failed")
-        out["hash"].append(got.content_hash if got else "")
+        out["action"].append(got.action)
+        out["hash"].append(got.content_hash)
         out["width"].append(int(getattr(info, "width", None) or -1))
         out["height"].append(int(getattr(info, "height", None) or -1))
         out["taken_at"].append((taken.replace(tzinfo=None) - _EPOCH) // _US if taken is not None else -1)
-        out["reason"].append(reason)
-        tensor = got.tensor if got is not None and got.action == "embed" else None
+        out["reason"].append(got.reason or "")
+        out["outcomes"].append(pickle.dumps(got.signals) if got.signals else b"")
+        tensor = got.tensor if got.action == "embed" else None
         out["pixels"].append(np.ascontiguousarray(tensor.numpy(), dtype=np.float32).tobytes() if tensor is not None else b"")
     result = {k: batch[k] for k in _UNIT_COLUMNS}
     n = max(1, len(batch["path"]))  # this batch's stage seconds, spread over its rows for the driver to sum
-    result["read_s"] = np.full(len(batch["path"]), times.seconds.get("read", 0.0) / n)
-    result["decode_s"] = np.full(len(batch["path"]), times.seconds.get("decode", 0.0) / n)
-    result["decoded"] = np.array([a == "embed" for a in out["action"]], dtype=bool)
+    for stage in ("read", "decode", "signals"):
+        result[f"{stage}_s"] = np.full(len(batch["path"]), times.seconds.get(stage, 0.0) / n)
+    result["decoded"] = np.array([a in ("embed", "signals") for a in out["action"]], dtype=bool)
+    result["signalled"] = np.full(len(batch["path"]), times.items.get("signals", 0) / n)
     for k, v in out.items():
-        result[k] = np.array(v, dtype=object) if k in ("action", "hash", "reason", "pixels") else np.array(v, dtype=np.int64)
+        numeric = k in ("width", "height", "taken_at")
+        result[k] = np.array(v, dtype=np.int64) if numeric else np.array(v, dtype=object)
     return result
 
 
@@ -149,8 +151,6 @@ class Embedder:
         self.pid = os.getpid()
 
     def __call__(self, batch: dict) -> dict:
-        from loupe.indexer.pipeline.stages import embed_batch
-
         todo = [i for i, a in enumerate(batch["action"]) if a == "embed"]
         vectors = np.empty(len(batch["action"]), dtype=object)
         vectors[:] = [b""] * len(vectors)
@@ -165,19 +165,26 @@ class Embedder:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
         out["embed_s"] = np.full(len(vectors), seconds / max(1, len(vectors)))
+        p = Precision.of(self.encoder)  # what made these vectors: the driver admits it before writing them
+        out["precision"] = np.full(len(vectors), p.image_precision, dtype=object)
+        out["cosine"] = np.full(len(vectors), p.image_cosine)
+        out["bound"] = np.full(len(vectors), p.image_bound)
+        out["fidelity_s"] = np.full(len(vectors), p.fidelity_seconds)
         return out
 
 
-def _unit_of(batch: dict, i: int, cls):
+def _unit_of(batch: dict, i: int) -> WorkUnit:
     row_id = batch["row_id"][i]
     old_hash = batch["old_hash"][i]
-    return cls(
+    signals = batch["signals"][i]
+    return WorkUnit(
         str(batch["path"][i]),
         int(batch["size"][i]),
         int(batch["mtime_ns"][i]),
         int(row_id) if row_id is not None and row_id >= 0 else None,
         str(old_hash) if old_hash else None,
         bool(batch["old_ok"][i]),
+        tuple(str(signals).split(",")) if signals else (),
     )
 
 
@@ -205,6 +212,7 @@ def _units_table(units):
             "row_id": pa.array([u.row_id if u.row_id is not None else -1 for u in units], pa.int64()),
             "old_hash": pa.array([u.old_hash or "" for u in units], pa.string()),
             "old_ok": pa.array([u.old_ok for u in units], pa.bool_()),
+            "signals": pa.array([",".join(u.signals) for u in units], pa.string()),
         }
     )
 
@@ -225,6 +233,88 @@ def embed_actor_options(device: str, actors: int | None) -> dict:
     return dict(num_gpus=1, compute=pool) if gpus else dict(num_cpus=1, compute=pool)
 
 
+class RayExecutor:
+    """Runs read+decode (Ray tasks) and embed (a pool of actors, each loading its own copy of the
+    driver encoder's model) on a Ray cluster; the driver's loop commits what comes back."""
+
+    name = "ray"
+
+    def __init__(self, device: str = "auto", actors: int | None = None, address: str | None = None, num_cpus: int | None = None) -> None:
+        self.device = device
+        self.actors = actors  # embedding actors (default: one per GPU, else one)
+        self.address, self.num_cpus = address, num_cpus  # the cluster `connect` joins or starts
+        self.started = False  # whether `run` started or joined Ray (the caller shuts it down)
+
+    def run(self, units, encoder, known, signals, batch_size, times):
+        import ray
+
+        self.started = connect(self.address, self.num_cpus) or self.started
+        device = self.device
+        if device == "auto":
+            device = "cuda" if encoder is not None and encoder.device.type == "cuda" else "auto"
+        read_rows = max(1, min(16, batch_size))
+        image_size = getattr(encoder, "image_size", 0)
+        ds = (
+            ray.data.from_arrow(_units_table(units))
+            .repartition(max(1, -(-len(units) // read_rows)))
+            .map_batches(
+                read_decode_batch,
+                batch_size=read_rows,
+                batch_format="numpy",
+                fn_kwargs=dict(known=frozenset(known), image_size=image_size, preprocess=getattr(encoder, "preprocess", None), signals=tuple(signals)),
+                num_cpus=1,
+            )
+        )
+        if any(not u.signals for u in units):  # something to embed: the actors load the model
+            ds = ds.map_batches(
+                Embedder,
+                batch_size=batch_size,
+                batch_format="numpy",
+                fn_constructor_kwargs=dict(spec=encoder.spec, device=device),
+                **embed_actor_options(device, self.actors),
+            )
+        dim = getattr(encoder, "dim", 0)
+        started = time.perf_counter()
+        it = ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+        try:
+            for n_batches, batch in enumerate(it, 1):
+                chunk = _chunk_of(batch, dim)
+                n = len(chunk.items)
+                if n_batches == 1:  # cluster start-up: scheduling, worker imports, actors' model load
+                    times.add("first_batch", time.perf_counter() - started, n)
+                times.add("read", float(np.sum(batch["read_s"])), n)
+                times.add("decode", float(np.sum(batch["decode_s"])), int(np.sum(batch["decoded"])))
+                times.add("signals", float(np.sum(batch["signals_s"])), int(round(np.sum(batch["signalled"]))))
+                if "embed_s" in batch:
+                    times.add("embed", float(np.sum(batch["embed_s"])), 0 if chunk.vectors is None else len(chunk.vectors))
+                yield chunk
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            times.add("cluster", time.perf_counter() - started, 0)  # wall time of read+decode+embed on Ray
+
+
+def _chunk_of(batch: dict, dim: int) -> Chunk:
+    """A batch of rows from the cluster as the loop's chunk."""
+    items, vectors, precision = [], [], None
+    for i in range(len(batch["path"])):
+        action = str(batch["action"][i])
+        info = _Info(int(batch["width"][i]), int(batch["height"][i]), int(batch["taken_at"][i]))
+        outcomes = batch["outcomes"][i]
+        loaded = Loaded(
+            _unit_of(batch, i), action, str(batch["hash"][i]), info=info,
+            signals=pickle.loads(outcomes) if len(outcomes) else [], reason=str(batch["reason"][i]) or None,
+        )
+        items.append(loaded)
+        if action == "embed":
+            vectors.append(np.frombuffer(batch["vector"][i], dtype=np.float32))
+            precision = Precision(str(batch["precision"][i]), float(batch["cosine"][i]), float(batch["bound"][i]), float(batch["fidelity_s"][i]))
+    if not vectors:
+        return Chunk(items)
+    return Chunk(items, np.stack(vectors).reshape(len(vectors), dim), precision)
+
+
 @dataclass(frozen=True)
 class RayRun:
     """How a plan runs on Ray (`index_on_ray` takes these as keywords)."""
@@ -235,109 +325,7 @@ class RayRun:
     progress: bool = False
     prune: bool = False
     max_batches: int | None = None  # stop after that many batches as if interrupted (tests)
-
-
-def run_plan_on_ray(store, encoder, plan, report, times, t0: float, run: RayRun = RayRun()):
-    """The Ray runner of a plan (see the module docstring); `encoder` is the driver's (it binds
-    the index and provides the preprocessing); actors load their own copy of its model."""
-    from loupe.indexer.storage.catalog import IMAGE
-    from loupe.indexer.storage.critical import critical_section
-    from loupe.indexer.pipeline.jobs import _offline, end_report, start_report
-    from loupe.indexer.pipeline.stages import Committer, WorkUnit
-
-    ray = require_ray()
-    if plan.offline:
-        return _offline(store, report, plan.offline, plan.gone, t0)
-    start_report(store, plan, report)
-    report.scan_seconds = time.perf_counter() - t0
-    report.runner = "ray"
-    if callable(encoder) and (plan.todo or store.meta() is None):
-        encoder = encoder()
-        store.bind(encoder)
-    if not plan.todo:
-        return end_report(store, plan, report, times, t0, run.prune)
-
-    catalog = store.catalog
-    known = catalog.hash_to_vector(IMAGE)
-    commit = Committer(catalog, known, report, times)
-    spec = encoder.spec
-    device = run.device
-    if device == "auto":
-        device = "cuda" if encoder.device.type == "cuda" else "auto"
-    batch_size = run.batch_size
-    read_rows = max(1, min(16, batch_size))
-    ds = (
-        ray.data.from_arrow(_units_table(plan.todo))
-        .repartition(max(1, -(-len(plan.todo) // read_rows)))
-        .map_batches(
-            read_decode_batch,
-            batch_size=read_rows,
-            batch_format="numpy",
-            fn_kwargs=dict(known=frozenset(known), image_size=encoder.image_size, preprocess=encoder.preprocess),
-            num_cpus=1,
-        )
-        .map_batches(
-            Embedder,
-            batch_size=batch_size,
-            batch_format="numpy",
-            fn_constructor_kwargs=dict(spec=spec, device=device),
-            **embed_actor_options(device, run.actors),
-        )
-    )
-    bar = None
-    if run.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(plan.todo), desc="indexing (ray)", unit="img", dynamic_ncols=True, smoothing=0.1)
-    shape_dim = encoder.dim
-    started = time.perf_counter()
-    batches_done = 0
-    it = ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
-    try:
-        for batch in it:
-            items, vecs = [], []
-            n = len(batch["path"])
-            for i in range(n):
-                unit = _unit_of(batch, i, WorkUnit)
-                action, h = batch["action"][i], batch["hash"][i]
-                info = _Info(int(batch["width"][i]), int(batch["height"][i]), int(batch["taken_at"][i]))
-                if action == "failed":
-                    commit.failed(unit, str(batch["reason"][i]))
-                elif action == "touch":
-                    commit.touched(unit)
-                elif action == "reuse":
-                    commit.reused(unit, h, info)
-                else:
-                    items.append((unit, h, info))
-                    vecs.append(np.frombuffer(batch["vector"][i], dtype=np.float32))
-            with critical_section():
-                if items:
-                    commit.embedded(items, np.stack(vecs).reshape(len(vecs), shape_dim))
-                commit.flush()
-            batches_done += 1
-            if batches_done == 1:  # cluster start-up: scheduling, worker imports, actors' model load
-                times.add("first_batch", time.perf_counter() - started, n)
-            times.add("read", float(np.sum(batch["read_s"])), n)
-            times.add("decode", float(np.sum(batch["decode_s"])), int(np.sum(batch["decoded"])))
-            times.add("embed", float(np.sum(batch["embed_s"])), len(items))
-            if bar is not None:
-                bar.update(n)
-                rate = report.embedded / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix(new=report.embedded, reused=report.reused, bad=report.skipped, img_s=f"{rate:.1f}", refresh=False)
-            if run.max_batches is not None and batches_done >= run.max_batches:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        report.interrupted = True
-        with critical_section():
-            commit.flush()
-    finally:
-        if bar is not None:
-            bar.close()
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-    times.add("cluster", time.perf_counter() - started, report.embedded)  # wall time of read+decode+embed on Ray
-    return end_report(store, plan, report, times, t0, run.prune)
+    signals: tuple | None = None  # the per-photo signals (default: the registered ones)
 
 
 def index_on_ray(
@@ -348,13 +336,13 @@ def index_on_ray(
     address: str | None = None,
     num_cpus: int | None = None,
     **options,
-):
+) -> IndexReport:
     """`loupe index SOURCE --ray [ADDRESS]`: plan here, read+decode+embed on Ray, commit here.
 
-    `options` are `RayRun`'s fields (batch_size, actors, device, progress, prune, max_batches).
+    `options` are `RayRun`'s fields (batch_size, actors, device, progress, prune, max_batches, signals).
     """
+    from loupe.indexer.pipeline.indexing import source_plan, timed_plan
     from loupe.indexer.storage.locking import writer_lock
-    from loupe.indexer.pipeline.jobs import source_plan, timed_plan
 
     run = RayRun(**options)
     require_ray()
@@ -364,11 +352,14 @@ def index_on_ray(
         plan, times = timed_plan(make_plan)
         if not callable(encoder):
             store.bind(encoder)
-        started = connect(address, num_cpus) if plan.todo else False
+        executor = RayExecutor(run.device, run.actors, address, num_cpus)  # joins the cluster only if there is work
         try:
-            return run_plan_on_ray(store, encoder, plan, report, times, t0, run)
+            return run_plan(
+                store, encoder, plan, report, times, t0, executor=executor,
+                batch_size=run.batch_size, progress=run.progress, max_batches=run.max_batches, prune=run.prune, signals=run.signals,
+            )
         finally:
-            if started:
+            if executor.started:
                 import ray
 
                 ray.shutdown()

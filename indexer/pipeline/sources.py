@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from loupe.indexer.errors import LoupeError
-from loupe.indexer.pipeline.imageio import image_extensions
+from loupe.indexer.pipeline.media import extensions
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "ehthumbs.db"}
 
@@ -53,7 +53,7 @@ def walk_images(
     (the index's own files). Unreadable folders are counted in `stats.errors`, not fatal.
     """
     stats = stats if stats is not None else WalkStats()
-    exts = image_extensions()
+    exts = extensions()
     root = os.path.abspath(root)
     excluded = {os.path.realpath(p) for p in (exclude or [])}
     seen_dirs: set[tuple[int, int]] = set()

@@ -1,17 +1,18 @@
-"""The indexing pipeline as small units that every runner composes: plan -> read+decode -> embed -> commit.
+"""The indexing pipeline as small units that every runner composes: plan -> read+decode (+ signals) -> embed -> commit.
 
-- plan (`plan_folder`, `plan_files`): which files need work, from a walk (or a file list) and one
-  catalog query; stat-only, nothing is opened.
+- plan (`plan_folder`, `plan_files`, `signal_units`): which files need work, from a walk (or a
+  file list) and one catalog query; stat-only, nothing is opened.
 - read+decode (`Reader` for indexing, `decode_paths` for eval/train): read the bytes, hash them,
-  decide touch / reuse / embed against the catalog's known hashes, decode what must be embedded.
+  decide touch / reuse / embed against the catalog's known hashes, decode what must be embedded
+  with its media kind's decoder (`loupe.indexer.pipeline.media`), and run the per-photo signals
+  (`loupe.indexer.signals`) on the decoded picture, before the model's preprocess.
 - embed (`embed_batch`, `embed_stream`): stack preprocessed images and run the model.
 - commit (`Committer`): the catalog write, a batch's rows together with their vectors, in a
   critical section; the only unit that writes.
 
-The in-process runner (`loupe.indexer.pipeline.jobs.index_folder`) runs read+decode in threads and the rest
-in the calling thread; the Ray runner (`loupe.indexer.pipeline.ray_runner`) runs read+decode and embed on a
-cluster and commits on the driver with the same `Committer`. Each unit records its seconds and
-item counts in a `StageTimes`, which the JSON report carries as `stages`.
+One loop drives them (`loupe.indexer.pipeline.runner.run_plan`); an executor runs read+decode and
+embed, in this process (threads) or on Ray (`loupe.indexer.pipeline.ray_runner`). Each unit
+records its seconds and item counts in a `StageTimes`, which the JSON report carries as `stages`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from loupe.indexer.pipeline.batching import parallel_map, reason_for
+from loupe.indexer.errors import LoupeError
+from loupe.indexer.pipeline.imageio import BadImage, decode_image, probe_image
+from loupe.indexer.pipeline.media import kind_of
+from loupe.indexer.pipeline.parallel import parallel_map, reason_for
+from loupe.indexer.pipeline.sources import FileEntry, WalkStats, walk_images
+from loupe.indexer.signals.base import Signal, SignalResult, SourceFile, run_signals
 from loupe.indexer.storage.catalog import IMAGE, MISSING, Catalog, ImageRecord, ImageState, path_key_of
 from loupe.indexer.storage.critical import critical_section
-from loupe.indexer.errors import LoupeError
-from loupe.indexer.pipeline.imageio import decode_image, probe_image
-from loupe.indexer.pipeline.sources import FileEntry, WalkStats, walk_images
 
 
 def content_hash(data: bytes) -> str:
@@ -66,7 +69,7 @@ class StageTimes:
 
     def as_dict(self) -> dict[str, dict[str, float | int]]:
         """{stage: {"seconds": s, "items": n, "per_second": n/s}}, in pipeline order."""
-        order = ["plan", "read", "decode", "embed", "commit"]
+        order = ["plan", "read", "decode", "signals", "embed", "commit"]
         names = sorted(self.seconds, key=lambda s: (order.index(s) if s in order else len(order), s))
         out = {}
         for name in names:
@@ -92,6 +95,7 @@ class WorkUnit:
     row_id: int | None = None
     old_hash: str | None = None
     old_ok: bool = False
+    signals: tuple[str, ...] = ()  # set: a signals-only unit (content `old_hash` lacks these signals; no embedding)
 
     @property
     def key(self) -> bytes:
@@ -113,6 +117,7 @@ class Plan:
     walk_errors: int = 0
     not_found: list[str] = field(default_factory=list)  # listed files that do not exist (file lists)
     root_key: bytes | None = None  # None for a file list: no folder is recorded, nothing marked gone
+    listed: set[bytes] = field(default_factory=set)  # a file list's existing files (path keys)
 
 
 def _unit(entry: FileEntry, state: ImageState | None) -> WorkUnit:
@@ -221,7 +226,26 @@ def plan_files(catalog: Catalog, paths: Sequence[str]) -> Plan:
             listed[key] = states[key]
         entries.append(FileEntry(p, st.st_size, st.st_mtime_ns))
     _compare(plan, entries, listed)
+    plan.listed = set(listed) | {e.key for e in entries}
     return plan
+
+
+def signal_units(catalog: Catalog, plan: Plan, signals: Sequence[Signal]) -> list[WorkUnit]:
+    """The signals-only work of a run: one unit per indexed content (in the plan's folder, or
+    among its listed files) that lacks a signal at its current version."""
+    if not signals or plan.offline:
+        return []
+    versions = {s.name: s.version for s in signals}
+    scope = plan.root_key
+    if scope is None:
+        if not plan.listed:
+            return []
+        keys = sorted(plan.listed)
+        scope = path_key_of(os.path.commonpath([os.fsdecode(k) for k in keys]) if len(keys) > 1 else os.path.dirname(os.fsdecode(keys[0])))
+    backlog = catalog.signal_backlog(versions, scope)
+    if plan.root_key is None:
+        backlog = [b for b in backlog if b[1] in plan.listed]
+    return [WorkUnit(os.fsdecode(key), 0, 0, old_hash=h, old_ok=True, signals=names) for h, key, names in backlog]
 
 
 # ---- read + decode -------------------------------------------------------------------------
@@ -229,42 +253,81 @@ def plan_files(catalog: Catalog, paths: Sequence[str]) -> Plan:
 
 @dataclass
 class Loaded:
-    """A read work unit: what the catalog must do with it, its content hash, and (for 'embed')
-    the preprocessed image."""
+    """A read work unit: what the catalog must do with it, its content hash, (for 'embed') the
+    preprocessed image, and the outcomes of the signals run on its pixels.
+
+    Actions: 'embed', 'reuse', 'touch'; 'signals' (a signals-only unit); 'stale' (a signals-only
+    unit whose file changed since: its own unit handles it); 'failed' (`reason` says why).
+    """
 
     unit: WorkUnit
-    action: str  # 'embed' | 'reuse' | 'touch'
+    action: str
     content_hash: str
     tensor: object = None
     info: object = None  # anything with width, height, taken_at (imageio.ImageInfo)
+    signals: list[SignalResult] = field(default_factory=list)
+    reason: str | None = None
 
 
 class Reader:
     """Read a unit's bytes, hash them and decide: touch (same content), reuse (a vector for this
-    content exists or is being made in this process), or embed (decoded and preprocessed here)."""
+    content exists or is being made in this process), or embed (decoded and preprocessed here,
+    with every signal run on the decoded picture). A signals-only unit is decoded for its
+    signals alone, at the size they need."""
 
     def __init__(
-        self, known: "Iterable[str] | dict", image_size: int, preprocess: Callable | None, times: StageTimes | None = None
+        self, known: "Iterable[str] | dict", image_size: int, preprocess: Callable | None, times: StageTimes | None = None,
+        signals: Sequence[Signal] = (),
     ) -> None:
         self.known = known  # content hashes with a vector (a dict the committer keeps current, or a set)
         self.in_flight: set[str] = set()  # hashes being embedded in this run: their copies wait
         self.image_size = image_size
         self.preprocess = preprocess
         self.times = times or StageTimes()
+        self.signals = tuple(signals)
 
     def __call__(self, unit: WorkUnit) -> Loaded:
         with self.times.timed("read", 1):
             with open(unit.path, "rb") as f:
                 data = f.read()
             h = content_hash(data)
+        if unit.signals:
+            return self._signals_only(unit, data, h)
         if unit.old_hash == h and unit.old_ok:
             return Loaded(unit, "touch", h)
         if h in self.known or h in self.in_flight:
             return Loaded(unit, "reuse", h, info=probe_image(data))
         self.in_flight.add(h)
         with self.times.timed("decode", 1):
-            tensor, info = decode_image(data, self.image_size, self.preprocess)
-        return Loaded(unit, "embed", h, tensor=tensor, info=info)
+            tensor, info, results = self._decode(unit.path, data, h, self.signals, self.image_size, self.preprocess)
+        return Loaded(unit, "embed", h, tensor=tensor, info=info, signals=results)
+
+    def _signals_only(self, unit: WorkUnit, data: bytes, h: str) -> Loaded:
+        if h != unit.old_hash:
+            return Loaded(unit, "stale", h)
+        todo = [s for s in self.signals if s.name in unit.signals]
+        side = max((s.min_side for s in todo), default=0)
+        with self.times.timed("decode", 1):
+            _, _, results = self._decode(unit.path, data, h, todo, side, None, draft_factor=1.0)
+        return Loaded(unit, "signals", h, signals=results)
+
+    def _decode(self, path: str, data: bytes, h: str, signals, size: int, preprocess, draft_factor: float | None = None):
+        """Decode with the file's media kind; signals see the RGB picture before `preprocess`."""
+        results: list[SignalResult] = []
+
+        def transform(rgb):
+            if signals:
+                with self.times.timed("signals", 1):
+                    results.extend(run_signals(signals, rgb, SourceFile(path, data, h)))
+            return preprocess(rgb) if preprocess is not None else None
+
+        kind = kind_of(path)
+        extra = {} if draft_factor is None else {"draft_factor": draft_factor}
+        items = kind.decode(data, size, transform, **extra)
+        if len(items) != 1:  # the catalog keeps one vector per file
+            raise BadImage(f"{len(items)} items in one {kind.name} file")
+        tensor, info = items[0]
+        return tensor, info, results
 
 
 def decode_paths(
@@ -340,6 +403,7 @@ class Committer:
         self.records: list[ImageRecord] = []
         self.waiting: list[ImageRecord] = []  # copies of content whose vector is not committed yet
         self.touches: list[tuple[int, int, int]] = []
+        self.signal_results: list[SignalResult] = []
 
     @staticmethod
     def record(unit: WorkUnit, h: str, info: object = None, reason: str | None = None) -> ImageRecord:
@@ -358,6 +422,16 @@ class Committer:
         self.records.append(ImageRecord(path_key=unit.key, size=unit.size, mtime_ns=unit.mtime_ns, reason=reason))
         self.report.skipped += 1
         self.report.bad_files.append((unit.path, reason))
+
+    def signals(self, unit: WorkUnit, results: Sequence[SignalResult]) -> None:
+        """Keep signal outcomes for the next write; a failed signal is counted and reported like a
+        skip (the photo keeps its vector)."""
+        for r in results:
+            counts = self.report.signals.setdefault(r.name, {"done": 0, "failed": 0})
+            counts["failed" if r.reason is not None else "done"] += 1
+            if r.reason is not None:
+                self.report.signal_errors.append((unit.path, r.name, r.reason))
+        self.signal_results.extend(results)
 
     def touched(self, unit: WorkUnit) -> None:
         self.touches.append((unit.row_id, unit.size, unit.mtime_ns))
@@ -388,6 +462,7 @@ class Committer:
             self.records.clear()
             self.report.embedded += len(new_vectors)
         self._settle()
+        self._write_signals()
         return len(new_vectors)
 
     def flush(self) -> None:
@@ -397,6 +472,14 @@ class Committer:
                 self.catalog.write_images(self.records, [], self.known)
                 self.records.clear()
         self._settle()
+        self._write_signals()
+
+    def _write_signals(self) -> None:
+        with critical_section():
+            if self.signal_results:
+                with self.times.timed("commit"):  # seconds only: the stage counts file rows
+                    self.catalog.write_signals(self.signal_results)
+                self.signal_results.clear()
 
     def _settle(self) -> None:
         with critical_section():
@@ -413,7 +496,7 @@ class Committer:
 
     @property
     def pending(self) -> int:
-        return len(self.records)
+        return len(self.records) + len(self.signal_results)
 
 
 def finish_plan(catalog: Catalog, plan: Plan, report, prune: bool) -> None:

@@ -145,6 +145,17 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class SignalRow(Base):
+    """A per-photo signal's value (or the reason it failed) for one content, at one signal version."""
+
+    __tablename__ = "signals"
+    content_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 @dataclass
 class ImageState:
     """What a re-scan needs to decide whether a file changed: one row per path, one query."""
@@ -554,6 +565,70 @@ class Catalog(CatalogReads):
             "indexed_bytes": int(total_bytes),
         }
 
+    # ---- per-photo signals ------------------------------------------------------------
+    def write_signals(self, results: Sequence) -> None:
+        """Store signal outcomes (`loupe.indexer.signals.base.SignalResult`s) in one transaction;
+        the other versions of the same signal for the same content are dropped."""
+        if not results:
+            return
+        rows = {(r.content_hash, r.name): r for r in results}  # one outcome per content and signal
+        with self.session() as s, s.begin():
+            for (h, name), r in rows.items():
+                s.execute(delete(SignalRow).where(SignalRow.content_hash == h, SignalRow.name == name, SignalRow.version != r.version))
+            values = [dict(content_hash=h, name=n, version=r.version, value=r.value, reason=r.reason) for (h, n), r in rows.items()]
+            _insert_or(s, SignalRow.__table__, values, ["content_hash", "name", "version"], update=True)
+
+    def signal_backlog(self, versions: dict[str, int], folder_key: bytes | None = None) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        """Indexed contents (visible files under `folder_key` if given) that lack an outcome of a
+        signal at its current version: [(content hash, a path_key holding it, signal names)]."""
+        todo: dict[str, tuple[bytes, list[str]]] = {}
+        with self.session() as s:
+            for name, version in versions.items():
+                done = select(SignalRow.content_hash).where(
+                    SignalRow.name == name, SignalRow.version == version, SignalRow.content_hash == ImageRow.content_hash
+                )
+                q = (
+                    select(ImageRow.content_hash, func.min(ImageRow.path_key))
+                    .where(ImageRow.status == OK, ImageRow.content_hash.is_not(None), ~done.exists())
+                    .group_by(ImageRow.content_hash)
+                )
+                if folder_key is not None:
+                    lo, hi = prefix_bounds(folder_key)
+                    q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
+                for h, key in s.execute(q):
+                    todo.setdefault(h, (bytes(key), []))[1].append(name)
+        return [(h, key, tuple(names)) for h, (key, names) in todo.items()]
+
+    def signal_values(self, name: str, version: int, hashes: Iterable[str] | None = None) -> dict[str, bytes]:
+        """Stored values of one signal version (content hash -> stored form); failures left out."""
+        q = select(SignalRow.content_hash, SignalRow.value).where(
+            SignalRow.name == name, SignalRow.version == version, SignalRow.value.is_not(None)
+        )
+        wanted = None if hashes is None else list(hashes)
+        out: dict[str, bytes] = {}
+        with self.session() as s:
+            for start in range(0, len(wanted), 500) if wanted is not None else [None]:
+                part = q if start is None else q.where(SignalRow.content_hash.in_(wanted[start : start + 500]))
+                out.update((h, bytes(v)) for h, v in s.execute(part))
+        return out
+
+    def signal_coverage(self, versions: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Per signal: its version, the indexed contents (visible files), how many have its value, how many failed."""
+        out = {}
+        with self.session() as s:
+            contents = select(ImageRow.content_hash).where(ImageRow.status == OK)
+            total = s.scalar(select(func.count(func.distinct(ImageRow.content_hash))).where(ImageRow.status == OK)) or 0
+            for name, version in versions.items():
+                counts = dict(
+                    s.execute(
+                        select(SignalRow.value.is_(None), func.count())
+                        .where(SignalRow.name == name, SignalRow.version == version, SignalRow.content_hash.in_(contents))
+                        .group_by(SignalRow.value.is_(None))
+                    ).all()
+                )
+                out[name] = {"version": version, "photos": total, "done": counts.get(False, 0), "failed": counts.get(True, 0)}
+        return out
+
 
 
 def _stored_version(conn: Connection) -> int | None:
@@ -574,7 +649,12 @@ def _v1_to_v2(conn: Connection) -> None:
     _create_v2_objects(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}  # version -> step to version + 1
+def _v2_to_v3(conn: Connection) -> None:
+    """Version 3: per-photo signal values in `signals` (a new table; nothing else changes)."""
+    SignalRow.__table__.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> step to version + 1
 
 
 def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:

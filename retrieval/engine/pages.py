@@ -82,7 +82,7 @@ class Pages:
 
     def add_upload(self, data: bytes) -> Upload:
         """Decode (the indexer's bomb-safe decoder) and embed an uploaded image; kept in memory only."""
-        from loupe.indexer.pipeline.jobs import content_hash
+        from loupe.indexer.pipeline.stages import content_hash
 
         ident = content_hash(data)
         known = self.uploads.get(ident)

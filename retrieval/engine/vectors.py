@@ -28,7 +28,7 @@ def image_bytes_vector(searcher, data: bytes, what: str, decode: bool = False) -
     else embedded by the searcher's encoder. `decode` decodes it even then (for its size, and to
     refuse what is not an image); `what` names it in errors ("the upload", a path)."""
     from loupe.indexer.pipeline.imageio import BadImage, decode_image
-    from loupe.indexer.pipeline.jobs import content_hash
+    from loupe.indexer.pipeline.stages import content_hash
 
     stored = searcher.store.catalog.vector_for_hash(IMAGE, content_hash(data), searcher.meta.dim)
     if stored is not None and not decode:

@@ -72,7 +72,7 @@ def decode_all(bound: BoundSet, encoder: "Encoder", workers: int | None = None) 
     with the pixels `loupe eval` uses (the reference pipeline)."""
     import torch
 
-    from loupe.indexer.pipeline.batching import reason_for
+    from loupe.indexer.pipeline.stages import reason_for
     from loupe.indexer.pipeline.stages import decode_paths
 
     n, size = len(bound.paths), encoder.image_size

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from loupe.indexer.pipeline.imageio import DECODE_BUDGET, BadImage, decode_image
-from loupe.indexer.pipeline.jobs import content_hash
+from loupe.indexer.pipeline.stages import content_hash
 
 THUMB_SIDE = 256  # short side of a thumbnail, in pixels (long side at most twice that)
 PREVIEW_SIDE = 2048  # long side of a preview

@@ -1,0 +1,91 @@
+"""What a signal is: `Signal`, the unit a new per-photo feature implements, and `run_signals`,
+which the read+decode stage calls on every decoded picture."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Sequence
+
+BYTES, JSON = "bytes", "json"
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The file a picture came from: its path, its bytes and their content hash."""
+
+    path: str
+    data: bytes
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class SignalResult:
+    """One signal's outcome on one content: the stored value, or the reason it failed."""
+
+    content_hash: str
+    name: str
+    version: int
+    value: bytes | None = None
+    reason: str | None = None
+
+
+class Signal(ABC):
+    """A per-photo signal. Subclasses set `name`, `version` and `storage`, and implement
+    `extract` (the value from a decoded picture) and `distance` (how far two values are).
+
+    Bump `version` whenever `extract` changes what it returns: the next `loupe index` re-runs the
+    signal (and only it) on every indexed photo. `min_side` is the short side, in pixels, the
+    signal needs: a decode for signals alone (no embedding) is drafted down to it.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    storage: ClassVar[str] = BYTES  # BYTES: `extract` returns bytes; JSON: any JSON value
+    min_side: ClassVar[int] = 256
+
+    @abstractmethod
+    def extract(self, image, source: SourceFile) -> object:
+        """The value of this signal for `image` (an RGB PIL image, EXIF-rotated, at the size the
+        decode made; treat it as read-only). Raise to record a failure for this photo."""
+
+    @abstractmethod
+    def distance(self, a: object, b: object) -> float:
+        """How far apart two values are (0: the same); the search and filter hook."""
+
+    def encode(self, value: object) -> bytes:
+        """The stored form of a value."""
+        if self.storage == JSON:
+            return json.dumps(value, separators=(",", ":")).encode("utf-8")
+        return bytes(value)
+
+    def decode(self, data: bytes) -> object:
+        """A value back from its stored form."""
+        if self.storage == JSON:
+            return json.loads(data.decode("utf-8"))
+        return data
+
+    def within(self, query: object, stored: dict[str, bytes], max_distance: float) -> list[tuple[str, float]]:
+        """The contents whose stored value is within `max_distance` of `query`, nearest first:
+        [(content hash, distance)] (`stored`: content hash -> stored form, as `Catalog.signal_values` gives)."""
+        hits = [(h, self.distance(query, self.decode(v))) for h, v in stored.items()]
+        return sorted([hit for hit in hits if hit[1] <= max_distance], key=lambda hit: (hit[1], hit[0]))
+
+
+def run_signals(signals: Sequence[Signal], image, source: SourceFile) -> list[SignalResult]:
+    """Run each signal on one decoded picture; a signal that raises is recorded with its reason,
+    and never stops the others (nor the photo's embedding)."""
+    out = []
+    for sig in signals:
+        try:
+            out.append(SignalResult(source.content_hash, sig.name, sig.version, value=sig.encode(sig.extract(image, source))))
+        except Exception as exc:  # noqa: BLE001 - a signal's failure is a recorded outcome
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            out.append(SignalResult(source.content_hash, sig.name, sig.version, reason=reason))
+    return out
+
+
+def versions(signals: Iterable[Signal]) -> dict[str, int]:
+    """{name: version} of `signals` (what the catalog compares to find the photos a signal lacks)."""
+    return {s.name: s.version for s in signals}
