@@ -32,6 +32,7 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 def test_wheel_holds_only_the_loupe_package_and_its_data(tmp_path):
     src = tmp_path / "src"  # a copy: building writes build/ and egg-info beside the sources
+    src.mkdir()
     for name in ("pyproject.toml", "README.md", *FOLDERS.values()):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
         copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (REPO / name).is_dir() else {}))

@@ -238,7 +238,7 @@ def test_5_the_token_never_travels_in_a_cookie(service, tmp_path):
 def test_5_the_page_keeps_the_token_out_of_cookies():
     from pathlib import Path
 
-    js = (Path(__file__).resolve().parents[1] / "retrieval" / "web" / "js" / "api.js").read_text()
+    js = (Path(__file__).resolve().parents[1] / "retrieval" / "web" / "static" / "js" / "api.js").read_text()
     assert "document.cookie" not in js and "localStorage" in js and "Authorization" in js and 'credentials: "omit"' in js
 
 

@@ -195,6 +195,10 @@ def _bad(message: str) -> RequestError:
 def _string(value: Any, what: str, limit: int = MAX_STRING, empty: bool = False) -> str:
     if not isinstance(value, str) or (not value and not empty) or len(value) > limit or "\x00" in value:
         raise _bad(f"{what} must be a non-empty string of at most {limit} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800") decodes from JSON but is no text
+        raise _bad(f"{what} must be valid Unicode text") from None
     return value
 
 
@@ -235,7 +239,7 @@ def _checked_terms(terms: Sequence[Term]) -> tuple[Term, ...]:
     if not 1 <= len(terms) <= MAX_TERMS:
         raise _bad(f"a query has 1 to {MAX_TERMS} terms")
     for term in terms:
-        if abs(term.weight) > MAX_WEIGHT:
+        if not abs(term.weight) <= MAX_WEIGHT:  # NaN too
             raise _bad(f"weight must be within ±{MAX_WEIGHT:g}")
     return tuple(terms)
 
@@ -308,6 +312,8 @@ def parse_page_search(body: Any) -> SearchRequest:
             parsed = parse_query([q], web=True)
         except LoupeError as exc:
             raise RequestError(400, str(exc)) from None
+        except (ValueError, OverflowError):
+            raise _bad("a weight in the query is not a number loupe can use") from None
         terms = _checked_terms(parsed)
     elif PAGE_TARGETS[target] != IMAGE:
         raise RequestError(400, "empty query: type a sentence, or use upload:ID / photo:ID")

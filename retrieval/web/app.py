@@ -14,6 +14,7 @@ decoding of originals for thumbnails and previews, each within a pixel and memor
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ MAX_SKIPPED = 10_000
 MAX_CAPTIONS = 200
 MAX_PARTS = 16  # parts of a multipart upload (a browser's form sends one or two)
 UPLOAD_PIXELS = 100_000_000  # pixels of an uploaded picture after JPEG draft scaling, at most
+LOG = logging.getLogger("loupe.serve")  # a bug's traceback goes to the server's own log (stderr), never to a client
 INTERNAL_ERROR = "the server could not answer this request (an internal error); try again, or restart `loupe serve`"
 
 
@@ -118,7 +120,7 @@ class _Errors:
             await self.app(scope, receive, watched)
         except (ClientDisconnect, OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
             return
-        except Exception as exc:  # noqa: BLE001 - a request never kills the server nor prints a traceback
+        except Exception as exc:  # noqa: BLE001 - a request never kills the server; the client never sees a traceback
             if started or scope["type"] != "http":
                 return
             headers = [("connection", "close")]
@@ -130,6 +132,7 @@ class _Errors:
                 status, message = 400, str(exc)
             else:
                 status, message = 500, INTERNAL_ERROR
+                LOG.error("internal error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
             try:
                 await send_json(send, status, {"error": message}, headers)
             except Exception:  # noqa: BLE001 - the client is gone
@@ -182,7 +185,6 @@ class WebApp:
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
         query = parse_page_search(await self._json_body(request))
-        _check_web_terms(query.q)
         answer = self.service.page_search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
@@ -433,30 +435,6 @@ def _check_upload(data: bytes, image_size: int) -> None:
         raise RequestError(400, f"cannot use the upload as an image: {exc}") from None
 
 
-def _check_web_terms(q: str) -> None:
-    """A web query's text must be valid Unicode, its weights bounded and its terms counted."""
-    from loupe.retrieval.engine.requests import MAX_TERMS, MAX_WEIGHT
-    from loupe.retrieval.engine.query import parse_query
-
-    try:
-        q.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(400, "bad request: q must be valid Unicode text") from None
-    if not q.strip() or q.strip().startswith(("upload:", "photo:")) and " " not in q.strip():
-        return
-    try:
-        terms = parse_query([q], web=True)
-    except LoupeError:
-        return  # reported by the search, in its own words
-    except (ValueError, OverflowError):
-        raise RequestError(400, "bad request: a weight in the query is not a number loupe can use") from None
-    if len(terms) > MAX_TERMS:
-        raise RequestError(400, f"bad request: at most {MAX_TERMS} terms in a query")
-    for term in terms:
-        if not abs(term.weight) <= MAX_WEIGHT:
-            raise RequestError(400, f"bad request: weights must lie within ±{MAX_WEIGHT:g}")
-
-
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     return error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error", getattr(exc, "headers", None))
 
@@ -469,6 +447,7 @@ async def _known_error(request: Request, exc: Exception) -> Response:
         return error(exc.status, exc.message, headers or None)
     if isinstance(exc, LoupeError):
         return error(400, str(exc))
+    LOG.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, INTERNAL_ERROR)  # a bug: JSON too, never its text (Starlette re-raises it; `_Errors` ends it)
 
 
