@@ -136,7 +136,7 @@ def test_cold_search_needs_no_torch_and_ranks_as_torch(loupe, photo_dir, tiny_ch
 def test_a_damaged_tower_falls_back_to_torch(tower_dir, tiny_encoder, tmp_path):
     import shutil
 
-    from loupe.indexer.models.binding import OnnxEncoder
+    from loupe.indexer.models.onnx_encoder import OnnxEncoder
     from loupe.indexer.models.text_tower import open_tower
 
     location, manifest = tower_dir
@@ -154,7 +154,8 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
     """The query cache sits behind `Searcher` (CLI and server alike), keyed by the index's weights."""
     from loupe.indexer.pipeline.jobs import index_folder
     from loupe.indexer.models.random_weights import save_random_model
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.engine.query import parse_query
     from loupe.retrieval.engine.search import Searcher
@@ -181,7 +182,7 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
 
 
 def test_query_cache_is_keyed_by_weights_and_precision_and_bounded(tmp_path):
-    from loupe.retrieval.engine.query_cache import QueryCache
+    from loupe.indexer.models.query_cache import QueryCache
 
     path = tmp_path / "query-cache.sqlite"
     a = QueryCache(path, "sha256:aaa", 4, max_entries=3)

@@ -33,7 +33,9 @@ def vit_encoder(tmp_path_factory):
     """A tiny vision transformer (the kind of tower int8 serves), seeded random weights."""
     import open_clip
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.models.random_weights import save_random_model
 
     folder = tmp_path_factory.mktemp("configs")
@@ -111,7 +113,8 @@ def test_check_failure_falls_back_to_fp32(vit_encoder, pixels):
 
 
 def test_a_tower_that_cannot_run_quantised_falls_back(tiny_checkpoint, pixels):
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
 
     enc = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")  # ModifiedResNet: its pool reads Linear weights
     reference = enc.encode_images(pixels)

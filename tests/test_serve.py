@@ -170,7 +170,11 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
     """bf16 text weights give the fp32 vectors to ~1e-3 and leave the image tower alone."""
     import torch
 
-    from loupe.indexer.models.encoder import cpu_has_bf16, load_encoder, make_spec
+    from loupe.indexer.models.precision import cpu_has_bf16
+
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.pipeline.imageio import decode_image
 
     texts = ["a dog runs on the grass", "two children play on a sandy beach", "a red car"]
