@@ -129,12 +129,6 @@ def resolve_text(precision: str, device: "torch.device") -> str:
     return "fp32" if precision == "auto" else precision
 
 
-def tolerance(precision: str) -> float:
-    """How far a score (a cosine) computed in `precision` may stray from fp32's: a bound for
-    comparing results of two paths that ran the same spec (tests), from `MIN_COSINE`-level drift."""
-    return {"fp32": 1e-5, "bf16": 5e-3, "fp16": 5e-3}.get(precision, 2e-2)
-
-
 def lowered(visual: "torch.nn.Module", precision: str) -> "torch.nn.Module":
     """A copy of the image tower in `precision` (the fp32 tower is kept until the check passes)."""
     import torch
