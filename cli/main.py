@@ -33,6 +33,12 @@ def run() -> None:
 
 def _run() -> tuple[int, str | None]:
     """Run the command line; its exit code and the message to print last."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, _interrupt_once)
+    except ValueError:  # not the main thread
+        pass
     if sys.argv[1:2] == ["search"]:  # the everyday command: without typer when its arguments are plain
         from loupe.cli.search_entry import run_fast
 
@@ -105,6 +111,18 @@ def _exit(code: int, message: str | None = None) -> None:
 
         echo(message, err=True)
     sys.exit(code)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C: interrupt the command; the next ones find it stopping already and are unheard.
+
+    People press Ctrl-C twice: a second KeyboardInterrupt would land anywhere in the clean-up
+    (in a garbage collector's callback it prints 'Exception ignored in ...' with a traceback).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, _unheard)
+    raise KeyboardInterrupt
 
 
 def _unheard(signum, frame) -> None:

@@ -446,3 +446,22 @@ def test_an_error_while_the_tower_loads_exits_cleanly(cold_home, tmp_path):
     for _ in range(3):
         proc = _cli(env, "search", f"a sentence never asked {_}", "--checkpoint", other, ok=False)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "other weights" in proc.stderr, proc.stderr
+
+
+def test_query_cache_is_read_once_per_search(tmp_path, monkeypatch):
+    """One cache object per index and model in a process: the steps of a cold search that ask
+    (prestart, the encoder's choice, the query's vectors) read the file once between them."""
+    from loupe.indexer.models.query_cache import open_cache
+
+    location = Location(url="sqlite:///unused", vector_dir=tmp_path, prefix="")
+    cache = open_cache(location, "sha256:once", 4)
+    assert open_cache(location, "sha256:once", 4) is cache and open_cache(location, "sha256:other", 4) is not cache
+    reads = []
+    read = cache._read
+    monkeypatch.setattr(cache, "_read", lambda keys: reads.append(keys) or read(keys))
+    for texts in (["a dog", "a cat"], ["a dog"], ["a  cat", "a dog"]):
+        assert cache.get(texts, "fp32") == [None] * len(texts)
+    assert len(reads) == 1
+    v = np.arange(4, dtype=np.float32)
+    cache.put(["a dog"], [v], "fp32")
+    assert np.array_equal(cache.get(["a dog"], "fp32")[0], v) and len(reads) == 2  # read back once, marked used
