@@ -459,9 +459,10 @@ def test_query_cache_is_read_once_per_search(tmp_path, monkeypatch):
     reads = []
     read = cache._read
     monkeypatch.setattr(cache, "_read", lambda keys: reads.append(keys) or read(keys))
-    for texts in (["a dog", "a cat"], ["a dog"], ["a  cat", "a dog"]):
-        assert cache.get(texts, "fp32") == [None] * len(texts)
+    for texts, ahead in ((["a dog", "a cat"], True), (["a dog"], True), (["a  cat", "a dog"], False)):
+        assert cache.get(texts, "fp32", ahead=ahead) == [None] * len(texts)
     assert len(reads) == 1
+    assert cache.get(["a dog"], "fp32") == [None] and len(reads) == 2  # a miss is asked again (another process may have cached it)
     v = np.arange(4, dtype=np.float32)
     cache.put(["a dog"], [v], "fp32")
-    assert np.array_equal(cache.get(["a dog"], "fp32")[0], v) and len(reads) == 2  # read back once, marked used
+    assert np.array_equal(cache.get(["a dog"], "fp32")[0], v) and len(reads) == 3  # read back once, marked used

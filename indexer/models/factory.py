@@ -88,7 +88,7 @@ def _onnx_encoder(location: Location, meta, spec: ModelSpec, device: str, texts:
     if texts is None:  # not known in advance: start loading at once
         background = True
     else:  # an image-only query, or one whose sentences are all cached, may never need the session
-        background = any(v is None for v in open_cache(location, meta.weights_id, meta.dim).get(list(texts), "fp32"))
+        background = any(v is None for v in open_cache(location, meta.weights_id, meta.dim).get(list(texts), "fp32", ahead=True))
     tower = open_tower(location, manifest, background=background)
     return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
 
@@ -108,7 +108,7 @@ def prestart(location: Location, texts: Sequence[str], text_precision: str = "au
     data = read_manifest(location)
     if data is None or not data.get("usable"):
         return
-    if all(v is not None for v in open_cache(location, data["weights_id"], int(data["dim"])).get(list(texts), "fp32")):
+    if all(v is not None for v in open_cache(location, data["weights_id"], int(data["dim"])).get(list(texts), "fp32", ahead=True)):
         return
     start_tower(location, data)
 

@@ -8,14 +8,15 @@ evicted in time. The cache is an optimisation only: a file that cannot be read o
 (a read-only home, a locked database) is skipped silently and the query is encoded as usual.
 
 `open_cache` hands out one `QueryCache` per file and model in a process, which remembers what its
-latest lookups found: a cold search reads the file once, however many steps ask (whether to start
-the text encoder, then the query's vectors).
+lookups found: a cold search reads the file once, however many steps ask (whether to start the
+text encoder ask `ahead`, then the query's vectors).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -48,13 +49,14 @@ class QueryCache:
         self._db: sqlite3.Connection | None = None
         self._broken = False
         self._memo: dict[str, np.ndarray | None] = {}  # key -> what the file held when last asked
+        self._lock = threading.RLock()  # one object serves every thread of a process (a server's too)
 
     def _conn(self) -> sqlite3.Connection | None:
         if self._db is None and not self._broken:
             try:
                 if not self.path.parent.is_dir():
                     raise sqlite3.OperationalError("no index folder")
-                db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None)
+                db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None, check_same_thread=False)
                 # write-ahead log, synced at checkpoints only: a put or a hit costs no fsync on a
                 # query's path (10-40 ms otherwise); a crash loses at most the latest entries
                 db.execute("PRAGMA journal_mode=WAL")
@@ -68,14 +70,25 @@ class QueryCache:
     def _key(self, text: str, precision: str) -> str:
         return hashlib.sha256(f"{self.prefix}{precision}\n{normalise(text)}".encode("utf-8")).hexdigest()
 
-    def get(self, texts: Sequence[str], precision: str) -> list[np.ndarray | None]:
-        """Cached vectors of `texts` (None where not cached); the file is read only for sentences not
-        looked up before in this process, and its hits are marked as recently used."""
+    def get(self, texts: Sequence[str], precision: str, ahead: bool = False) -> list[np.ndarray | None]:
+        """Cached vectors of `texts` (None where not cached); hits are marked as recently used.
+
+        The file is read only for sentences not looked up before in this process. A miss is
+        remembered for the lookups that follow `ahead=True` ones (a step that only looks ahead,
+        e.g. whether to start the text encoder) and forgotten once an ordinary lookup returns it,
+        as another process may cache that sentence in the meantime; a hit is remembered.
+        """
         keys = [self._key(t, precision) for t in texts]
-        todo = [k for k in dict.fromkeys(keys) if k not in self._memo]
-        if todo:
-            self._remember(self._read(todo))
-        return [None if self._memo.get(k) is None else self._memo[k].copy() for k in keys]
+        with self._lock:
+            todo = [k for k in dict.fromkeys(keys) if k not in self._memo]
+            if todo:
+                self._remember(self._read(todo))
+            out = [None if self._memo.get(k) is None else self._memo[k].copy() for k in keys]
+            if not ahead:
+                for k in keys:
+                    if k in self._memo and self._memo[k] is None:
+                        del self._memo[k]
+        return out
 
     def _remember(self, found: dict[str, np.ndarray | None]) -> None:
         self._memo.update(found)
@@ -107,6 +120,10 @@ class QueryCache:
 
     def put(self, texts: Sequence[str], vectors: np.ndarray, precision: str) -> None:
         """Store vectors for `texts`, then evict the least recently used beyond the bound."""
+        with self._lock:
+            self._put(texts, vectors, precision)
+
+    def _put(self, texts: Sequence[str], vectors: np.ndarray, precision: str) -> None:
         db = self._conn()
         if db is None or not len(texts):
             return
@@ -131,9 +148,10 @@ class QueryCache:
                 pass
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 _open: dict[tuple[Path, str, int], QueryCache] = {}
