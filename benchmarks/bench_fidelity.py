@@ -194,7 +194,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     args = ap.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average_at_start']}")

@@ -109,7 +109,9 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
 
     ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), a.device)

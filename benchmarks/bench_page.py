@@ -89,7 +89,8 @@ def losing_fillers(n: int, dim: int, qvecs: np.ndarray, beta: float, seed: int =
 def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     """800 real photos + fillers up to `n` vectors, the vector index built as `loupe index` builds it."""
     from loupe.indexer.storage.catalog import IMAGE
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.storage.store import Store
 
     ckpt = checkpoint("ViT-B-32") if model == "ViT-B-32" else _tiny()
@@ -142,7 +143,7 @@ def _tiny() -> Path:
 def forget_queries(home: Path) -> None:
     """Empty the on-disk query cache (shared by the page and the CLI): no query of an earlier run is free."""
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.engine.query_cache import cache_path
+    from loupe.indexer.models.query_cache import cache_path
 
     path = cache_path(resolve_location(home))
     for suffix in ("", "-wal", "-shm"):

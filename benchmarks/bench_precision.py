@@ -245,7 +245,9 @@ def main() -> None:
     a.extras = [e for e in a.extras.split(",") if e]
     a.workdir.mkdir(parents=True, exist_ok=True)
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.models.precision import cpu_has_bf16, fastest, resolve
 
     ckpt = checkpoint(a.model)

@@ -171,7 +171,8 @@ def gate_curve(ref_images: np.ndarray, texts: np.ndarray, caption_image: np.ndar
 
 
 def analyse(ckpt: Path, a) -> dict:
-    from loupe.indexer.models.encoder import file_sha256, load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import file_sha256, make_spec
     from loupe.retrieval.eval.annotations import load_annotations
     from loupe.retrieval.eval.evaluate import bind_images, score_embeddings
     from loupe.retrieval.eval.training import decode_all

@@ -267,7 +267,9 @@ def main() -> None:
     p.add_argument("--skip-kinds", action="store_true", help="skip the index-kind comparison")
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
 
     ckpt = checkpoint("ViT-B-32")
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")

@@ -199,7 +199,9 @@ def main() -> None:
     p.add_argument("--thumb-sizes", default="0.3,3,12,24", help="photo sizes (megapixels) for the thumbnail timing")
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
 
     ckpt = checkpoint(a.model)
     encoder = load_encoder(make_spec(None, None, ckpt), "cpu")

@@ -17,12 +17,13 @@ from loupe.cli.options import (
 )
 
 
-def _encoder_for(store, model, pretrained, checkpoint, device):
+def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = "auto", min_cosine: float = 0.999):
     """The model to index with: the options if given, else the one the index is bound to."""
-    from loupe.indexer.models.encoder import load_encoder, resolve_spec
-    from loupe.indexer.storage.store import bound_spec
+    from loupe.indexer.models.factory import index_encoder
+    from loupe.indexer.models.spec import resolve_spec, spec_of_meta
 
-    return load_encoder(resolve_spec(model, pretrained, checkpoint, bound_spec(store.meta())), device)
+    spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(store.meta())).replace(image_precision=precision)
+    return index_encoder(spec, device, min_cosine)  # image precision checked against fp32 on the first batch
 
 
 def _show_progress() -> bool:
@@ -79,20 +80,13 @@ def index(
     ctx.with_resource(writing(store, no_wait))  # held until the command returns
     meta = store.meta()
 
-    def load_with_precision():
-        encoder = _encoder_for(store, model, pretrained, checkpoint, device)
-        encoder.set_image_precision(precision, min_cosine)  # checked against fp32 on the first batch
-        return encoder
-
-    load = functools.cache(load_with_precision)
+    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine))
     # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
     # model options are checked against the index's binding by name, tag and checkpoint hash
     if meta is not None and (model or pretrained or checkpoint):
-        from loupe.indexer.models.binding import check_binding
-        from loupe.indexer.models.encoder import resolve_spec
-        from loupe.indexer.storage.store import bound_spec
+        from loupe.indexer.models.spec import check_bound, resolve_spec, spec_of_meta
 
-        check_binding(store, meta, resolve_spec(model, pretrained, checkpoint, bound_spec(meta)))
+        check_bound(meta, resolve_spec(model, pretrained, checkpoint, spec_of_meta(meta)), meta.dim)
     encoder = load() if meta is None else load
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
@@ -126,20 +120,10 @@ def index(
             typer.echo("loupe: interrupted; everything committed so far is kept, re-run to continue", err=True)
             raise typer.Exit(130)
     if load.cache_info().currsize:  # the model is loaded anyway: cache its text tower for cold searches
-        _cache_text_tower(store, load())
+        from loupe.indexer.models.factory import cache_text_tower
 
-
-def _cache_text_tower(store, encoder) -> None:
-    """Export the index model's text tower (`loupe.indexer.models.text_tower`) unless it is cached or known not to export."""
-    from loupe.indexer.models.text_tower import export_text_tower, tower_enabled, tower_state
-
-    meta = store.meta()
-    if meta is None or not tower_enabled() or encoder.device.type != "cpu" or tower_state(store.location, meta.model, meta.weights_id) != "absent":
-        return
-    try:
-        export_text_tower(encoder, store.location, meta.weights_id)
-    except OSError as exc:  # searches keep using torch; the index itself is fine
-        typer.echo(f"loupe: note: could not cache the text tower for fast searches ({exc})", err=True)
+        cache_text_tower(load(), store.location, store.meta(), on_error=lambda exc: typer.echo(
+            f"loupe: note: could not cache the text tower for fast searches ({exc})", err=True))
 
 
 def _check_folders(folders: List[Path], home, db) -> None:
@@ -374,7 +358,7 @@ def models() -> None:
     """List open_clip model names and their pretrained tags (loupe's own configs included)."""
     import open_clip
 
-    from loupe.indexer.models.encoder import register_model_configs
+    from loupe.indexer.models.spec import register_model_configs
 
     register_model_configs()
     tags: dict[str, list[str]] = {}

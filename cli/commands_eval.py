@@ -52,7 +52,8 @@ def eval_command(
     Images are embedded in fp32 unless --precision says otherwise (e.g. `auto`, to score what
     `loupe index` would store).
     """
-    from loupe.indexer.models.encoder import load_encoder, resolve_spec
+    from loupe.indexer.models.factory import index_encoder
+    from loupe.indexer.models.spec import resolve_spec
     from loupe.indexer.storage.vectors import join_search_params, parse_search_params
     from loupe.retrieval.eval.annotations import load_annotations
     from loupe.retrieval.eval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
@@ -61,8 +62,7 @@ def eval_command(
     parse_search_params(params)  # a bad string fails before any work
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
-    encoder = load_encoder(resolve_spec(model, pretrained, checkpoint), device)
-    encoder.set_image_precision(precision, min_cosine)
+    encoder = index_encoder(resolve_spec(model, pretrained, checkpoint).replace(image_precision=precision), device, min_cosine)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
         index_factory=index_factory, workers=workers, progress=_show_progress(), search_params=params,

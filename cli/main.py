@@ -8,6 +8,8 @@ only when needed: a plain `loupe search ...` runs without it (`loupe.cli.search_
 from __future__ import annotations
 
 import sys
+
+
 def _register() -> None:
     from loupe.cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
     from loupe.cli import commands_serve  # noqa: F401  (registers serve)
@@ -17,16 +19,32 @@ def _register() -> None:
 
 
 def run() -> None:
-    """Console-script entry point: turns LoupeError and Ctrl-C into one-line messages."""
+    """Console-script entry point: turns LoupeError and Ctrl-C into one-line messages.
+
+    Every way out goes through `_exit`, which makes the shutdown deaf to SIGINT and SIGTERM: a
+    finished command exits silently whatever signal arrives while the interpreter shuts down.
+    """
+    try:
+        code, message = _run()
+    except KeyboardInterrupt:
+        code, message = 130, "loupe: interrupted"
+    _exit(code, message)
+
+
+def _run() -> tuple[int, str | None]:
+    """Run the command line; its exit code and the message to print last."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, _interrupt_once)
+    except ValueError:  # not the main thread
+        pass
     if sys.argv[1:2] == ["search"]:  # the everyday command: without typer when its arguments are plain
         from loupe.cli.search_entry import run_fast
 
-        try:
-            code = run_fast(sys.argv[2:])
-        except KeyboardInterrupt:
-            _exit(130, "loupe: interrupted")
+        code = run_fast(sys.argv[2:])
         if code is not None:
-            _exit(code)
+            return code, None
     import typer
 
     from loupe.indexer.errors import LoupeError
@@ -37,21 +55,17 @@ def run() -> None:
     sys.argv[1:] = _expand_ray_address(sys.argv[1:])
     try:
         code = app(standalone_mode=False, prog_name="loupe")  # returns typer.Exit codes here
-        _exit(code if isinstance(code, int) else 0)  # the work is done: a late Ctrl-C no longer interrupts the way out
+        return (code if isinstance(code, int) else 0), None
     except LoupeError as exc:
-        typer.echo(f"loupe: error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        _exit(130, "loupe: interrupted")
+        return 1, f"loupe: error: {exc}"
     except typer.Exit as exc:
-        _exit(exc.exit_code)
+        return exc.exit_code, None
     except typer.Abort:
-        typer.echo("loupe: aborted", err=True)
-        sys.exit(1)
+        return 1, "loupe: aborted"
     except Exception as exc:  # click usage errors and the like (typer >= 0.29 raises its vendored click's)
         if isinstance(exc, _click_exceptions()):
             exc.show()
-            sys.exit(exc.exit_code)
+            return exc.exit_code, None
         raise
 
 
@@ -78,18 +92,41 @@ def _expand_ray_address(args: list[str]) -> list[str]:
 
 
 def _exit(code: int, message: str | None = None) -> None:
-    """Exit; one more Ctrl-C (people press it twice) no longer interrupts the way out with a traceback."""
+    """Print `message` and exit with `code`; from here on SIGINT and SIGTERM are let go unheard.
+
+    People press Ctrl-C twice, and a service manager may send SIGTERM: once the work is done,
+    neither may interrupt the way out (a KeyboardInterrupt in the interpreter's teardown prints
+    'Exception ignored in ...' with a traceback). A Python no-op handler, not SIG_IGN: a signal
+    already caught by the C handler but not yet run is then answered quietly too.
+    """
     import signal
 
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, _unheard)
+        except ValueError:  # not the main thread
+            pass
     if message:
         from loupe.cli.search_entry import echo
 
         echo(message, err=True)
     sys.exit(code)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C: interrupt the command; the next ones find it stopping already and are unheard.
+
+    People press Ctrl-C twice: a second KeyboardInterrupt would land anywhere in the clean-up
+    (in a garbage collector's callback it prints 'Exception ignored in ...' with a traceback).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, _unheard)
+    raise KeyboardInterrupt
+
+
+def _unheard(signum, frame) -> None:
+    """The handler of SIGINT and SIGTERM while a finished command exits: nothing to do."""
 
 
 if __name__ == "__main__":  # `python -m loupe.cli.main`: run the importable module's app, not __main__'s

@@ -26,7 +26,7 @@ TextPrecisionOpt = Annotated[
     str,
     typer.Option(
         "--text-precision",
-        help="Query text encoding on CPU: auto (bf16 where the CPU has AMX/AVX512-BF16: faster, cosine ~0.9999 to fp32), fp32, or bf16.",
+        help="Query text encoding on CPU: auto (fp32, as every search path), fp32, or bf16 (faster on CPUs with AMX/AVX512-BF16, cosine ~0.9999 to fp32).",
     ),
 ]
 PrecisionOpt = Annotated[

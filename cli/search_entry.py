@@ -163,16 +163,15 @@ def run_fast(args: Sequence[str]) -> int | None:
 
 
 def _start_tower(values: dict) -> None:
-    """Begin loading the index's cached text tower first thing (`loupe.indexer.models.text_tower.prestart`).
+    """Begin loading the index's cached text tower first thing (`loupe.indexer.models.factory.prestart`).
 
     The ONNX Runtime session is the longest single step of a cold search, and the only large one
     that runs outside the GIL: started before the rest of the search is even imported, it loads
     on the second core while the catalog is read. Only a guess, made when no `loupe serve` may
     answer; `run_search` checks everything again, and a query that fails here fails there.
     """
-    if values["text_precision"] not in ("auto", "fp32") or values["device"] not in ("auto", "cpu"):
-        return
     from loupe.indexer.errors import LoupeError
+    from loupe.indexer.models.factory import prestart
     from loupe.indexer.storage.locations import resolve_location
     from loupe.retrieval.engine.query import parse_query
     from loupe.retrieval.web.client import state_file
@@ -184,9 +183,7 @@ def _start_tower(values: dict) -> None:
     location = resolve_location(values["home"], values["db"])
     if state_file(location).exists():
         return
-    from loupe.indexer.models.text_tower import prestart
-
-    prestart(location, [t.value for t in terms if t.kind == "text"])
+    prestart(location, [t.value for t in terms if t.kind == "text"], values["text_precision"], values["device"])
 
 
 def run_search(
@@ -213,11 +210,10 @@ def run_search(
     searcher = None
     if hits is None:  # no `loupe serve` running for this index and model: search in this process
         texts = [t.value for t in terms if t.kind == "text"]
-        if text_precision in ("auto", "fp32") and device in ("auto", "cpu"):
-            from loupe.indexer.storage.locations import resolve_location
-            from loupe.indexer.models.text_tower import prestart
+        from loupe.indexer.models.factory import prestart
+        from loupe.indexer.storage.locations import resolve_location
 
-            prestart(resolve_location(home, db), texts)  # the text tower loads while the catalog opens
+        prestart(resolve_location(home, db), texts, text_precision, device)  # the text tower loads while the catalog opens
         from loupe.retrieval.engine.search import Filters, open_searcher
 
         filters = Filters.parse(folder, glob, after, before, date_field)
@@ -237,13 +233,13 @@ def run_search(
     if searcher is not None:
         from loupe.indexer.models.text_tower import OnnxTextTower
 
-        report.update(searcher.stats, text_encoder=getattr(searcher.encoder, "backend", "torch"),
-                      text_precision=searcher.encoder.text_precision, onnx_sessions=OnnxTextTower.sessions_created,
-                      heavy_imports=[m for m in HEAVY if m in sys.modules])
+        spec = searcher.encoder.spec
+        report.update(searcher.stats, text_encoder=spec.text_backend, text_precision=spec.text_precision,
+                      onnx_sessions=OnnxTextTower.sessions_created, heavy_imports=[m for m in HEAVY if m in sys.modules])
         sys.stdout.flush()  # the results are out; caching the text tower for the next search may take seconds
-        from loupe.retrieval.engine.search import cache_text_tower
+        from loupe.indexer.models.factory import cache_text_tower
 
-        report["text_tower"] = cache_text_tower(searcher)
+        report["text_tower"] = cache_text_tower(searcher.encoder, searcher.store.location, searcher.meta)
     if timings:
         echo(json.dumps(report), err=True)
 

@@ -47,7 +47,7 @@ def clip_benchmark_recall(checkpoint, entries: list[dict]) -> dict[str, dict[str
     """CLIP_benchmark's figures in loupe's layout (percent; image_retrieval is text -> image)."""
     import open_clip
 
-    from loupe.indexer.models.encoder import CONFIG_DIR
+    from loupe.indexer.models.spec import CONFIG_DIR
 
     open_clip.add_model_config(CONFIG_DIR)  # loupe-tiny's config; weights straight from the file
     model, _, preprocess = open_clip.create_model_and_transforms("loupe-tiny", pretrained=str(checkpoint))

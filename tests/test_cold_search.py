@@ -136,7 +136,7 @@ def test_cold_search_needs_no_torch_and_ranks_as_torch(loupe, photo_dir, tiny_ch
 def test_a_damaged_tower_falls_back_to_torch(tower_dir, tiny_encoder, tmp_path):
     import shutil
 
-    from loupe.indexer.models.binding import OnnxEncoder
+    from loupe.indexer.models.onnx_encoder import OnnxEncoder
     from loupe.indexer.models.text_tower import open_tower
 
     location, manifest = tower_dir
@@ -154,7 +154,8 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
     """The query cache sits behind `Searcher` (CLI and server alike), keyed by the index's weights."""
     from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.models.random_weights import save_random_model
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.storage.store import Store
     from loupe.retrieval.engine.query import parse_query
     from loupe.retrieval.engine.search import Searcher
@@ -182,7 +183,7 @@ def test_searcher_encodes_a_sentence_once_per_model(tmp_path, photo_dir, tiny_en
 
 
 def test_query_cache_is_keyed_by_weights_and_precision_and_bounded(tmp_path):
-    from loupe.retrieval.engine.query_cache import QueryCache
+    from loupe.indexer.models.query_cache import QueryCache
 
     path = tmp_path / "query-cache.sqlite"
     a = QueryCache(path, "sha256:aaa", 4, max_entries=3)
@@ -446,3 +447,23 @@ def test_an_error_while_the_tower_loads_exits_cleanly(cold_home, tmp_path):
     for _ in range(3):
         proc = _cli(env, "search", f"a sentence never asked {_}", "--checkpoint", other, ok=False)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "other weights" in proc.stderr, proc.stderr
+
+
+def test_query_cache_is_read_once_per_search(tmp_path, monkeypatch):
+    """One cache object per index and model in a process: the steps of a cold search that ask
+    (prestart, the encoder's choice, the query's vectors) read the file once between them."""
+    from loupe.indexer.models.query_cache import open_cache
+
+    location = Location(url="sqlite:///unused", vector_dir=tmp_path, prefix="")
+    cache = open_cache(location, "sha256:once", 4)
+    assert open_cache(location, "sha256:once", 4) is cache and open_cache(location, "sha256:other", 4) is not cache
+    reads = []
+    read = cache._read
+    monkeypatch.setattr(cache, "_read", lambda keys: reads.append(keys) or read(keys))
+    for texts, ahead in ((["a dog", "a cat"], True), (["a dog"], True), (["a  cat", "a dog"], False)):
+        assert cache.get(texts, "fp32", ahead=ahead) == [None] * len(texts)
+    assert len(reads) == 1
+    assert cache.get(["a dog"], "fp32") == [None] and len(reads) == 2  # a miss is asked again (another process may have cached it)
+    v = np.arange(4, dtype=np.float32)
+    cache.put(["a dog"], [v], "fp32")
+    assert np.array_equal(cache.get(["a dog"], "fp32")[0], v) and len(reads) == 3  # read back once, marked used

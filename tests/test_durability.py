@@ -365,3 +365,23 @@ def test_postgres_advisory_lock(pg_url, tmp_path, tiny_encoder, photo_dir):  # n
     t.join(timeout=30)
     assert got.is_set()
     assert _in_thread(lambda: writer_lock(b, wait=False)) == ""  # released with the holder
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), (["info"], 1)])
+def test_signals_during_shutdown_are_unheard(tmp_path, args, code):
+    """A finished command exits silently with its own code when SIGINT and SIGTERM (twice each)
+    arrive while the interpreter shuts down: sent by an exit handler, which runs after `run()`."""
+    script = (
+        "import atexit, os, signal, sys, weakref\n"
+        "def late():\n"
+        "    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM):\n"
+        "        os.kill(os.getpid(), sig)\n"
+        "        weakref.WeakValueDictionary()  # some Python code for the handlers to run in\n"
+        "atexit.register(late)\n"
+        "from loupe.cli.main import run\n"
+        f"sys.argv = ['loupe', *{args!r}, *(['--home', {str(tmp_path)!r}] if {args!r} != ['--help'] else [])]\n"
+        "run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]

@@ -189,7 +189,8 @@ def test_stale_faiss_file_is_repaired_from_the_catalog(store, tiny_encoder, phot
 
 
 def test_model_binding_is_enforced(store, tiny_encoder, photo_dir, tmp_path):
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.errors import LoupeError
     from tests.conftest import save_random_model
 

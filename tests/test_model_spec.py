@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loupe.indexer.models.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, resolve_spec
+from loupe.indexer.models.spec import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelSpec, resolve_spec
 from loupe.indexer.errors import LoupeError
 
 LAION = ModelSpec(DEFAULT_MODEL, DEFAULT_PRETRAINED, None)

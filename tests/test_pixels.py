@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from loupe.indexer.pipeline.batching import embed_images
-from loupe.indexer.models.encoder import load_encoder, make_spec
+from loupe.indexer.models.encoder import load_encoder
+from loupe.indexer.models.spec import make_spec
 from loupe.indexer.pipeline.imageio import DRAFT_FACTOR, decode_image
 from loupe.retrieval.eval.annotations import load_annotations
 from loupe.retrieval.eval.evaluate import bind_images

@@ -123,6 +123,7 @@ def test_cold_cli_search_on_postgres_goes_through_sqlalchemy(pg_url, tmp_path, t
     proc = loupe("search", "a dog on the beach", "--db", url, "--json", "--timings", "-k", "4")
     timings = json.loads(proc.stderr.strip().splitlines()[-1])
     assert "sqlalchemy" in timings["heavy_imports"] and "typer" not in timings["heavy_imports"]
+    assert timings["text_precision"] == tiny_encoder.text_precision == "fp32"  # the query's precision, on any CPU
     got = [json.loads(line) for line in proc.stdout.splitlines()]
     want = Searcher(Store.open(home=loupe.home, db=url, writer=False), tiny_encoder).search(parse_query(["a dog on the beach"]), k=4)
     assert [h["path"] for h in got] == [h.fields["path"] for h in want]

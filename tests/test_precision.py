@@ -33,7 +33,9 @@ def vit_encoder(tmp_path_factory):
     """A tiny vision transformer (the kind of tower int8 serves), seeded random weights."""
     import open_clip
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.models.random_weights import save_random_model
 
     folder = tmp_path_factory.mktemp("configs")
@@ -111,7 +113,8 @@ def test_check_failure_falls_back_to_fp32(vit_encoder, pixels):
 
 
 def test_a_tower_that_cannot_run_quantised_falls_back(tiny_checkpoint, pixels):
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
 
     enc = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")  # ModifiedResNet: its pool reads Linear weights
     reference = enc.encode_images(pixels)
@@ -199,3 +202,68 @@ def test_unpacked_attention_is_the_same_arithmetic(vit_encoder, pixels):
         a = torch.nn.functional.normalize(vit_encoder.model.visual(pixels), dim=-1)
         b = torch.nn.functional.normalize(tower(pixels), dim=-1)
     assert float((a * b).sum(1).min()) >= 0.99999
+
+
+# ---- the model spec carries the precisions; query text is fp32 unless asked, on every CPU -----------------
+
+SCORE_TOLERANCE = {"fp32": 1e-5, "bf16": 5e-3}  # how far a cosine computed in that precision may be from fp32's
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_query_text_auto_is_fp32_whatever_the_cpu(monkeypatch, tiny_checkpoint, has_bf16):
+    """A CPU with bf16 units (simulated here) no longer changes what `auto` runs: the search paths agree."""
+    from loupe.indexer.models.factory import index_encoder
+    from loupe.indexer.models.spec import make_spec
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    assert precision.resolve_text("auto", torch.device("cpu")) == "fp32"
+    assert precision.resolve_text("bf16", torch.device("cpu")) == "bf16"
+    assert precision.resolve_text("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(LoupeError, match="unknown text precision"):
+        precision.resolve_text("fp8", torch.device("cpu"))
+    encoder = index_encoder(make_spec(None, None, tiny_checkpoint), "cpu")
+    assert (encoder.text_precision, encoder.spec.text_precision, encoder.spec.image_precision) == ("fp32", "fp32", "fp32")
+    assert encoder.spec.text_backend == "torch" and encoder.spec.dim == encoder.dim
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+def test_the_spec_precision_is_what_runs(tiny_checkpoint, tiny_encoder, name):
+    """Either text precision, forced by the spec, runs on any CPU (bf16 is emulated without bf16
+    units) and stays within that precision's tolerance of fp32."""
+    from loupe.indexer.models.factory import index_encoder
+
+    encoder = index_encoder(tiny_encoder.spec.replace(text_precision=name), "cpu")
+    assert encoder.text_precision == encoder.spec.text_precision == name
+    texts = ["a dog runs on the grass", "two children play on a sandy beach"]
+    got, want = encoder.encode_texts(texts), tiny_encoder.encode_texts(texts)
+    assert np.abs(got - want).max() <= SCORE_TOLERANCE[name]
+    assert name == "fp32" or np.abs(got - want).max() > SCORE_TOLERANCE["fp32"]  # really bf16
+
+
+def test_cli_search_scores_follow_the_text_precision(loupe, tiny_checkpoint, tiny_encoder, photo_dir):
+    """The same query scores as the in-process fp32 search within the tolerance of the precision the
+    CLI reports having run: fp32 by default, bf16 when asked, on any CPU."""
+    from loupe.indexer.storage.store import Store
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import Searcher
+
+    loupe("index", photo_dir, "--checkpoint", tiny_checkpoint)
+    query = "a dog on the beach"
+    want = Searcher(Store.open(home=loupe.home, writer=False), tiny_encoder).search(parse_query([query]), k=4)
+    for asked, runs in (("auto", "fp32"), ("bf16", "bf16")):
+        proc = loupe("search", query, "--json", "--timings", "-k", "4", "--text-precision", asked)
+        timings = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert timings["text_precision"] == runs
+        got = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [h["score"] for h in got] == pytest.approx([h.score for h in want], abs=SCORE_TOLERANCE[runs])
+
+
+def test_a_ray_actor_runs_the_spec_precision(tiny_encoder):
+    """The embedding actor builds its encoder from the driver's spec: the precision it names, not
+    one of its own choosing (on CUDA it used to turn fp16 on by itself)."""
+    from loupe.indexer.pipeline.ray_runner import Embedder
+
+    for name in ("fp32", "bf16"):
+        actor = Embedder(tiny_encoder.spec.replace(image_precision=name), "cpu")
+        assert actor.encoder.spec.image_precision == name
+        assert actor.encoder._pending == (None if name == "fp32" else (name, precision.MIN_COSINE))

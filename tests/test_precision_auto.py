@@ -23,7 +23,8 @@ from loupe.indexer.models import precision
 @pytest.fixture(scope="module")
 def vit_encoder(tmp_path_factory):
     """loupe's tiny ViT config (the tower kind int8 serves), seeded random weights."""
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.models.random_weights import save_random_model
 
     ckpt = save_random_model(tmp_path_factory.mktemp("vit") / "vit.pt", "loupe-tiny-vit")

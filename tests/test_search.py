@@ -197,7 +197,8 @@ def test_image_to_text_against_caption_corpus(indexed, tmp_path):
 
 
 def test_wrong_model_for_search_is_an_error(indexed, tmp_path):
-    from loupe.indexer.models.encoder import load_encoder, make_spec
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
     from tests.conftest import save_random_model
 
     other = load_encoder(make_spec(None, None, save_random_model(tmp_path / "o.pt", seed=3)), "cpu")

@@ -170,7 +170,10 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
     """bf16 text weights give the fp32 vectors to ~1e-3 and leave the image tower alone."""
     import torch
 
-    from loupe.indexer.models.encoder import cpu_has_bf16, load_encoder, make_spec
+
+    from loupe.indexer.models.encoder import load_encoder
+
+    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.pipeline.imageio import decode_image
 
     texts = ["a dog runs on the grass", "two children play on a sandy beach", "a red car"]
@@ -198,7 +201,7 @@ def test_bf16_query_text_tower(tiny_checkpoint, tiny_encoder, flickr_images):
     assert ((images @ half.T).argmax(axis=1) == (images @ reference.T).argmax(axis=1)).all()
 
     auto = load_encoder(make_spec(None, None, tiny_checkpoint), "cpu")
-    assert auto.set_text_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert auto.set_text_precision("auto") == "fp32" == auto.spec.text_precision  # on every CPU: bf16 is an opt-in
 
 
 def test_search_uses_a_server_only_with_the_same_text_precision(tiny_checkpoint):

@@ -313,7 +313,7 @@ def test_9_errors_are_messages_for_people_never_exception_text(client, service, 
 
 
 def test_9_the_query_cache_keys_any_string():
-    from loupe.retrieval.engine.query_cache import QueryCache
+    from loupe.indexer.models.query_cache import QueryCache
 
     assert len(QueryCache("/nonexistent/x.sqlite", "w", 4)._key("\ud800", "fp32")) == 64
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from loupe.indexer.models.encoder import load_encoder, make_spec
+from loupe.indexer.models.encoder import load_encoder
+
+from loupe.indexer.models.spec import make_spec
 from loupe.indexer.errors import LoupeError
 from loupe.retrieval.eval.training import TrainOptions, lr_at, train
 from tests.conftest import FLICKR8K

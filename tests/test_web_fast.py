@@ -110,7 +110,7 @@ def test_query_cache_writes_cost_no_fsync(tmp_path):
     """The query cache is a write-ahead log synced at checkpoints: a new sentence's put is not an fsync."""
     import sqlite3
 
-    from loupe.retrieval.engine.query_cache import QueryCache
+    from loupe.indexer.models.query_cache import QueryCache
 
     cache = QueryCache(tmp_path / "query-cache.sqlite", "sha256:aaa", 4)
     cache.put(["one"], [np.arange(4, dtype=np.float32)], "fp32")

@@ -74,29 +74,16 @@ def binding_of_manifest(manifest: dict, where: Path) -> Binding:
 
 
 def binding_of_options(model: str | None, pretrained: str | None, checkpoint: str | os.PathLike | None, dim: int) -> Binding | None:
-    """The binding named by --model/--pretrained/--checkpoint (None if none given); loads no weights."""
-    from loupe.indexer.models.encoder import file_sha256, model_name_from_checkpoint
+    """The binding named by --model/--pretrained/--checkpoint (None if none given); loads no weights.
 
-    if checkpoint is not None:
-        if pretrained:
-            raise LoupeError("pass either --pretrained or --checkpoint, not both")
-        path = str(Path(checkpoint).expanduser().resolve())
-        if not os.path.isfile(path):
-            raise LoupeError(f"checkpoint file not found: {path}")
-        recorded = model_name_from_checkpoint(path)
-        if model and recorded and model != recorded:
-            raise LoupeError(f"{path} records model {recorded}, not {model}: drop --model or pass another file")
-        name = model or recorded
-        if not name:
-            raise LoupeError(f"{path} does not record its model name: pass --model (e.g. --model ViT-B-32)")
-        return Binding(name, None, f"sha256:{file_sha256(path)}", dim, path)
-    if pretrained and not model:
-        raise LoupeError(f"--pretrained {pretrained} needs --model, e.g. --model ViT-B-32 --pretrained {pretrained}")
-    if model:
-        if not pretrained:
-            raise LoupeError(f"--model {model} names an architecture, not weights: add --pretrained TAG or --checkpoint FILE")
-        return Binding(model, pretrained, pretrained, dim)
-    return None
+    The options resolve as every command's do (`loupe.indexer.models.spec.resolve_spec`), without
+    checking a tag against open_clip's list: the shards' manifest speaks for their model."""
+    from loupe.indexer.models.spec import resolve_spec
+
+    if not (model or pretrained or checkpoint):
+        return None
+    spec = resolve_spec(model, pretrained, checkpoint, check_tags=False)
+    return Binding(spec.model, spec.pretrained, spec.weights_id, dim, spec.checkpoint)
 
 
 def _same(a: Binding, b: Binding) -> bool:
@@ -105,7 +92,7 @@ def _same(a: Binding, b: Binding) -> bool:
 
 def _local_checkpoint(binding: Binding) -> str | None:
     """The checkpoint file the binding names, if it exists here with the recorded sha256."""
-    from loupe.indexer.models.encoder import file_sha256
+    from loupe.indexer.models.spec import file_sha256
 
     path = binding.checkpoint_path
     if not path or not binding.weights_id.startswith("sha256:") or not os.path.isfile(path):
@@ -145,12 +132,10 @@ def _bind(store: Store, binding: Binding) -> Meta:
     meta = store.meta()
     if meta is not None:
         return meta
-    st = os.stat(binding.checkpoint_path) if binding.checkpoint_path else None
-    return store.catalog.create_meta(
-        model=binding.model, pretrained=binding.pretrained, checkpoint_path=binding.checkpoint_path,
-        checkpoint_size=st.st_size if st else None, checkpoint_mtime_ns=st.st_mtime_ns if st else None,
-        weights_id=binding.weights_id, dim=binding.dim,
-    )
+    from loupe.indexer.models.spec import ModelSpec, binding_record
+
+    spec = ModelSpec(binding.model, binding.pretrained, binding.checkpoint_path)
+    return store.catalog.create_meta(**binding_record(spec, binding.weights_id, binding.dim))
 
 
 # ---- export --------------------------------------------------------------------------------

@@ -1,189 +1,25 @@
-"""One entry point from a model name to a ready encoder (model, transforms, tokenizer).
+"""The torch encoder of a `ModelSpec`: model, eval transform and tokenizer, ready to embed batches.
 
-Modelled on open_clip's own factory: `load_encoder("ViT-B-32", pretrained="laion2b_s34b_b79k")`
-fetches weights the usual open_clip way (Hugging Face hub into its cache), while
-`load_encoder("loupe-tiny", checkpoint="model.pt")` loads a local file through the very same
-open_clip code path. Vectors come out float32 and L2-normalised, so inner product is cosine.
+`load_encoder(spec)` builds it through open_clip's own factory: a pretrained tag is fetched the
+usual open_clip way (Hugging Face hub into its cache), a checkpoint file is loaded through the very
+same code path. The spec's precisions are applied on load, so the encoder's `spec` says what it
+runs. Vectors come out float32 and L2-normalised, so inner product is cosine. Which backend serves
+a query's text (this, or the exported ONNX tower) is `loupe.indexer.models.factory`'s choice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from loupe.indexer.models import precision as precisions
 from loupe.indexer.errors import LoupeError
+from loupe.indexer.models import precision as precisions
+from loupe.indexer.models.spec import ModelSpec, register_model_configs
 
-DEFAULT_MODEL = "ViT-B-32"
-TEXT_PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_COSINE = precisions.MIN_COSINE  # a bf16 text tower must agree this well with fp32 on a probe, else fp32 stays
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-_registered = False
-
-
-def register_model_configs() -> None:
-    """Make loupe's bundled model configs (e.g. `loupe-tiny`) known to open_clip by name."""
-    global _registered
-    if not _registered:
-        import open_clip
-
-        open_clip.add_model_config(CONFIG_DIR)
-        _registered = True
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What names a model: an open_clip config plus either a pretrained tag or a local file."""
-
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = DEFAULT_PRETRAINED
-    checkpoint: str | None = None
-
-    def describe(self) -> str:
-        """A short human-readable name, e.g. 'ViT-B-32/laion2b_s34b_b79k'."""
-        if self.checkpoint:
-            return f"{self.model} (checkpoint {self.checkpoint})"
-        if self.pretrained:
-            return f"{self.model}/{self.pretrained}"
-        return f"{self.model} (random weights)"
-
-    def describe_bound(self) -> str:
-        """How an index's binding reads in messages (same wording as the catalog check's)."""
-        return self.describe() if (self.checkpoint or self.pretrained) else self.model
-
-
-def model_name_from_checkpoint(path: str) -> str | None:
-    """Read the model name loupe stores in its own checkpoints (None for foreign files).
-
-    Uses torch's memory-mapped loading, so only the small metadata entry is actually read.
-    """
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    if isinstance(obj, dict) and isinstance(obj.get("model_name"), str):
-        return obj["model_name"]
-    return None
-
-
-def make_spec(model: str | None, pretrained: str | None, checkpoint: str | Path | None) -> ModelSpec:
-    """`resolve_spec` for a command without an index (kept for callers that predate it)."""
-    return resolve_spec(model, pretrained, checkpoint)
-
-
-def resolve_spec(
-    model: str | None,
-    pretrained: str | None,
-    checkpoint: str | Path | None,
-    bound: ModelSpec | None = None,
-    *,
-    allow_random: bool = False,
-    check_tags: bool = True,
-) -> ModelSpec:
-    """The one place where --model/--pretrained/--checkpoint and the index's model become a spec.
-
-    `bound` is the model the index was built with (None: no index yet). No option means the
-    index's model, else ViT-B-32/laion2b_s34b_b79k. A checkpoint supplies its recorded model
-    name (a file that records none takes --model, else the index's model); --model must agree
-    with it. --pretrained needs --model, unless the index's model has that tag. --model alone
-    means the index's model when it names it, ViT-B-32's default tag, or random weights only
-    where `allow_random` (loupe train from a config). Options naming another model than the
-    index's are refused here, before any weights load. `check_tags=False` skips importing
-    open_clip (the server client), knowing only the index's own tag.
-    """
-    if checkpoint is not None and str(checkpoint) != "":
-        if pretrained:
-            raise LoupeError("pass either --pretrained or --checkpoint, not both")
-        checkpoint = str(Path(checkpoint).expanduser().resolve())
-        if not os.path.isfile(checkpoint):
-            raise LoupeError(f"checkpoint file not found: {checkpoint}")
-        if bound is not None and checkpoint == bound.checkpoint:
-            recorded = bound.model  # the file the index was built from: known to hold its model
-        else:
-            recorded = model_name_from_checkpoint(checkpoint)
-        if model is not None and recorded is not None and model != recorded:
-            raise LoupeError(f"{checkpoint} records model {recorded}, not {model}: drop --model or pass another file")
-        model = model or recorded or (bound.model if bound is not None else None)
-        if model is None:
-            raise LoupeError(f"{checkpoint} does not record its model name: pass --model (e.g. --model ViT-B-32)")
-        spec = ModelSpec(model=model, pretrained=None, checkpoint=checkpoint)
-    elif pretrained:
-        if model is None:
-            if bound is None or not _has_tag(bound.model, pretrained, bound, check_tags):
-                owner = f" (not a tag of this index's model {bound.model})" if bound is not None else ""
-                raise LoupeError(f"--pretrained {pretrained} needs --model{owner}, e.g. --model ViT-B-32 --pretrained {pretrained}")
-            model = bound.model
-        elif check_tags and not _has_tag(model, pretrained, bound, check_tags):
-            tags = _pretrained_tags(model)
-            if tags is not None:  # an unknown model name is load_encoder's error
-                hint = ", ".join(tags[:6]) or "none: train one with `loupe train` or pass --checkpoint"
-                raise LoupeError(f"'{pretrained}' is not a pretrained tag of {model} (known: {hint})")
-        spec = ModelSpec(model=model, pretrained=pretrained, checkpoint=None)
-    elif model is not None:
-        if bound is not None and model == bound.model:
-            spec = bound
-        elif model == DEFAULT_MODEL:
-            spec = ModelSpec(model=model, pretrained=DEFAULT_PRETRAINED, checkpoint=None)
-        elif allow_random or bound is not None:  # with an index, the binding check below speaks
-            spec = ModelSpec(model=model, pretrained=None, checkpoint=None)
-        else:
-            if _pretrained_tags(model) is None:
-                raise LoupeError(f"unknown model '{model}': `loupe models` lists the names open_clip knows")
-            raise LoupeError(
-                f"--model {model} names an architecture, not weights: add --pretrained TAG "
-                "(`loupe models` lists them) or --checkpoint FILE"
-            )
-    elif bound is not None:
-        if bound.checkpoint and not os.path.isfile(bound.checkpoint):
-            raise LoupeError(
-                f"this index was built with checkpoint {bound.checkpoint}, which no longer exists: pass --checkpoint FILE"
-            )
-        return bound
-    else:
-        spec = ModelSpec()
-    if bound is not None and (
-        spec.model != bound.model or (not spec.checkpoint and (spec.pretrained != bound.pretrained or bound.checkpoint))
-    ):
-        raise LoupeError(
-            f"this index was built with {bound.describe_bound()}, not {spec.describe()}: "
-            "use that model, or another --home/--db for a new index"
-        )
-    return spec
-
-
-def _pretrained_tags(model: str) -> list[str] | None:
-    """open_clip's pretrained tags for `model` (None: a name open_clip does not know)."""
-    import open_clip
-
-    register_model_configs()
-    if model not in open_clip.list_models():
-        return None
-    return list(open_clip.list_pretrained_tags_by_model(model))
-
-
-def _has_tag(model: str, tag: str, bound: ModelSpec | None, check_tags: bool) -> bool:
-    if bound is not None and (model, tag) == (bound.model, bound.pretrained):
-        return True
-    return check_tags and tag in (_pretrained_tags(model) or [])
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, used to bind an index to the exact checkpoint that built it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(name: str = "auto") -> "torch.device":
@@ -232,16 +68,11 @@ class Encoder:
     fidelity_seconds: float = 0.0  # what that check cost
     _pending: tuple[str, float] | None = field(default=None, repr=False)
     _fp32_visual: "torch.nn.Module | None" = field(default=None, repr=False)  # kept while a lowered copy runs
-    _checkpoint_sha: str | None = field(default=None, repr=False)
 
     @property
     def weights_id(self) -> str:
         """Identifies the weights: the pretrained tag, or 'sha256:<hex>' of the checkpoint file."""
-        if self.spec.checkpoint:
-            if self._checkpoint_sha is None:
-                self._checkpoint_sha = file_sha256(self.spec.checkpoint)
-            return f"sha256:{self._checkpoint_sha}"
-        return self.spec.pretrained or "random"
+        return self.spec.weights_id
 
     def _autocast(self):
         import contextlib
@@ -255,21 +86,24 @@ class Encoder:
     def set_text_precision(self, precision: str = "auto") -> str:
         """Run the text tower in bf16 on a CPU that computes bf16 natively; returns what is used.
 
-        A one-sentence query is bound by reading the text tower's weights (150 MB for ViT-B-32
-        in fp32), so halving them cuts its encoding time by a third or more on CPUs with AMX or
-        AVX512-BF16 (RESULTS.md), while the vector moves by a cosine of ~1e-4. Meant for query
-        encoders: stored vectors (`loupe index`, `index-text`, `eval`) stay fp32. 'auto' picks
-        bf16 where the CPU has those units; any model whose bf16 text vector strays from fp32 on
-        a probe sentence keeps fp32. On CUDA, text already runs under fp16 autocast.
+        A one-sentence query is bound by reading the text tower's weights, so halving them cuts
+        its encoding time on CPUs with AMX or AVX512-BF16 (RESULTS.md), while the vector moves by
+        a cosine of ~1e-4. An opt-in for query encoders (`--text-precision bf16`): 'auto' is fp32
+        on a CPU, like the exported ONNX tower, so a search scores the same on every path and
+        every CPU. A model whose bf16 text vector strays from fp32 on a probe sentence keeps
+        fp32. On CUDA, text runs under fp16 autocast. The encoder's `spec` records the result.
         """
+        chosen = self._set_text_precision(precision)
+        self.spec = self.spec.replace(text_precision=chosen)
+        return chosen
+
+    def _set_text_precision(self, precision: str) -> str:
         import torch
 
-        if precision not in TEXT_PRECISIONS:
-            raise LoupeError(f"unknown text precision '{precision}': use {', '.join(TEXT_PRECISIONS)}")
-        if self.device.type != "cpu":
-            self.text_precision = "fp16" if self.device.type == "cuda" else "fp32"
-            return self.text_precision
-        if precision == "fp32" or (precision == "auto" and not cpu_has_bf16()) or self.text_precision == "bf16":
+        wanted = precisions.resolve_text(precision, self.device)
+        if wanted != "bf16" or self.device.type != "cpu" or self.text_precision == "bf16":
+            if self.text_precision != "bf16":  # bf16 weights stay: the fp32 ones are gone
+                self.text_precision = wanted
             return self.text_precision
         probe = ["a photo of a dog on the beach"]
         reference = self.encode_texts(probe)
@@ -300,6 +134,7 @@ class Encoder:
         chosen = precisions.resolve(precision, self.device, self.model.visual)
         self._pending = None if chosen == "fp32" else (chosen, min_cosine)
         self.image_bound, self.precision_notice, self.fidelity_seconds = min_cosine, None, 0.0
+        self.spec = self.spec.replace(image_precision=chosen)
         return chosen
 
     def _restore_fp32(self) -> None:
@@ -307,6 +142,7 @@ class Encoder:
             self.model.visual = self._fp32_visual
             self._fp32_visual = None
         self.image_precision, self.image_cosine = "fp32", 1.0
+        self.spec = self.spec.replace(image_precision="fp32")
 
     def _image_autocast(self):
         import contextlib
@@ -386,11 +222,6 @@ class Encoder:
 _NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # top-level parameters outside the text tower
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products natively (AMX or AVX512-BF16)."""
-    return precisions.cpu_has_bf16()
-
-
 def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     """`model.encode_text(tokens)`, computed over the tokens up to the last end-of-text only.
 
@@ -439,10 +270,13 @@ def _image_size(model) -> int:
     return int(size)
 
 
-def load_encoder(spec: ModelSpec | None = None, device: str = "auto") -> Encoder:
-    """Build the model, eval transform and tokenizer for `spec` on `device`.
+def load_encoder(spec: ModelSpec | None = None, device: str = "auto", min_cosine: float = precisions.MIN_COSINE) -> Encoder:
+    """Build the model, eval transform and tokenizer for `spec` on `device`, in the spec's precisions.
 
-    Every failure a user can cause (unknown model, weights not downloadable, bad checkpoint,
+    The image precision (a choice other than fp32 is checked within `min_cosine` on the first
+    images: `Encoder.set_image_precision`) and the text precision are resolved for the device
+    here, so every process given the same spec (a Ray actor too) runs the same arithmetic; the
+    encoder's `spec` records what was resolved, and its dimension. Every failure a user can cause (unknown model, weights not downloadable, bad checkpoint,
     absent device) becomes a one-line LoupeError that says what to pass instead.
     """
     import logging
@@ -496,14 +330,15 @@ def load_encoder(spec: ModelSpec | None = None, device: str = "auto") -> Encoder
     tokenizer = open_clip.get_tokenizer(spec.model)
     with torch.inference_mode():
         dim = int(model.encode_text(tokenizer(["probe"]).to(dev)).shape[-1])
-    return Encoder(
-        spec=spec,
+    encoder = Encoder(
+        spec=spec.replace(dim=dim, text_backend="torch"),
         model=model,
         preprocess=preprocess,
         tokenizer=tokenizer,
         device=dev,
         dim=dim,
         image_size=_image_size(model),
-        # CUDA embeds images under fp16 autocast (checked on the first batch) unless `set_image_precision` says otherwise
-        _pending=("fp16", precisions.MIN_COSINE) if dev.type == "cuda" else None,
     )
+    encoder.set_image_precision(spec.image_precision, min_cosine)
+    encoder.set_text_precision(spec.text_precision)
+    return encoder

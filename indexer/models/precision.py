@@ -36,6 +36,7 @@ from loupe.indexer.errors import LoupeError
 
 PRECISIONS = ("fp32", "bf16", "int8")
 CHOICES = ("auto", *PRECISIONS)
+TEXT_CHOICES = ("auto", "fp32", "bf16")  # of query text (`Encoder.set_text_precision`)
 MIN_COSINE = 0.999  # image (and query text) vectors of a faster precision must stay this close to fp32
 FIDELITY_SAMPLE = 4  # images of the first batch embedded in fp32 too, to check the faster precision
 SETTING = "image_precision"
@@ -114,6 +115,18 @@ def resolve(precision: str, device: "torch.device", visual: "torch.nn.Module") -
     if precision == "bf16" and kind not in ("cpu", "cuda"):
         raise LoupeError(f"--precision bf16 is not supported on {kind}: use auto or fp32")
     return precision
+
+
+def resolve_text(precision: str, device: "torch.device") -> str:
+    """The precision query text runs in: `auto` is fp32 on CPUs (the exported ONNX tower's, so every
+    search path scores alike) and fp16 (mixed precision) on CUDA; bf16 is a CPU opt-in."""
+    if precision not in TEXT_CHOICES:
+        raise LoupeError(f"unknown text precision '{precision}': use {', '.join(TEXT_CHOICES)}")
+    if device.type == "cuda":
+        return "fp16"
+    if device.type != "cpu":
+        return "fp32"
+    return "fp32" if precision == "auto" else precision
 
 
 def lowered(visual: "torch.nn.Module", precision: str) -> "torch.nn.Module":

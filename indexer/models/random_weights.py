@@ -16,7 +16,7 @@ def save_random_model(path: Path, model_name: str = "loupe-tiny", seed: int = 0)
     import open_clip
     import torch
 
-    from loupe.indexer.models.encoder import register_model_configs
+    from loupe.indexer.models.spec import register_model_configs
 
     register_model_configs()
     torch.manual_seed(seed)

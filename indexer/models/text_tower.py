@@ -7,6 +7,7 @@ before it is used: the tokenizer must be open_clip's default CLIP tokenizer (sam
 sentences), and the ONNX vectors must be within cosine `MIN_COSINE` of fp32 torch on probe
 sentences (short, long, non-ASCII). A model that fails either (another tokenizer, an op the
 exporter lacks) is recorded as not exportable, and searches keep using torch, without error.
+Which searches use it is `loupe.indexer.models.factory`'s choice.
 
 Files, beside the index's FAISS files: `text-tower.json` (the manifest: which weights, which
 file, tokenizer settings; written last, atomically, so it only ever names complete files),
@@ -274,7 +275,7 @@ _started: dict[Path, OnnxTextTower] = {}
 
 
 def open_tower(location: Location, manifest: dict, background: bool = True) -> OnnxTextTower:
-    """The tower a manifest names; one `prestart` already began loading is handed over."""
+    """The tower a manifest names; one `start_tower` already began loading is handed over."""
     folder = location.vector_dir
     path = folder / manifest["file"]
     if path in _started:
@@ -282,21 +283,8 @@ def open_tower(location: Location, manifest: dict, background: bool = True) -> O
     return OnnxTextTower(path, folder / manifest["bpe"], int(manifest["context_length"]), background)
 
 
-def prestart(location: Location, texts: Sequence[str]) -> None:
-    """Begin loading the index's cached tower before the catalog is even opened (a cold search).
-
-    ONNX Runtime builds its session outside the GIL, so the catalog's imports (SQLAlchemy, FAISS)
-    run meanwhile. Only a guess until `open_tower` is asked for the same file by a search that has
-    checked the manifest against the catalog; skipped when every sentence is in the query cache.
-    """
-    data = read_manifest(location)
-    if not texts or not tower_enabled() or data is None or not data.get("usable"):
-        return
-    from loupe.retrieval.engine.query_cache import QueryCache, cache_path
-
-    if all(v is not None for v in QueryCache(cache_path(location), data["weights_id"], int(data["dim"])).get(list(texts), "fp32")):
-        return
-    path = location.vector_dir / data["file"]
-    if path in _started:  # begun already (`loupe.cli.search_entry` starts it first thing)
-        return
-    _started[path] = OnnxTextTower(path, location.vector_dir / data["bpe"], int(data["context_length"]), background=True)
+def start_tower(location: Location, manifest: dict) -> None:
+    """Begin loading the tower a manifest names, for `open_tower` to hand over (`factory.prestart`)."""
+    path = location.vector_dir / manifest["file"]
+    if path not in _started:  # begun already (`loupe.cli.search_entry` starts it first thing)
+        _started[path] = OnnxTextTower(path, location.vector_dir / manifest["bpe"], int(manifest["context_length"]), background=True)

@@ -141,12 +141,12 @@ class Embedder:
     def __init__(self, spec, device: str = "auto") -> None:
         import torch
 
-        from loupe.indexer.models.encoder import load_encoder
+        from loupe.indexer.models.factory import index_encoder
 
         cpus = int(os.environ.get("OMP_NUM_THREADS") or 0)
         if cpus > 0:
             torch.set_num_threads(cpus)
-        self.encoder = load_encoder(spec, device)
+        self.encoder = index_encoder(spec, device)  # in the spec's precisions: the driver's, resolved
         self.shape = (3, self.encoder.image_size, self.encoder.image_size)
         self.pid = os.getpid()
 

@@ -99,46 +99,20 @@ class Store:
     # ---- model binding ------------------------------------------------------------------
     def bind(self, encoder: "Encoder") -> Meta:
         """Bind a new index to `encoder`'s model, or check an existing one matches it."""
+        from loupe.indexer.models.spec import binding_record
+
         meta = self.catalog.meta()
-        spec = encoder.spec
-        ckpt_stat = os.stat(spec.checkpoint) if spec.checkpoint else None
         if meta is None:
-            return self.catalog.create_meta(
-                model=spec.model,
-                pretrained=spec.pretrained,
-                checkpoint_path=spec.checkpoint,
-                checkpoint_size=ckpt_stat.st_size if ckpt_stat else None,
-                checkpoint_mtime_ns=ckpt_stat.st_mtime_ns if ckpt_stat else None,
-                weights_id=encoder.weights_id,
-                dim=encoder.dim,
-            )
+            return self.catalog.create_meta(**binding_record(encoder.spec, encoder.weights_id, encoder.dim))
         self.check_compatible(meta, encoder)
         return meta
 
     def check_compatible(self, meta: Meta, encoder: "Encoder") -> None:
-        """Refuse to mix vectors of different models in one index (they share no space)."""
-        spec = encoder.spec
-        asked = spec.describe()
-        built = _meta_describe(meta)
-        if spec.model != meta.model or encoder.dim != meta.dim:
-            raise LoupeError(
-                f"this index was built with {built}, not {asked}: use that model, or another --home/--db for a new index"
-            )
-        if spec.checkpoint:
-            st = os.stat(spec.checkpoint)
-            same_file = (
-                spec.checkpoint == meta.checkpoint_path
-                and st.st_size == meta.checkpoint_size
-                and st.st_mtime_ns == meta.checkpoint_mtime_ns
-            )
-            weights = meta.weights_id if same_file else encoder.weights_id  # hash only when needed
-        else:
-            weights = encoder.weights_id
-        if weights != meta.weights_id:
-            raise LoupeError(
-                f"this index was built with {built} ({meta.weights_id[:19]}), but {asked} has other weights "
-                f"({weights[:19]}): use the same weights, or another --home/--db"
-            )
+        """Refuse to mix vectors of different models in one index (they share no space):
+        `loupe.indexer.models.spec.check_bound` on the encoder's spec."""
+        from loupe.indexer.models.spec import check_bound
+
+        check_bound(meta, encoder.spec, encoder.dim, lambda: encoder.weights_id)
 
     def image_precisions(self) -> dict[str, float]:
         """The precisions that made this index's image vectors, each with its lowest cosine to fp32."""
@@ -371,18 +345,3 @@ def _training_sample(ids: np.ndarray, factory: str, seed: int = 0) -> np.ndarray
     return np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
 
 
-def _meta_describe(meta: Meta) -> str:
-    if meta.checkpoint_path:
-        return f"{meta.model} (checkpoint {meta.checkpoint_path})"
-    if meta.pretrained:
-        return f"{meta.model}/{meta.pretrained}"
-    return meta.model
-
-
-def bound_spec(meta: Meta | None) -> "ModelSpec | None":
-    """The model an index is bound to, as recorded (its checkpoint file may have moved since)."""
-    from loupe.indexer.models.encoder import ModelSpec
-
-    if meta is None:
-        return None
-    return ModelSpec(model=meta.model, pretrained=meta.pretrained, checkpoint=meta.checkpoint_path)

@@ -79,13 +79,13 @@ class Searcher:
     """A loaded index plus the encoder bound to it; answers any number of queries."""
 
     def __init__(self, store: Store, encoder: "Encoder", query_cache: "QueryCache | None" = None) -> None:
-        from loupe.retrieval.engine.query_cache import QueryCache, cache_path
+        from loupe.indexer.models.query_cache import open_cache
 
         self.store = store
         self.encoder = encoder
         self.meta = store.require_meta()
         store.check_compatible(self.meta, encoder)
-        self.query_cache = query_cache or QueryCache(cache_path(store.location), self.meta.weights_id, self.meta.dim)
+        self.query_cache = query_cache or open_cache(store.location, self.meta.weights_id, self.meta.dim)
         self.stats = {"cache_hits": 0, "encoded": 0}  # text terms answered by the query cache / by the model
 
     def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -226,35 +226,27 @@ def open_searcher(
     `search_params` (a FAISS parameter string, e.g. "nprobe=64,efSearch=128") tunes approximate
     indices over loupe's defaults. The store is opened for reading: a search never writes index files.
 
-    A one-off CPU search (not `long_lived`, text precision auto or fp32) whose index has its text
-    tower cached (`loupe.indexer.models.text_tower`) loads no torch at all: sentences go through ONNX Runtime in
-    fp32, within cosine 0.9999 of torch. Otherwise the model loads as before (in fp32 for such a
-    search, so that `cache_text_tower` can export it afterwards). `texts`, the query's sentences
-    when known, let a query answered entirely from the query cache (or by images) skip loading the tower.
+    The encoder comes from `loupe.indexer.models.factory.query_encoder`: a one-off CPU search whose
+    index has its text tower cached loads no torch at all. `texts`, the query's sentences when
+    known, let a query answered entirely from the query cache (or by images) skip loading the tower.
     """
-    from loupe.indexer.models.encoder import TEXT_PRECISIONS, load_encoder, resolve_spec
-    from loupe.indexer.storage.store import bound_spec
+    from loupe.indexer.models.factory import query_encoder
+    from loupe.indexer.models.precision import TEXT_CHOICES
+    from loupe.indexer.models.spec import resolve_spec, spec_of_meta
 
-    if text_precision not in TEXT_PRECISIONS:
-        raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_PRECISIONS)}, not '{text_precision}'")
+    if text_precision not in TEXT_CHOICES:
+        raise LoupeError(f"--text-precision must be one of {', '.join(TEXT_CHOICES)}, not '{text_precision}'")
     store = _open_store(home, db, long_lived, search_params)
     meta = store.require_meta()
-    spec = resolve_spec(model, pretrained, checkpoint, bound_spec(meta))
-    if tower_eligible(text_precision, device, long_lived):
-        encoder = _tower_encoder(store, meta, spec, device, texts)
-        if encoder is not None:
-            for kind in preload:  # while the text tower loads in its own thread
-                store.vector_index(kind)
-            return Searcher(store, encoder)
-    from concurrent.futures import ThreadPoolExecutor
+    spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(meta)).replace(text_precision=text_precision)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
-        loading = [pool.submit(store.vector_index, kind) for kind in preload]
-        encoder = load_encoder(spec, device)
-        if not tower_eligible(text_precision, device, long_lived) or encoder.device.type != "cpu":
-            encoder.set_text_precision(text_precision)  # else fp32, the precision of the ONNX tower to come
-        for job in loading:
-            job.result()
+    def read_vector_indices() -> None:
+        for kind in preload:
+            store.vector_index(kind)
+
+    encoder = query_encoder(
+        store.location, meta, spec, device, one_off=not long_lived, texts=texts, meanwhile=read_vector_indices
+    )
     return Searcher(store, encoder)
 
 
@@ -274,51 +266,3 @@ def _open_store(home, db, long_lived: bool, search_params: str | None) -> Store:
 
         store.numpy_flat_max = NUMPY_FLAT_MAX
     return store
-
-
-def tower_eligible(text_precision: str, device: str, long_lived: bool) -> bool:
-    """Whether a search may use the exported fp32 ONNX text tower: a one-off CPU search, not bf16."""
-    from loupe.indexer.models.text_tower import tower_enabled
-
-    return not long_lived and text_precision in ("auto", "fp32") and device in ("auto", "cpu") and tower_enabled()
-
-
-def _tower_encoder(store: Store, meta, spec, device: str, texts: Sequence[str] | None):
-    """An `OnnxEncoder` over the cached tower of the index's model, or None (absent, or other options)."""
-    from loupe.indexer.models.binding import OnnxEncoder
-    from loupe.indexer.models.text_tower import cached_tower, open_tower
-
-    manifest = cached_tower(store.location, meta.model, meta.weights_id)
-    if manifest is None or int(manifest.get("dim", -1)) != meta.dim:
-        return None
-    # a query whose sentences are all cached never builds the session (it loads on first use)
-    from loupe.retrieval.engine.query_cache import QueryCache, cache_path
-
-    if texts is None:  # not known in advance: start loading at once
-        background = True
-    else:  # an image-only query, or one whose sentences are all cached, may never need the session
-        cache = QueryCache(cache_path(store.location), meta.weights_id, meta.dim)
-        background = any(v is None for v in cache.get(list(texts), "fp32"))
-    tower = open_tower(store.location, manifest, background=background)
-    return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
-
-
-def cache_text_tower(searcher: Searcher) -> str:
-    """Export the text tower of a torch-loaded searcher's model if the index has none yet.
-
-    Called after a search has printed its results, so the first search after indexing is not
-    slower to answer; later cold searches then need no torch. Returns the tower's state.
-    """
-    from loupe.indexer.models.text_tower import export_text_tower, tower_enabled, tower_state
-
-    encoder = searcher.encoder
-    meta = searcher.meta
-    state = tower_state(searcher.store.location, meta.model, meta.weights_id)
-    if state != "absent" or not tower_enabled() or getattr(encoder, "backend", "torch") != "torch" or encoder.text_precision != "fp32":
-        return state
-    if getattr(encoder.device, "type", "cpu") != "cpu":
-        return state
-    try:
-        return "ready" if export_text_tower(encoder, searcher.store.location, meta.weights_id)["usable"] else "unusable"
-    except OSError:  # a read-only index folder: searches keep using torch
-        return "absent"

@@ -202,7 +202,8 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult
     import torch.nn.functional as F
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from loupe.indexer.models.encoder import load_encoder, resolve_spec
+    from loupe.indexer.models.factory import index_encoder
+    from loupe.indexer.models.spec import resolve_spec
 
     if opts.freeze_image and opts.freeze_text:
         raise LoupeError("--freeze-image and --freeze-text together leave nothing to train")
@@ -219,7 +220,7 @@ def train(opts: TrainOptions, log: Callable[[str], None] = print) -> TrainResult
     random.seed(opts.seed)
     np.random.seed(opts.seed)
     torch.manual_seed(opts.seed)  # random init of a from-scratch model depends on it
-    encoder = load_encoder(spec, opts.device)
+    encoder = index_encoder(spec, opts.device)
     model, device = encoder.model, encoder.device
     started = time.perf_counter()
     pixels = decode_all(bound, encoder, opts.workers)

@@ -99,19 +99,16 @@ def _serves_model(
     state: ServerState, model: str | None, pretrained: str | None, checkpoint: Any, device: str, text_precision: str = "auto"
 ) -> bool:
     """Whether the server's model is the one `loupe search` with these options would load."""
-    if device not in ("auto", state.device) or text_precision not in ("auto", state.text_precision):
-        return False
-    if not (model or pretrained or checkpoint):
-        return True  # the server opened this index, so its model is the one the index is bound to
+    from loupe.indexer.models.spec import ModelSpec, resolve_spec
+
+    served = ModelSpec(state.model, state.pretrained, state.checkpoint, text_precision=state.text_precision)
     if checkpoint and os.path.realpath(os.path.expanduser(str(checkpoint))) != state.checkpoint:
         return False  # (a copy of the same weights elsewhere: searched in-process, which checks it)
-    from loupe.indexer.models.encoder import ModelSpec, resolve_spec
-
-    served = ModelSpec(model=state.model, pretrained=state.pretrained, checkpoint=state.checkpoint)
     try:  # the server's model is the index's: resolve the options as `loupe search` would
-        return resolve_spec(model, pretrained, checkpoint, served, check_tags=False) == served
+        asked = resolve_spec(model, pretrained, checkpoint, served, check_tags=False)
     except LoupeError:
         return False  # the in-process search reports the error
+    return device in ("auto", state.device) and served.answers(asked.replace(text_precision=text_precision))
 
 
 def find_server(

@@ -1,0 +1,141 @@
+"""Encoders for a `ModelSpec`: the one place that chooses each tower's backend.
+
+open_clip keeps one `create_model`; Immich's machine-learning service one model session per model
+type. Here:
+
+- `index_encoder(spec)`: what embeds an index's photos and captions (torch, both towers, in the
+  spec's precisions); a Ray actor given the same spec runs the same arithmetic.
+- `query_encoder(location, meta, spec)`: what turns a query into vectors. Its text side is the
+  index's exported ONNX tower (`loupe.indexer.models.text_tower`, fp32, no torch) for a one-off
+  CPU search whose spec allows it, else torch; images always go through torch.
+- `prestart`: begins loading that ONNX tower before the catalog is open (a cold search).
+- `cache_text_tower`: exports a torch encoder's text tower for later cold searches.
+
+The query cache (`loupe.indexer.models.query_cache`) is read once per search: `prestart`, the
+choice here and the search's own lookup share one in-process cache object.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from loupe.indexer.models import precision as precisions
+from loupe.indexer.models.spec import ModelSpec
+from loupe.indexer.storage.locations import Location
+
+
+def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
+    """The torch encoder of both towers, in the spec's precisions (`load_encoder`)."""
+    from loupe.indexer.models.encoder import load_encoder
+
+    return load_encoder(spec.replace(text_backend="torch"), device, min_cosine)
+
+
+def onnx_may_serve(spec: ModelSpec, device: str, one_off: bool) -> bool:
+    """Whether the spec's text may run on the exported ONNX tower: a one-off search on the CPU, in
+    fp32 ('auto' is fp32 there), with the tower not turned off (`LOUPE_TEXT_TOWER=0`)."""
+    from loupe.indexer.models.text_tower import tower_enabled
+
+    return (
+        one_off
+        and spec.text_backend in ("auto", "onnx")
+        and spec.text_precision in ("auto", "fp32")
+        and device in ("auto", "cpu")
+        and tower_enabled()
+    )
+
+
+def query_encoder(
+    location: Location,
+    meta,
+    spec: ModelSpec,
+    device: str = "auto",
+    *,
+    one_off: bool = False,
+    texts: Sequence[str] | None = None,
+    meanwhile: Callable[[], None] = lambda: None,
+):
+    """The encoder of a search over the index `meta` describes, for `spec` (resolved against it).
+
+    `one_off`: a single search (the CLI without a server), which may use the ONNX tower; `texts`,
+    the query's sentences when known, let a query answered from the query cache (or by images)
+    never build the tower's session. `meanwhile` runs while the encoder loads (ONNX Runtime and
+    torch both load mostly outside the GIL), e.g. reading the vector index.
+    """
+    if onnx_may_serve(spec, device, one_off):
+        encoder = _onnx_encoder(location, meta, spec, device, texts)
+        if encoder is not None:
+            meanwhile()
+            return encoder
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
+        loading = pool.submit(meanwhile)
+        encoder = index_encoder(spec, device)
+        loading.result()
+    return encoder
+
+
+def _onnx_encoder(location: Location, meta, spec: ModelSpec, device: str, texts: Sequence[str] | None):
+    """An `OnnxEncoder` over the cached tower of the index's model, or None (absent, or another model)."""
+    from loupe.indexer.models.onnx_encoder import OnnxEncoder
+    from loupe.indexer.models.query_cache import open_cache
+    from loupe.indexer.models.text_tower import cached_tower, open_tower
+
+    manifest = cached_tower(location, meta.model, meta.weights_id)
+    if manifest is None or int(manifest.get("dim", -1)) != meta.dim:
+        return None
+    if texts is None:  # not known in advance: start loading at once
+        background = True
+    else:  # an image-only query, or one whose sentences are all cached, may never need the session
+        background = any(v is None for v in open_cache(location, meta.weights_id, meta.dim).get(list(texts), "fp32", ahead=True))
+    tower = open_tower(location, manifest, background=background)
+    return OnnxEncoder(spec, tower, meta.dim, device)  # `Searcher` checks its weights against the index's
+
+
+def prestart(location: Location, texts: Sequence[str], text_precision: str = "auto", device: str = "auto") -> None:
+    """Begin loading the index's cached text tower before the catalog is even opened (a cold search).
+
+    ONNX Runtime builds its session outside the GIL, so the catalog's imports (SQLAlchemy, FAISS)
+    run meanwhile. Only a guess, from the tower's manifest, until `query_encoder` checks it against
+    the catalog; skipped when every sentence is in the query cache.
+    """
+    from loupe.indexer.models.query_cache import open_cache
+    from loupe.indexer.models.text_tower import read_manifest, start_tower
+
+    if not texts or not onnx_may_serve(ModelSpec(text_precision=text_precision), device, one_off=True):
+        return
+    data = read_manifest(location)
+    if data is None or not data.get("usable"):
+        return
+    if all(v is not None for v in open_cache(location, data["weights_id"], int(data["dim"])).get(list(texts), "fp32", ahead=True)):
+        return
+    start_tower(location, data)
+
+
+def cache_text_tower(encoder, location: Location, meta, on_error: Callable[[OSError], None] | None = None) -> str:
+    """Export the text tower of a torch `encoder` of the index's model unless the index has one; the
+    tower's state ('ready', 'unusable', 'absent').
+
+    Only an fp32 CPU encoder exports (the tower must give fp32's vectors). A folder that cannot be
+    written leaves searches on torch (`on_error` hears why).
+    """
+    from loupe.indexer.models.text_tower import export_text_tower, tower_enabled, tower_state
+
+    if meta is None:
+        return "absent"
+    state = tower_state(location, meta.model, meta.weights_id)
+    if (
+        state != "absent"
+        or not tower_enabled()
+        or encoder.spec.text_backend != "torch"
+        or encoder.text_precision != "fp32"
+        or getattr(encoder.device, "type", "cpu") != "cpu"
+    ):
+        return state
+    try:
+        return "ready" if export_text_tower(encoder, location, meta.weights_id)["usable"] else "unusable"
+    except OSError as exc:
+        if on_error is not None:
+            on_error(exc)
+        return "absent"
