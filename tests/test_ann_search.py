@@ -2,7 +2,7 @@
 
 The index here is big enough (IVF256 over 24k vectors) that loupe's default nprobe (128) leaves
 half the lists unvisited, so the approximate path, the exact re-scoring and the filtered-search
-fallback are all exercised. Vectors are CLIP-like synthetic ones (benchmarks/synthetic.py).
+fallback are all exercised. Vectors are CLIP-like synthetic ones (indexer/storage/synthetic.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.synthetic import ClipLike
+from loupe.indexer.storage.synthetic import ClipLike
 from loupe.indexer.storage import vectors
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.vectors import EF_SEARCH, VectorIndex, default_nprobe, faiss_module

@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from benchmarks.synthetic import ClipLike, bind_meta, insert_images
+from loupe.indexer.storage.synthetic import ClipLike, bind_meta, insert_images
 from loupe.indexer.storage.catalog import IMAGE, MISSING, TEXT, Catalog
 from loupe.indexer.storage.catalog_reader import CatalogReader, open_reader
 from loupe.indexer.storage.catalog_sql import ID_CHUNK, CatalogReads

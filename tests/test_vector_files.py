@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sqlalchemy import delete, update
 
-from benchmarks.synthetic import ClipLike, bind_meta, insert_images
+from loupe.indexer.storage.synthetic import ClipLike, bind_meta, insert_images
 from loupe.indexer.storage import vectors
 from loupe.indexer.storage.catalog import IMAGE, ImageRow, Meta, Vector
 from loupe.indexer.errors import LoupeError
