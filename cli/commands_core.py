@@ -317,6 +317,8 @@ def info(
         else:
             typer.echo(f"folder       {root['path']}: {root['files']} images at the last scan ({root['scanned_at']} UTC)"
                        + (f", {root['missing']} missing" if root["missing"] else ""))
+    if stats.get("videos"):
+        typer.echo(f"videos       {stats['videos']} indexed, {stats['moments']} moments, {stats['video_hours']:.2f} hours")
     typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
     for path, size in files.items():
         typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")

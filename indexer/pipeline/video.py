@@ -101,10 +101,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def _open(path, timeout_s):
-    if not os.path.isfile(path):
-        raise CorruptVideo(f"not a file: {path}")
-    if os.path.getsize(path) == 0:
-        raise CorruptVideo("empty file")
+    """`path`, or an open binary file (the web server's, opened once and checked)."""
+    if isinstance(path, (str, os.PathLike)):
+        if not os.path.isfile(path):
+            raise CorruptVideo(f"not a file: {path}")
+        if os.path.getsize(path) == 0:
+            raise CorruptVideo("empty file")
     try:
         c = av.open(path, timeout=(timeout_s, timeout_s))
     except av.error.FFmpegError as e:

@@ -623,6 +623,7 @@ class Catalog(CatalogReads):
             "captions": captions,
             "caption_sources": [(src, n) for src, n in sources],
             "indexed_bytes": int(total_bytes),
+            **self.video_stats(),
         }
 
     # ---- per-photo signals ------------------------------------------------------------
