@@ -286,3 +286,92 @@ def test_export_writes_moment_vectors_with_their_times(indexed, tmp_path):
     assert len(vecs) == report.moments == len(meta["time"])
     assert all(s <= t <= e for s, t, e in zip(meta["start"], meta["time"], meta["end"]))
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3)
+
+
+# ---- the web app: videos served by Range, moment thumbnails -------------------------------------
+
+TOKEN = "v" * 43
+PORT = 8766
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def client(indexed, tiny_encoder, tmp_path_factory):
+    from starlette.testclient import TestClient
+
+    from loupe.retrieval.engine.service import SearchService
+    from loupe.retrieval.web.app import create_app
+
+    _, _, home = indexed
+    app = create_app(SearchService(_searcher(home, tiny_encoder)), token=TOKEN, port=PORT, thumbs_dir=tmp_path_factory.mktemp("thumbs"))
+    with TestClient(app, base_url=f"http://127.0.0.1:{PORT}", raise_server_exceptions=False, headers=AUTH) as c:
+        yield c
+
+
+def _page_results(client, videos, name="h264.mp4", scene=1) -> list[dict]:
+    up = client.post("/api/uploads", content=Path(videos.truth[name].scenes[scene].query).read_bytes(), headers={"Content-Type": "image/jpeg"})
+    assert up.status_code == 200, up.text
+    r = client.post("/api/search", json={"q": f"upload:{up.json()['id']}", "limit": 20})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def test_page_results_carry_the_moment_and_more_like_this_works_on_it(client, videos):
+    results = _page_results(client, videos)
+    top = results[0]
+    scene = videos.truth["h264.mp4"].scenes[1]
+    assert top["kind"] == "video" and top["name"] == "h264.mp4"
+    assert scene.start_s - 0.2 <= top["time"] <= scene.end_s + 0.2 and top["start"] <= top["time"] <= top["end"]
+    assert top["preview"].startswith(f"/api/video/{top['id']}?") and top["preview"].endswith(f"#t={top['time']:.3f}")
+    assert top["ref"].startswith("moment:")
+    assert [r["id"] for r in results].count(top["id"]) == 1  # collapsed
+    similar = client.post("/api/search", json={"q": top["ref"], "limit": 5}).json()["results"]
+    assert similar[0]["ref"] == top["ref"] and similar[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert client.post("/api/search", json={"q": "moment:999999", "limit": 5}).status_code == 404
+    thumb = client.get(top["thumb"].split("?")[0], params={"t": top["time"]})
+    assert thumb.status_code == 200 and thumb.headers["content-type"].startswith("image/")
+    assert client.get(top["thumb"].split("?")[0], params={"t": "nan"}).status_code == 400
+
+
+def test_range_requests_on_a_catalogued_video(client, videos):
+    top = _page_results(client, videos)[0]
+    data = (videos.folder / "h264.mp4").read_bytes()
+    url = f"/api/video/{top['id']}"
+    r = client.get(url, headers={"Range": "bytes=0-99"})
+    assert r.status_code == 206 and r.content == data[:100]
+    assert r.headers["content-range"] == f"bytes 0-99/{len(data)}" and r.headers["accept-ranges"] == "bytes"
+    assert r.headers["content-type"] == "video/mp4"
+    r = client.get(url, headers={"Range": "bytes=100-"})
+    assert r.status_code == 206 and r.content == data[100:]
+    r = client.get(url, headers={"Range": "bytes=-10"})
+    assert r.status_code == 206 and r.content == data[-10:]
+    r = client.get(url)
+    assert r.status_code == 200 and r.content == data
+    for bad in ("bytes=0-1,5-9", f"bytes={len(data)}-", "bytes=9-3", "items=0-9", "bytes=x-y", "bytes=-0", "bytes=-"):
+        r = client.get(url, headers={"Range": bad})
+        assert r.status_code == 416, bad
+        assert r.headers["content-range"] == f"bytes */{len(data)}"
+    signed = client.get(top["preview"].split("#")[0], headers={"Authorization": "", "Range": "bytes=0-9"})
+    assert signed.status_code == 206 and signed.content == data[:10]  # the page's <video> cannot send the token
+
+
+def test_only_catalogued_videos_are_served(client, videos, tmp_path):
+    top = _page_results(client, videos)[0]
+    from starlette.testclient import TestClient
+
+    photo = next(r for r in client.post("/api/search", json={"q": "", "limit": 50}).json()["results"] if r["kind"] == "image")
+    assert client.get(f"/api/video/{photo['id']}").status_code == 404  # a photo is not a video
+    escapes = [
+        "/api/video/999999", "/api/video/-1", "/api/video/../../etc/passwd", "/api/video/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        f"/api/video/{top['id']}/../../../etc/passwd", "/api/video/..%2f..%2fetc%2fpasswd", "/api/video//etc/passwd",
+        f"/api/video/{top['id']}%00", "/api/video/1e3", f"/api/video/{top['id']}?path=/etc/passwd&file=../../x",
+    ]
+    for url in escapes:
+        r = client.get(url, headers={"Range": "bytes=0-99"})
+        assert r.status_code in (400, 404) or (url.startswith(f"/api/video/{top['id']}?") and r.content == (videos.folder / "h264.mp4").read_bytes()[:100]), url
+        assert b"root:" not in r.content
+    anonymous = TestClient(client.app, base_url=str(client.base_url), raise_server_exceptions=False)
+    assert anonymous.get(f"/api/video/{top['id']}", headers={"Range": "bytes=0-9"}).status_code == 401
+    forged = top["preview"].split("#")[0].replace("sig=", "sig=0")
+    assert anonymous.get(forged[: forged.index("sig=") + 36]).status_code == 401
+

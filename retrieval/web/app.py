@@ -183,8 +183,9 @@ class WebApp:
     # ---- search -------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
-        query = parse_page_search(await self._json_body(request))
-        _check_web_terms(query.q)
+        body = await self._json_body(request)
+        query = parse_page_search(body)
+        _check_web_terms(body.get("q") or "")  # parse_page_search checked it is a string (a merge left `query.q` here)
         answer = self.service.page_search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
