@@ -318,7 +318,9 @@ def info(
             typer.echo(f"folder       {root['path']}: {root['files']} images at the last scan ({root['scanned_at']} UTC)"
                        + (f", {root['missing']} missing" if root["missing"] else ""))
     if stats.get("videos"):
-        typer.echo(f"videos       {stats['videos']} indexed, {stats['moments']} moments, {stats['video_hours']:.2f} hours")
+        hours = stats["video_hours"]
+        length = f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes"
+        typer.echo(f"videos       {stats['videos']} indexed, {stats['moments']} moments, {length}")
     typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
     for path, size in files.items():
         typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")
