@@ -109,8 +109,8 @@ def _open(path, timeout_s):
             raise CorruptVideo("empty file")
     try:
         c = av.open(path, timeout=(timeout_s, timeout_s))
-    except av.error.FFmpegError as e:
-        raise CorruptVideo(f"cannot open: {_one_line(e)}") from None
+    except av.error.FFmpegError as e:  # the reason is kept beside the path: not the path again
+        raise CorruptVideo(f"cannot open: {_one_line(e).replace(f': {str(path)!r}', '')}") from None
     except Exception as e:  # pragma: no cover - unexpected
         raise CorruptVideo(f"cannot open: {_one_line(e)}") from None
     if not c.streams.video:
