@@ -375,3 +375,52 @@ def test_only_catalogued_videos_are_served(client, videos, tmp_path):
     forged = top["preview"].split("#")[0].replace("sig=", "sig=0")
     assert anonymous.get(forged[: forged.index("sig=") + 36]).status_code == 401
 
+
+
+def test_a_kill_in_the_middle_of_a_long_video_then_a_rerun_ends_as_an_uninterrupted_run(tmp_path, tiny_checkpoint, tiny_encoder, videos):
+    """The real command, killed (SIGKILL) while it decodes a 5-minute video: the catalog is
+    intact, the video not indexed; the re-run indexes it whole, as a run never killed does."""
+    import signal
+    import time
+
+    from loupe.indexer.storage.store import Store
+    from tests.conftest import LoupeRunner
+
+    folder = tmp_path / "long"
+    folder.mkdir()
+    chunk = tmp_path / "chunk.mp4"
+    write_video(str(chunk), [str(p) for p in photos(FLICKR8K / "images", seed=11)[:3]], [4.0, 4.0, 4.0], size=(128, 72), fps=6)
+    video = folder / "long.mp4"
+    repeat_video(str(chunk), str(video), 300, 12.0)
+    shutil.copyfile(videos.photo, folder / "photo.jpg")
+    loupe = LoupeRunner(tmp_path / "home")
+    proc = loupe.popen("index", folder, "--checkpoint", tiny_checkpoint, "--workers", "1")
+    deadline, held_since = time.monotonic() + 240, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:  # the decoder holds the video open: kill it there
+            try:
+                held = any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(video) for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+            except OSError:
+                held = False
+            held_since = (held_since or time.monotonic()) if held else None
+            if held_since is not None and time.monotonic() - held_since > 1.0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed in the middle of the video"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    store = Store.open(home=loupe.home)
+    assert store.catalog.image_id(os.fsencode(str(video))) is None  # nothing of the video in progress
+    assert store.catalog.stats()["moments"] == 0
+    from loupe.indexer.pipeline.indexing import index_folder
+
+    rerun = index_folder(store, tiny_encoder, folder, workers=1)  # the same model the killed run bound
+    assert rerun.moments > 0 and not rerun.bad_files
+    clean = Store.open(home=tmp_path / "clean")
+    index_folder(clean, tiny_encoder, folder, workers=1)
+    ours, theirs = store.catalog, clean.catalog
+    h = ours.image_rows_at([os.fsencode(str(video))])[os.fsencode(str(video))].content_hash
+    assert [m[:4] for m in ours.moments_of(h)] == [m[:4] for m in theirs.moments_of(h)]
+    assert len(ours.moments_of(h)) >= 300 / 12 * 3 * 0.9  # a moment per scene (4 s scenes)
+    assert ours.stats()["videos"] == 1 and ours.dangling_references() == (0, 0)
