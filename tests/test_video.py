@@ -424,3 +424,11 @@ def test_a_kill_in_the_middle_of_a_long_video_then_a_rerun_ends_as_an_uninterrup
     assert [m[:4] for m in ours.moments_of(h)] == [m[:4] for m in theirs.moments_of(h)]
     assert len(ours.moments_of(h)) >= 300 / 12 * 3 * 0.9  # a moment per scene (4 s scenes)
     assert ours.stats()["videos"] == 1 and ours.dangling_references() == (0, 0)
+
+
+def test_a_video_is_never_read_whole_as_a_picture(client, videos):
+    top = _page_results(client, videos)[0]
+    r = client.get(f"/api/photo/{top['id']}")
+    assert r.status_code == 404 and f"/api/video/{top['id']}" in r.json()["error"]
+    info = client.get(f"/api/photos/{top['id']}").json()
+    assert info["available"] is True and info["kind"] == "video" and info["video"].startswith(f"/api/video/{top['id']}?")

@@ -257,8 +257,17 @@ class WebApp:
         out["modified"] = photo.modified.isoformat(timespec="seconds")
         out["duplicate_paths"] = [p.path for p in snap.by_vector.get(photo.vector_id, []) if p.id != photo.id]
         roots = self._roots()
+        if is_video(photo.path):  # a video is never read whole here: only checked that it may be served
+            from loupe.retrieval.web.media import open_catalogued_video
+
+            def exif():
+                with open_catalogued_video(photo.path, photo.size, photo.mtime_ns, roots):
+                    return {"camera": None, "taken_at": out["taken_at"]}
+        else:
+            def exif():
+                return exif_summary(read_catalogued(photo.path, photo.content_hash, roots)[0])
         try:
-            out["exif"] = await self.pictures.run(lambda: exif_summary(read_catalogued(photo.path, photo.content_hash, roots)[0]))
+            out["exif"] = await self.pictures.run(exif)
             out["available"] = True
         except NotServable as exc:
             out["available"] = False
@@ -308,6 +317,8 @@ class WebApp:
         full = request.query_params.get("full") in ("1", "true")
         self._refresh()
         photo = self.web.photo(request.path_params["id"])
+        if is_video(photo.path):  # never read whole as a picture: its preview is the video itself
+            raise RequestError(404, f"photo {photo.id} is a video: GET /api/video/{photo.id}")
         tag = f"{photo.content_hash}-{'full' if full else 'preview'}"
         headers = {"ETag": f'"{tag}"', "Cache-Control": "private, max-age=86400"}
         if _etag_matches(request, tag):

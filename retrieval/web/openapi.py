@@ -127,7 +127,7 @@ def openapi_document() -> dict[str, Any]:
                 "JSON API of the loupe web page. Errors are {\"error\": message} with a 4xx/5xx status "
                 "(503 with Retry-After when the workers are busy). Every /api request, and the CLI's /search and "
                 "/health, needs the token as Authorization: Bearer, on loopback too (unless the server runs with "
-                "--no-token); never a cookie. /api/thumb/{id} and /api/photo/{id} also accept the signed URLs "
+                "--no-token); never a cookie. /api/thumb/{id}, /api/photo/{id} and /api/video/{id} also accept the signed URLs "
                 "(exp, sig) that search results and /api/photos/{id} hand out. Requests with a foreign Host, Origin or cross-site Sec-Fetch-Site, "
                 "and state-changing requests with a foreign Referer, are refused (403)."),
         },
