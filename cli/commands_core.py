@@ -52,8 +52,12 @@ def index(
     ray: Annotated[bool, typer.Option("--ray", help="Read, decode and embed on a Ray cluster (`--ray=ADDRESS`, or a local one started with --workers CPUs); the catalog is written here. Needs `pip install 'loupe[ray]'`.")] = False,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address for --ray (default: start a local cluster).")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="With --ray: embedding actors (default: one per GPU, else 1).")] = None,
+    no_video: Annotated[bool, typer.Option("--no-video", help="Skip videos (mp4, mov, m4v, mkv, webm, avi, 3gp, mts); videos indexed before are kept.")] = False,
 ) -> None:
-    """Index photo folders; re-runs embed only new or changed files.
+    """Index photo and video folders; re-runs embed only new or changed files.
+
+    A video gets one vector per scene (at least one per 10 s), with its time, so a search opens
+    it at the right moment.
 
     Moved or duplicate files reuse their vector. Files not found are kept as missing (hidden
     from results, back without re-embedding when they reappear) until --prune or `loupe remove`;
@@ -103,7 +107,8 @@ def index(
             report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
         else:
             report = index_folder(
-                store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
+                store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune,
+                video=not no_video,
             )
         notice = load.cache_info().currsize and load().precision_notice
         if notice:
@@ -159,6 +164,8 @@ def _print_index_report(r) -> None:
         f"{r.touched} touched, {r.unchanged} unchanged, {r.removed} removed, {len(r.bad_files)} newly skipped "
         f"in {r.seconds:.2f}s"
     )
+    if r.moments:
+        typer.echo(f"videos: {r.moments} moments embedded")
     if r.bad_files:
         typer.echo(f"skipped {len(r.bad_files)} bad files:")
         for path, reason in r.bad_files[:20]:
@@ -294,6 +301,10 @@ def info(
         else:
             typer.echo(f"folder       {root['path']}: {root['files']} images at the last scan ({root['scanned_at']} UTC)"
                        + (f", {root['missing']} missing" if root["missing"] else ""))
+    if stats.get("videos"):
+        hours = stats["video_hours"]
+        length = f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes"
+        typer.echo(f"videos       {stats['videos']} indexed, {stats['moments']} moments, {length}")
     typer.echo(f"captions     {stats['captions']} ({stats['text_vectors']} distinct) from {len(stats['caption_sources'])} files")
     for path, size in files.items():
         typer.echo(f"vector file  {path} ({size / 1e6:.1f} MB)")

@@ -27,7 +27,8 @@ def export_(
     Photos go to img_emb/img_emb_N.npy with metadata/metadata_N.parquet (image_path, the catalog
     key hash/vector_id, size, mtime_ns, width, height, taken_at); the caption corpus to
     captions/text_emb/ and captions/metadata/ (caption, image, source, position, hash,
-    vector_id); loupe_manifest.json names the model. autofaiss, embedding-reader and
+    vector_id); video moments to moments/img_emb/ and moments/metadata/ (video_path, hash,
+    moment, start, time, end, vector_id); loupe_manifest.json names the model. autofaiss, embedding-reader and
     clip-retrieval read it as is; `loupe import` reads it back.
     """
     from loupe.indexer.interop.shards import require_pyarrow

@@ -244,6 +244,13 @@ def run_search(
         echo(json.dumps(report), err=True)
 
 
+def _clock(seconds: float) -> str:
+    """m:ss.s (h:mm:ss.s past an hour)."""
+    m, s = divmod(max(0.0, float(seconds)), 60)
+    h, m = divmod(int(m), 60)
+    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
+
+
 def print_table(hits, captions: bool, echo: Callable[..., None] = echo) -> None:
     rows = []
     for h in hits:
@@ -253,6 +260,9 @@ def print_table(hits, captions: bool, echo: Callable[..., None] = echo) -> None:
             rows.append((str(h.rank), f"{h.score:.4f}", f"{f['text']}{where}"))
         else:
             dup = f"  (+{len(f['duplicates'])} identical)" if f["duplicates"] else ""
+            if f.get("time") is not None:  # a video moment: where to look, and the scene around it
+                more = f", +{len(f['moments'])} more moments" if f.get("moments") else ""
+                dup = f"  at {_clock(f['time'])} (scene {_clock(f['start'])}-{_clock(f['end'])}{more}){dup}"
             rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}"))
     header = ("rank", "score", "caption" if captions else "path")
     w0 = max(len(header[0]), *(len(r[0]) for r in rows))

@@ -64,7 +64,8 @@ def test_search_result_fields(client, web_index):
     assert answer["offset"] == 0 and answer["limit"] == 5 and answer["has_more"] is True and answer["took_ms"] >= 0
     first = answer["results"][0]
     assert set(first) == {"id", "name", "path", "folder", "score", "width", "height", "size", "date", "date_source",
-                          "duplicates", "thumb", "preview"}
+                          "duplicates", "thumb", "preview", "kind"}
+    assert first["kind"] == "image"  # a video moment's has kind "video" and its times (tests/test_video.py)
     path = web_index.photos / first["path"]
     assert path.is_file() and first["name"] == path.name and first["folder"] == str(path.parent)
     assert first["size"] == path.stat().st_size and first["thumb"].startswith(f"/api/thumb/{first['id']}?h=")

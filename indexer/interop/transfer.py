@@ -38,6 +38,8 @@ from loupe.indexer.storage.store import Store
 CAPTIONS_DIR = "captions"
 IMAGE_COLUMNS = ("image_path", "hash", "vector_id", "size", "mtime_ns", "width", "height", "taken_at")
 CAPTION_COLUMNS = ("caption", "image", "source", "position", "hash", "vector_id")
+MOMENT_COLUMNS = ("video_path", "hash", "moment", "start", "time", "end", "vector_id")  # a video moment's times in seconds
+MOMENTS_DIR = "moments"  # video moments: a layout folder of their own (the export's image rows are files)
 READ_CHUNK = 20_000  # rows per catalog transaction on import, per query page on export
 FOREIGN_PREFIX = "vec:"  # content key of a row whose file was never hashed (a clip-retrieval shard)
 
@@ -144,15 +146,17 @@ class ExportReport:
     folder: str
     images: int = 0
     captions: int = 0
+    moments: int = 0
     image_shards: int = 0
     caption_shards: int = 0
+    moment_shards: int = 0
     dtype: str = "float32"
     bytes: int = 0
     seconds: float = 0.0
 
 
 def _has_layout(folder: Path) -> bool:
-    return any((folder / d).exists() for d in ("img_emb", "text_emb", "metadata", sh.MANIFEST, CAPTIONS_DIR))
+    return any((folder / d).exists() for d in ("img_emb", "text_emb", "metadata", sh.MANIFEST, CAPTIONS_DIR, MOMENTS_DIR))
 
 
 @holds_writer_lock
@@ -187,7 +191,12 @@ def export_catalog(
         report.caption_shards = _write(
             catalog.export_captions(), root / CAPTIONS_DIR, sh.TXT, n_captions, meta.dim, dtype, shard_size, CAPTION_COLUMNS
         )
-    report.images, report.captions = n_images, n_captions
+    n_moments = catalog.count_export_moments()
+    if n_moments:  # video moments: their vectors with the video's path and the moment's times
+        report.moment_shards = _write(
+            catalog.export_moments(), root / MOMENTS_DIR, sh.IMG, n_moments, meta.dim, dtype, shard_size, MOMENT_COLUMNS
+        )
+    report.images, report.captions, report.moments = n_images, n_captions, n_moments
     binding = binding_of_meta(meta)
     sh.write_manifest(root, {
         "model": binding.model,
@@ -200,6 +209,7 @@ def export_catalog(
         "shard_size": shard_size,
         "images": {"folder": ".", "rows": n_images, "shards": report.image_shards},
         "captions": {"folder": CAPTIONS_DIR, "rows": n_captions, "shards": report.caption_shards},
+        "moments": {"folder": MOMENTS_DIR, "rows": n_moments, "shards": report.moment_shards, "columns": list(MOMENT_COLUMNS)},
         "exported_at": datetime.now().astimezone().isoformat(timespec="seconds"),
     })
     report.bytes = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
@@ -488,5 +498,7 @@ def describe_import(report: ImportReport) -> str:
 def describe_export(report: ExportReport) -> str:
     return (
         f"{report.folder}: {report.images} photos in {report.image_shards} shards, {report.captions} captions in "
-        f"{report.caption_shards} shards ({report.dtype}, {report.bytes / 1e6:.1f} MB) in {report.seconds:.2f}s"
+        f"{report.caption_shards} shards"
+        + (f", {report.moments} video moments (with their times) in {MOMENTS_DIR}/" if report.moments else "")
+        + f" ({report.dtype}, {report.bytes / 1e6:.1f} MB) in {report.seconds:.2f}s"
     )

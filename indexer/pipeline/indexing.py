@@ -38,8 +38,9 @@ def index_folder(
     max_batches: int | None = None,
     prune: bool = False,
     signals: Sequence[Signal] | None = None,
+    video: bool = True,
 ) -> IndexReport:
-    """Bring the catalog and vector index in line with the images under `root`.
+    """Bring the catalog and vector index in line with the images (and, with `video`, the videos) under `root`.
 
     Files not found are marked missing, not dropped (see the module docstring); `prune` forgets
     the missing files under `root` and the vectors only they used, unless `root` is offline.
@@ -50,7 +51,7 @@ def index_folder(
     the registered ones).
     """
     t0 = time.perf_counter()
-    report, make_plan = source_plan(store, root)
+    report, make_plan = source_plan(store, root, video=video)
     return _plan_and_run(
         store, encoder, make_plan, report, t0,
         batch_size=batch_size, workers=workers, progress=progress, max_batches=max_batches, prune=prune, signals=signals,
@@ -79,7 +80,9 @@ def index_files(
     )
 
 
-def source_plan(store: Store, source: str | os.PathLike, files: bool = False) -> tuple[IndexReport, Callable[[], Plan]]:
+def source_plan(
+    store: Store, source: str | os.PathLike, files: bool = False, video: bool = True
+) -> tuple[IndexReport, Callable[[], Plan]]:
     """The report of a run over `source` and its plan stage (not run yet): a folder, checked here
     (gone is fine when it holds indexed photos: they are marked missing), or a file list."""
     if files:
@@ -87,7 +90,7 @@ def source_plan(store: Store, source: str | os.PathLike, files: bool = False) ->
     root_abs = os.path.abspath(Path(source).expanduser())
     if not os.path.isdir(root_abs) and not store.catalog.has_images(path_key_of(root_abs)):
         raise LoupeError(f"not a folder: {source}")
-    return IndexReport(root=root_abs), lambda: plan_folder(store.catalog, root_abs, exclude=store.location.own_paths())
+    return IndexReport(root=root_abs), lambda: plan_folder(store.catalog, root_abs, exclude=store.location.own_paths(), video=video)
 
 
 def timed_plan(make_plan: Callable[[], Plan]) -> tuple[Plan, StageTimes]:

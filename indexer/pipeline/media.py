@@ -1,5 +1,6 @@
 """Media kinds: what the reader side indexes. A kind is a set of file extensions and a decoder
-that turns a file's bytes into its items (a photo is one item; video frames come next).
+that turns a file into its items (a photo is one item; a video one item per moment, read from its
+path as a stream, see `loupe.indexer.pipeline.video`).
 
 `MEDIA_KINDS` lists the kinds; the walk lists files by their extensions and the read+decode
 stage decodes each with its kind's decoder.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from loupe.indexer.pipeline.imageio import DRAFT_FACTOR, decode_image, image_extensions
 
@@ -24,20 +25,47 @@ class MediaKind:
 
     name: str
     extensions: Callable[[], frozenset[str]]
-    decode: Callable[..., list[tuple[object, object]]]
+    decode: Callable[..., list[tuple[object, object]]] | None
+    # a kind of many items per file, read from its path: `stream(path, image_size, transform,
+    # time_limit_s)` -> an iterator of (transform(rgb), MomentInfo), and `probe(path)` -> its info
+    stream: Callable[..., Iterator[tuple[object, object]]] | None = None
+    probe: Callable[[str], object] | None = None
 
 
 def _decode_photo(data: bytes, min_size: int, transform: Callable, draft_factor: float = DRAFT_FACTOR) -> list:
     return [decode_image(data, min_size, transform, draft_factor=draft_factor)]
 
 
+def _video_extensions() -> frozenset[str]:
+    from loupe.indexer.pipeline.video import VIDEO_EXTENSIONS  # PyAV loads only when a video is read
+
+    return VIDEO_EXTENSIONS
+
+
+def _stream_video(path: str, image_size: int, transform: Callable, time_limit_s: float | None = None) -> Iterator:
+    from loupe.indexer.pipeline.moments import stream_moments
+
+    return stream_moments(path, image_size, transform, time_limit_s)
+
+
+def _probe_video(path: str) -> object:
+    from loupe.indexer.pipeline.moments import video_info
+
+    return video_info(path)
+
+
 PHOTOS = MediaKind("photo", image_extensions, _decode_photo)
-MEDIA_KINDS: tuple[MediaKind, ...] = (PHOTOS,)
+VIDEOS = MediaKind("video", _video_extensions, None, _stream_video, _probe_video)
+MEDIA_KINDS: tuple[MediaKind, ...] = (PHOTOS, VIDEOS)
 
 
-def extensions() -> frozenset[str]:
-    """Lower-case extensions (with dot) of every media kind."""
-    return frozenset().union(*(k.extensions() for k in MEDIA_KINDS))
+def extensions(kinds: "frozenset[str] | None" = None) -> frozenset[str]:
+    """Lower-case extensions (with dot) of every media kind (of those named in `kinds`, if given)."""
+    return frozenset().union(*(k.extensions() for k in MEDIA_KINDS if kinds is None or k.name in kinds))
+
+
+def is_video(path: str) -> bool:
+    return kind_of(path) is VIDEOS
 
 
 @functools.cache

@@ -340,6 +340,8 @@ def index_on_ray(
     """`loupe index SOURCE --ray [ADDRESS]`: plan here, read+decode+embed on Ray, commit here.
 
     `options` are `RayRun`'s fields (batch_size, actors, device, progress, prune, max_batches, signals).
+    Videos are not read on Ray (a video's moments stream from one decoding thread): the walk leaves
+    them out and those indexed before are kept; `loupe index` without --ray indexes them.
     """
     from loupe.indexer.pipeline.indexing import source_plan, timed_plan
     from loupe.indexer.storage.locking import writer_lock
@@ -348,7 +350,7 @@ def index_on_ray(
     require_ray()
     t0 = time.perf_counter()
     with writer_lock(store):
-        report, make_plan = source_plan(store, source, files)
+        report, make_plan = source_plan(store, source, files, video=False)
         plan, times = timed_plan(make_plan)
         if not callable(encoder):
             store.bind(encoder)

@@ -45,6 +45,7 @@ class IndexReport:
     files: int = 0
     unchanged: int = 0
     embedded: int = 0
+    moments: int = 0  # of the videos embedded (each video counts once in `embedded`)
     reused: int = 0
     touched: int = 0
     skipped: int = 0
@@ -105,6 +106,9 @@ class Executor(Protocol):
     ) -> Iterator[Chunk]: ...
 
 
+VIDEO_BATCH = 8  # moments per model batch: small, so decoding the next scenes overlaps embedding these
+
+
 class ThreadExecutor:
     """read+decode in a pool of threads, embed in the calling thread."""
 
@@ -119,6 +123,9 @@ class ThreadExecutor:
         for unit, result in parallel_map(reader, units, self.workers, window=max(64, 4 * batch_size)):
             if isinstance(result, BaseException):
                 result = Loaded(unit, "failed", "", reason=reason_for(result))
+            if result.action == "video":
+                yield self._video(encoder, result, min(batch_size, VIDEO_BATCH), times)
+                continue
             if result.action != "embed":
                 yield Chunk([result])
                 continue
@@ -128,6 +135,28 @@ class ThreadExecutor:
                 batch = []
         if batch:
             yield self._embed(encoder, batch, times)
+
+    @staticmethod
+    def _video(encoder, item: Loaded, batch_size: int, times: StageTimes) -> Chunk:
+        """Embed a video's moments as its decoding thread hands them over (decoding overlaps the
+        model); one chunk with all its vectors, or a failed item (nothing of it is kept)."""
+        vectors, infos, pending = [], [], []
+        try:
+            for tensor, info in item.tensor:
+                pending.append(tensor)
+                infos.append(info)
+                if len(pending) >= batch_size:
+                    vectors.append(embed_batch(encoder, pending, times))
+                    pending = []
+            if pending:
+                vectors.append(embed_batch(encoder, pending, times))
+        except Exception as exc:  # noqa: BLE001 - a bad video is a skip with its reason
+            return Chunk([Loaded(item.unit, "failed", item.content_hash, reason=reason_for(exc))])
+        finally:
+            item.tensor = None
+        item.moments = infos
+        dim = getattr(encoder, "dim", 0)
+        return Chunk([item], np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32), Precision.of(encoder))
 
     @staticmethod
     def _embed(encoder, batch: list[Loaded], times: StageTimes) -> Chunk:
@@ -223,6 +252,7 @@ def run_plan(
     try:
         for chunk in chunks:
             embedded = []
+            videos = []
             for item in chunk.items:
                 if item.signals:
                     commit.signals(item.unit, item.signals)
@@ -234,16 +264,23 @@ def run_plan(
                     commit.reused(item.unit, item.content_hash, item.info)
                 elif item.action == "embed":
                     embedded.append((item.unit, item.content_hash, item.info))
+                elif item.action == "video":
+                    videos.append(item)
+            if (embedded or videos) and chunk.precision not in admitted and len(chunk.vectors):
+                store.admit_precision(chunk.precision)
+                admitted.add(chunk.precision)
+                report.precision = chunk.precision.image_precision
+                report.precision_check_seconds = chunk.precision.fidelity_seconds
             if embedded:
-                if chunk.precision not in admitted:
-                    store.admit_precision(chunk.precision)
-                    admitted.add(chunk.precision)
-                    report.precision = chunk.precision.image_precision
-                    report.precision_check_seconds = chunk.precision.fidelity_seconds
                 with critical_section():
                     commit.embedded(embedded, chunk.vectors)
                     batches_done += 1
-            elif commit.pending >= 512:
+            for item in videos:  # a video is committed with all its moments, or not at all
+                with critical_section():
+                    commit.video(item.unit, item.content_hash, item.info, item.moments, chunk.vectors)
+                    batches_done += 1
+                embedded.append(item)
+            if not embedded and commit.pending >= 512:
                 commit.flush()  # reuse/skip-only stretches still commit regularly
             if bar is not None:
                 bar.update(len(chunk.items))

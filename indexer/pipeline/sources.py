@@ -45,7 +45,8 @@ def is_hidden(name: str) -> bool:
 
 
 def walk_images(
-    root: str | os.PathLike, exclude: list[Path] | None = None, stats: WalkStats | None = None
+    root: str | os.PathLike, exclude: list[Path] | None = None, stats: WalkStats | None = None,
+    kinds: frozenset[str] | None = None,
 ) -> Iterator[FileEntry]:
     """Yield image files under `root`, following folder symlinks without ever looping.
 
@@ -53,7 +54,7 @@ def walk_images(
     (the index's own files). Unreadable folders are counted in `stats.errors`, not fatal.
     """
     stats = stats if stats is not None else WalkStats()
-    exts = extensions()
+    exts = extensions(kinds)  # the files of these media kinds (default: every kind)
     root = os.path.abspath(root)
     excluded = {os.path.realpath(p) for p in (exclude or [])}
     seen_dirs: set[tuple[int, int]] = set()

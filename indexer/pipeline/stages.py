@@ -142,8 +142,9 @@ def _compare(plan: Plan, entries: Iterable[FileEntry], states: dict[bytes, Image
         plan.todo.append(_unit(entry, state))
 
 
-def plan_folder(catalog: Catalog, root: str, exclude: list | None = None) -> Plan:
-    """Walk `root` (stat only) and compare with the catalog: one query, one pass."""
+def plan_folder(catalog: Catalog, root: str, exclude: list | None = None, video: bool = True) -> Plan:
+    """Walk `root` (stat only) and compare with the catalog: one query, one pass. Without `video`
+    the walk lists no videos, and the videos catalogued under `root` are left as they are."""
     root_abs = os.path.abspath(root)
     plan = Plan(root_key=path_key_of(root_abs))
     if not os.path.isdir(root_abs):
@@ -151,8 +152,14 @@ def plan_folder(catalog: Catalog, root: str, exclude: list | None = None) -> Pla
         plan.gone = [s.id for s in catalog.image_states(plan.root_key).values()]
         return plan
     states = catalog.image_states(plan.root_key)
+    kinds = None
+    if not video:
+        from loupe.indexer.pipeline.media import PHOTOS, is_video
+
+        kinds = frozenset({PHOTOS.name})
+        states = {k: v for k, v in states.items() if not is_video(os.fsdecode(k))}
     stats = WalkStats()
-    _compare(plan, walk_images(root_abs, exclude=exclude, stats=stats), states)
+    _compare(plan, walk_images(root_abs, exclude=exclude, stats=stats, kinds=kinds), states)
     plan.gone = [s.id for s in states.values()]
     plan.ignored, plan.walk_errors = stats.ignored, stats.errors
     if plan.files == 0 and states:  # photos were indexed here: an unplugged drive's mount point
@@ -256,7 +263,8 @@ class Loaded:
     """A read work unit: what the catalog must do with it, its content hash, (for 'embed') the
     preprocessed image, and the outcomes of the signals run on its pixels.
 
-    Actions: 'embed', 'reuse', 'touch'; 'signals' (a signals-only unit); 'stale' (a signals-only
+    Actions: 'embed', 'reuse', 'touch'; 'video' (`tensor` is the lazy stream of its moments, and
+    once embedded `moments` their times); 'signals' (a signals-only unit); 'stale' (a signals-only
     unit whose file changed since: its own unit handles it); 'failed' (`reason` says why).
     """
 
@@ -267,6 +275,7 @@ class Loaded:
     info: object = None  # anything with width, height, taken_at (imageio.ImageInfo)
     signals: list[SignalResult] = field(default_factory=list)
     reason: str | None = None
+    moments: list = field(default_factory=list)  # a video's MomentInfo, in the order of its vectors
 
 
 class Reader:
@@ -287,6 +296,9 @@ class Reader:
         self.signals = tuple(signals)
 
     def __call__(self, unit: WorkUnit) -> Loaded:
+        kind = kind_of(unit.path)
+        if kind.stream is not None and not unit.signals:
+            return self._video(unit, kind)
         with self.times.timed("read", 1):
             with open(unit.path, "rb") as f:
                 data = f.read()
@@ -301,6 +313,24 @@ class Reader:
         with self.times.timed("decode", 1):
             tensor, info, results = self._decode(unit.path, data, h, self.signals, self.image_size, self.preprocess)
         return Loaded(unit, "embed", h, tensor=tensor, info=info, signals=results)
+
+    def _video(self, unit: WorkUnit, kind) -> Loaded:
+        """A file of many items (a video): hashed as a stream; to embed, a lazy stream of its
+        moments (decoded in a thread of its own as the executor consumes it, see
+        `loupe.indexer.pipeline.moments`): action 'video'."""
+        from loupe.indexer.pipeline.moments import file_hash
+
+        with self.times.timed("read", 1):
+            h = file_hash(unit.path)
+        if unit.old_hash == h and unit.old_ok:
+            return Loaded(unit, "touch", h)
+        if h in self.known or h in self.in_flight:
+            return Loaded(unit, "reuse", h, info=kind.probe(unit.path))
+        with self.times.timed("decode"):
+            info = kind.probe(unit.path)  # a file that cannot even be opened fails here, before any model work
+        self.in_flight.add(h)
+        stream = kind.stream(unit.path, self.image_size, self.preprocess, None)
+        return Loaded(unit, "video", h, tensor=stream, info=info)
 
     def _signals_only(self, unit: WorkUnit, data: bytes, h: str) -> Loaded:
         if h != unit.old_hash:
@@ -464,6 +494,24 @@ class Committer:
         self._settle()
         self._write_signals()
         return len(new_vectors)
+
+    def video(self, unit: WorkUnit, h: str, info: object, moments: Sequence, vectors: np.ndarray) -> None:
+        """Commit a video with all its moments (and its pooled vector), one transaction; a video
+        without a single usable moment (blank, black) is a skip with that reason."""
+        if len(moments) == 0:
+            self.failed(unit, "no usable frame (blank or black video)")
+            return
+        pooled = vectors.mean(axis=0)
+        pooled = (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32)
+        record = self.record(unit, h, info)
+        with critical_section(), self.times.timed("commit", 1):
+            if self.records:
+                self.catalog.write_images(self.records, [], self.known)
+                self.records.clear()
+            self.catalog.write_video(record, [(m.start, m.time, m.end) for m in moments], vectors, pooled, self.known)
+            self.report.embedded += 1
+            self.report.moments += len(moments)
+        self._settle()
 
     def flush(self) -> None:
         """Write the decided rows (skips, reuses whose vector is committed, touches)."""

@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -154,6 +155,20 @@ class SignalRow(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class MomentRow(Base):
+    """A moment of a video content: a scene (or a stretch of at most N seconds of one), its
+    representative frame's time and its vector (kind 'image', content hash `<video hash>@<idx>`).
+    The video's file row holds the pooled vector (the normalised mean of its moments')."""
+
+    __tablename__ = "moments"
+    video_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_s: Mapped[float] = mapped_column(Float)
+    time_s: Mapped[float] = mapped_column(Float)
+    end_s: Mapped[float] = mapped_column(Float)
+    vector_id: Mapped[int] = mapped_column(ForeignKey("vectors.id"), index=True)
 
 
 @dataclass
@@ -318,11 +333,14 @@ class Catalog(CatalogReads):
         return out
 
     def _gc_vectors(self, s: Session) -> int:
+        videos = select(ImageRow.content_hash).where(ImageRow.vector_id.is_not(None), ImageRow.content_hash.is_not(None))
+        s.execute(delete(MomentRow).where(MomentRow.video_hash.not_in(videos)))  # moments of video content no file holds
         used_img = select(ImageRow.vector_id).where(ImageRow.vector_id.is_not(None))
+        used_mom = select(MomentRow.vector_id)
         used_txt = select(CaptionRow.vector_id)
         res = s.execute(
             delete(Vector).where(
-                ((Vector.kind == IMAGE) & Vector.id.not_in(used_img))
+                ((Vector.kind == IMAGE) & Vector.id.not_in(used_img) & Vector.id.not_in(used_mom))
                 | ((Vector.kind == TEXT) & Vector.id.not_in(used_txt))
             )
         )
@@ -397,6 +415,48 @@ class Catalog(CatalogReads):
             known.pop(h, None)  # gone from the catalog (another writer's clean-up): embed it again
         known.update(ids)  # only once the transaction is committed
         return len(rows)
+
+    def write_video(
+        self, record: ImageRecord, moments: Sequence[tuple[float, float, float]], vectors: np.ndarray, pooled: np.ndarray,
+        known: dict[str, int],
+    ) -> None:
+        """A video file with every one of its moments, in ONE transaction: the moment vectors and
+        rows, the pooled vector and the file row (a video is indexed only with all its moments)."""
+        h = record.content_hash
+        with self.session() as s, s.begin():
+            ids = self._insert_vectors(s, IMAGE, [(f"{h}@{n}", v) for n, v in enumerate(vectors)] + [(h, pooled)])
+            s.execute(delete(MomentRow).where(MomentRow.video_hash == h))  # a redone video: the new moments only
+            s.add_all(
+                MomentRow(video_hash=h, idx=n, start_s=float(a), time_s=float(t), end_s=float(b), vector_id=ids[f"{h}@{n}"])
+                for n, (a, t, b) in enumerate(moments)
+            )
+            values = dict(
+                path_key=record.path_key, path=display_path(record.path_key), size=record.size, mtime_ns=record.mtime_ns,
+                content_hash=h, width=record.width, height=record.height, taken_at=record.taken_at, vector_id=ids[h],
+                status=OK, reason=None, indexed_at=utcnow(),
+            )
+            _insert_or(s, ImageRow.__table__, [values], ["path_key"], update=True)
+            self._bump(s)
+        known[h] = ids[h]
+
+    def video_stats(self) -> dict:
+        """Visible videos, their moments, and their hours (each video's last moment end)."""
+        with self.session() as s:
+            visible = select(ImageRow.content_hash).where(ImageRow.status == OK)
+            ends = (
+                select(MomentRow.video_hash, func.max(MomentRow.end_s).label("end"), func.count().label("n"))
+                .where(MomentRow.video_hash.in_(visible))
+                .group_by(MomentRow.video_hash)
+                .subquery()
+            )
+            files = s.execute(
+                select(func.count(), func.coalesce(func.sum(ends.c.end), 0.0))
+                .select_from(ImageRow)
+                .join(ends, ends.c.video_hash == ImageRow.content_hash)
+                .where(ImageRow.status == OK)
+            ).one()
+            moments = s.scalar(select(func.coalesce(func.sum(ends.c.n), 0))) or 0
+        return {"videos": int(files[0]), "moments": int(moments), "video_hours": round(float(files[1]) / 3600.0, 4)}
 
     def touch_images(self, updates: Sequence[tuple[int, int, int]]) -> None:
         """Record a new (size, mtime) for files whose content did not change."""
@@ -563,6 +623,7 @@ class Catalog(CatalogReads):
             "captions": captions,
             "caption_sources": [(src, n) for src, n in sources],
             "indexed_bytes": int(total_bytes),
+            **self.video_stats(),
         }
 
     # ---- per-photo signals ------------------------------------------------------------
@@ -591,6 +652,7 @@ class Catalog(CatalogReads):
                     # bytes: PostgreSQL has none for bytea)
                     select(ImageRow.content_hash, ImageRow.path_key)
                     .where(ImageRow.status == OK, ImageRow.content_hash.is_not(None), ~done.exists())
+                    .where(~select(MomentRow.idx).where(MomentRow.video_hash == ImageRow.content_hash).exists())  # photos only
                     .order_by(ImageRow.content_hash, ImageRow.path_key)
                 )
                 if folder_key is not None:
@@ -658,7 +720,12 @@ def _v2_to_v3(conn: Connection) -> None:
     SignalRow.__table__.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> step to version + 1
+def _v3_to_v4(conn: Connection) -> None:
+    """Version 4: video moments in `moments` (a new table; a video's file row holds its pooled vector)."""
+    MomentRow.__table__.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> step to version + 1
 
 
 def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:

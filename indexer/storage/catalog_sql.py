@@ -31,20 +31,56 @@ _META_COLUMNS = (
 _IMAGE_COLUMNS = "id, path_key, path, size, mtime_ns, content_hash, width, height, taken_at, vector_id, status, reason, indexed_at"
 _CAPTION_COLUMNS = "id, source, position, text, image, content_hash, vector_id"
 
-TABLES = {"meta", "vectors", "images", "captions", "roots", "settings"}  # every table of the current schema
+TABLES = {"meta", "vectors", "images", "captions", "roots", "settings", "moments"}  # every table of the current schema
 SQLITE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"  # the tables a SQLite file holds
 META = f"SELECT {_META_COLUMNS} FROM meta WHERE id = 1"
 GENERATION = "SELECT generation FROM meta WHERE id = 1"
 SETTING = "SELECT value FROM settings WHERE key = :key"
-IMAGE_VECTOR_IDS = "SELECT DISTINCT vector_id FROM images WHERE status = :ok ORDER BY vector_id"
+# the searchable image vectors: visible photos' vectors and visible videos' moment vectors (a
+# video's own row holds its pooled vector, kept for near-duplicates and out of the search index)
+_SEARCHABLE_IMAGE_VECTORS = (
+    "SELECT vector_id FROM images WHERE status = :ok AND vector_id IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM moments WHERE moments.video_hash = images.content_hash) "
+    "UNION SELECT moments.vector_id FROM moments WHERE EXISTS "
+    "(SELECT 1 FROM images WHERE images.content_hash = moments.video_hash AND images.status = :ok)"
+)
+IMAGE_VECTOR_IDS = f"SELECT vector_id FROM ({_SEARCHABLE_IMAGE_VECTORS}) AS searchable ORDER BY vector_id"
 KIND_VECTOR_IDS = "SELECT id FROM vectors WHERE kind = :kind ORDER BY id"
-COUNT_IMAGE_VECTORS = "SELECT count(DISTINCT vector_id) FROM images WHERE status = :ok"
+COUNT_IMAGE_VECTORS = f"SELECT count(*) FROM ({_SEARCHABLE_IMAGE_VECTORS}) AS searchable"
 COUNT_KIND_VECTORS = "SELECT count(*) FROM vectors WHERE kind = :kind"
 COUNT_ALL_VECTORS = "SELECT count(*) FROM vectors"
 VECTORS_BY_ID = "SELECT id, data FROM vectors WHERE id IN ({ids})"
 VECTOR_FOR_HASH = "SELECT data FROM vectors WHERE kind = :kind AND content_hash = :hash"
 IMAGES_FOR_VECTORS = f"SELECT {_IMAGE_COLUMNS} FROM images WHERE vector_id IN ({{ids}}) AND status = :ok ORDER BY path"
 IMAGES = f"SELECT {_IMAGE_COLUMNS} FROM images"
+_MOMENT_IMAGE_COLUMNS = ", ".join(f"images.{c.strip()}" for c in _IMAGE_COLUMNS.split(","))
+# the visible video files of moment vectors: (moment vector id, start, time, end, the file's columns)
+MOMENTS_FOR_VECTORS = (
+    f"SELECT moments.vector_id, moments.start_s, moments.time_s, moments.end_s, {_MOMENT_IMAGE_COLUMNS} FROM moments "
+    "JOIN images ON images.content_hash = moments.video_hash AND images.status = :ok "
+    "WHERE moments.vector_id IN ({ids}) ORDER BY images.path"
+)
+# every visible video's moments: (moment vector id, file row id, start, time, end)
+VISIBLE_MOMENTS = (
+    "SELECT moments.vector_id, images.id, moments.start_s, moments.time_s, moments.end_s FROM moments "
+    "JOIN images ON images.content_hash = moments.video_hash AND images.status = :ok "
+    "WHERE images.vector_id IS NOT NULL ORDER BY images.path, moments.idx"
+)
+VISIBLE_MOMENTS_HASH = (  # the same, with the video's content hash
+    "SELECT moments.vector_id, images.id, moments.start_s, moments.time_s, moments.end_s, moments.video_hash FROM moments "
+    "JOIN images ON images.content_hash = moments.video_hash AND images.status = :ok"
+)
+MOMENTS_OF_VIDEO = "SELECT idx, start_s, time_s, end_s, vector_id FROM moments WHERE video_hash = :hash ORDER BY idx"
+# `loupe export`: moment vectors of visible videos, with their times
+_EXPORT_MOMENTS_FROM = (
+    "FROM moments JOIN vectors ON vectors.id = moments.vector_id "
+    "JOIN images ON images.content_hash = moments.video_hash AND images.status = :ok"
+)
+EXPORT_MOMENTS = (
+    "SELECT images.path, moments.video_hash, moments.idx, moments.start_s, moments.time_s, moments.end_s, "
+    f"moments.vector_id, vectors.data {_EXPORT_MOMENTS_FROM} ORDER BY images.path_key, moments.idx"
+)
+COUNT_EXPORT_MOMENTS = f"SELECT count(*) {_EXPORT_MOMENTS_FROM}"
 IMAGES_IN_FOLDER = "path_key >= :lo AND path_key < :hi"
 IMAGES_WITH_STATUS = "status = :status"
 IMAGES_AT_KEYS = f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path_key IN ({{keys}})"
@@ -134,6 +170,7 @@ class ImageView:
     status: str
     reason: str | None
     indexed_at: datetime
+    moment: tuple[float, float, float] | None = None  # (start, time, end) seconds: a video's moment
 
     @classmethod
     def of(cls, row: Sequence) -> "ImageView":
@@ -236,10 +273,31 @@ class CatalogReads:
             for row in self._rows(IMAGES_FOR_VECTORS.format(ids=marks), {**params, "ok": OK}):
                 view = ImageView.of(row)
                 out.setdefault(view.vector_id, []).append(view)
+        for start in range(0, len(ids), ID_CHUNK):  # moment vectors: the video files that hold them, at that moment
+            marks, params = bind_list("v", ids[start : start + ID_CHUNK])
+            for vid, t_start, t, t_end, *row in self._rows(MOMENTS_FOR_VECTORS.format(ids=marks), {**params, "ok": OK}):
+                view = ImageView.of(row)
+                view.vector_id, view.moment = vid, (float(t_start), float(t), float(t_end))
+                out.setdefault(vid, []).append(view)
         if len(ids) > ID_CHUNK:  # chunks each in path order; put every list back in path order
             for rows in out.values():
                 rows.sort(key=lambda r: r.path)
         return out
+
+    def visible_moments(self) -> list[tuple]:
+        """(moment vector id, file row id, start, time, end) of every visible video, by path and time."""
+        return [tuple(r) for r in self._rows(VISIBLE_MOMENTS, {"ok": OK})]
+
+    def moments_of(self, video_hash: str) -> list[tuple]:
+        """(idx, start, time, end, vector id) of one video content, in time order."""
+        return [tuple(r) for r in self._rows(MOMENTS_OF_VIDEO, {"hash": video_hash})]
+
+    def count_export_moments(self) -> int:
+        return self._value(COUNT_EXPORT_MOMENTS, {"ok": OK}) or 0
+
+    def export_moments(self) -> Iterator[tuple]:
+        """Moments of visible videos by path and time: (path, video hash, idx, start, time, end, vector_id, vector bytes)."""
+        return self._stream(EXPORT_MOMENTS, {"ok": OK})
 
     def iter_image_rows(self, folder_key: bytes | None = None, status: str | None = None) -> Iterator[ImageView]:
         """File rows by path, under `folder_key` and of `status` when given."""

@@ -74,6 +74,11 @@ class Pages:
         kind, _, ident = ref.partition(":")
         if kind == "photo":
             return stored_vector(self.searcher, self.photo(int(ident)).vector_id)
+        if kind == "moment":  # a video's moment ("more like this" on a moment): a visible video's only
+            vid = int(ident) if ident.isdigit() else -1
+            if vid not in self.snapshot().moment_set:
+                raise RequestError(404, f"no moment {ident} in the catalog")
+            return stored_vector(self.searcher, vid)
         upload = self.uploads.get(ident)
         if upload is None:
             raise RequestError(404, f"no upload {ident} (uploads are kept in memory for a while only: upload it again)")
@@ -115,7 +120,7 @@ class Pages:
         page = ranking.entries[query.offset : need]
         if query.target == IMAGE:
             df = query.filters.date_field
-            results = [photos[0].fields(score, len(photos) - 1, df) for score, photos in page]
+            results = [_image_result(photos, score, df) for score, photos in page]
         else:
             results = [_caption(rows[0], score) for score, rows in page]
         return {
@@ -184,6 +189,17 @@ class Pages:
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = self.searcher.store.catalog.caption_rows_for_vectors([i for _, i in pairs])
         return {"photo": photo_id, "results": [_caption(rows[i][0], s) for s, i in pairs if i in rows]}
+
+
+def _image_result(photos: list, score: float | None, date_field: str) -> dict[str, Any]:
+    """A result on the page; a video moment's lists the video's other moments that ranked."""
+    out = photos[0].fields(score, len(photos) - 1, date_field)
+    if photos[0].moment is not None:
+        out["moments"] = [
+            {"time": round(m[1], 3), "start": round(m[0], 3), "end": round(m[2], 3), "score": round(float(sc), 6)}
+            for sc, m in getattr(photos, "others", [])
+        ]
+    return out
 
 
 def _caption(row, score: float) -> dict[str, Any]:

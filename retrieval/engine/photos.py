@@ -31,11 +31,20 @@ class CatalogPhotos:
 
     def allowed_vectors(self, filters: Filters) -> np.ndarray:
         inside = dataclasses.replace(filters, folder=None)  # the folder is the query's key range already
-        ids = {row.vector_id for row in self.catalog.iter_image_rows(filters.folder_key, status="ok") if inside.passes(row)}
+        rows = [row for row in self.catalog.iter_image_rows(filters.folder_key, status="ok") if inside.passes(row)]
+        ids = {row.vector_id for row in rows}
+        videos = {row.content_hash for row in rows if row.content_hash}
+        if videos:  # a passing video's moments
+            ids.update(vid for vid, _, _, _, _, h in self._moments() if h in videos)
         return np.fromiter(ids, dtype=np.int64, count=len(ids))
 
     def rows_for_vectors(self, ids: Sequence[int]) -> dict[int, list]:
         return self.catalog.image_rows_for_vectors(ids)
+
+    def _moments(self) -> list[tuple]:
+        from loupe.indexer.storage.catalog_sql import VISIBLE_MOMENTS_HASH
+
+        return [tuple(r) for r in self.catalog._rows(VISIBLE_MOMENTS_HASH, {"ok": "ok"})]
 
 
 class Photo(NamedTuple):
@@ -50,6 +59,7 @@ class Photo(NamedTuple):
     taken_at: datetime | None
     mtime_ns: int
     content_hash: str
+    moment: tuple[float, float, float] | None = None  # (start, time, end) seconds: this row stands for a video's moment
 
     @property
     def modified(self) -> datetime:
@@ -78,19 +88,52 @@ class Photo(NamedTuple):
             "duplicates": duplicates,
             "thumb": f"/api/thumb/{self.id}?h={(self.content_hash or '')[:16]}",
             "preview": f"/api/photo/{self.id}",
+            "kind": "image",
+            **(self.video_fields() if self.moment is not None or _is_video(self.path) else {}),
         }
+
+    def video_fields(self) -> dict[str, Any]:
+        """A video's: the moment's time (the tile is its frame there, the preview plays from there)."""
+        start, t, end = self.moment or (0.0, 0.0, None)
+        out = {
+            "kind": "video",
+            "time": round(t, 3),
+            "start": round(start, 3),
+            "end": None if end is None else round(end, 3),
+            "thumb": f"/api/thumb/{self.id}?h={(self.content_hash or '')[:16]}&t={t:.3f}",
+            "video": f"/api/video/{self.id}",
+            "preview": f"/api/video/{self.id}#t={t:.3f}",
+            "ref": f"moment:{self.vector_id}" if self.moment is not None else f"photo:{self.id}",
+        }
+        return out
+
+
+def _is_video(path: str) -> bool:
+    from loupe.indexer.pipeline.media import is_video
+
+    return is_video(path)
 
 
 class Snapshot:
     """The visible photos of one catalog generation, indexed by row id, vector id and folder."""
 
-    def __init__(self, photos: list[Photo], generation: int) -> None:
+    def __init__(self, photos: list[Photo], generation: int, moments: Sequence[tuple] = ()) -> None:
         self.generation = generation
         self.photos = photos  # path order
         self.by_id = {p.id: p for p in photos}
         self.by_vector: dict[int, list[Photo]] = {}
         for p in photos:
             self.by_vector.setdefault(p.vector_id, []).append(p)
+        position = {p.id: n for n, p in enumerate(photos)}
+        moment_vids, moment_pos = [], []
+        for vid, photo_id, start, t, end in moments:  # a video's moments: its row at that time, by moment vector
+            if photo_id in self.by_id:
+                self.by_vector.setdefault(vid, []).append(self.by_id[photo_id]._replace(vector_id=vid, moment=(start, t, end)))
+                moment_vids.append(vid)
+                moment_pos.append(position[photo_id])
+        self.moment_vids = np.asarray(moment_vids, np.int64)
+        self.moment_set = set(moment_vids)
+        self.moment_pos = np.asarray(moment_pos, np.int64)
         self.folder_counts: dict[str, int] = {}
         counts = self.folder_counts
         for p in photos:
@@ -108,8 +151,8 @@ class Snapshot:
 
     @classmethod
     def load(cls, catalog, generation: int) -> "Snapshot":
-        """Read the visible photos (`visible_photos`: plain tuples, no ORM objects)."""
-        return cls([Photo(*row) for row in catalog.visible_photos()], generation)
+        """Read the visible photos (`visible_photos`: plain tuples, no ORM objects) and videos' moments."""
+        return cls([Photo(*row) for row in catalog.visible_photos()], generation, catalog.visible_moments())
 
     def check_folder(self, filters: Filters) -> None:
         if filters.folder and filters.folder not in self.known_folders:
@@ -143,7 +186,8 @@ class Snapshot:
         return keep
 
     def allowed_vectors(self, filters: Filters) -> np.ndarray:
-        return np.unique(self.vector_ids[self.mask(filters)])
+        mask = self.mask(filters)
+        return np.unique(np.concatenate([self.vector_ids[mask], self.moment_vids[mask[self.moment_pos]]]))
 
     def rows_for_vectors(self, ids: Sequence[int]) -> dict[int, list[Photo]]:
         return {int(i): self.by_vector[int(i)] for i in ids if int(i) in self.by_vector}

@@ -45,7 +45,7 @@ _NOT_A_WEIGHT_AFTER = re.compile(r"\s|[+-]?\.?\d")  # `10:30`, `2: x`, `2:.5`: a
 _STANDALONE_OP = re.compile(r"(?:^|\s)[+-](?:\s|$)")
 _PATH_START = re.compile(r"\.{1,2}/|~[^/\s]*/|/+[^/\s]")
 IMAGE_PREFIX = "img:"
-WEB_IMAGE_REF = re.compile(r"(upload:[0-9a-f]{1,64}|photo:[0-9]{1,18})")  # web queries: images by id, never by path
+WEB_IMAGE_REF = re.compile(r"(upload:[0-9a-f]{1,64}|photo:[0-9]{1,18}|moment:[0-9]{1,18})")  # web queries: images by id (moment:ID a video moment), never by path
 
 
 @dataclass(frozen=True)

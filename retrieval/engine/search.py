@@ -55,7 +55,35 @@ def _image_fields(rows: list[ImageRow]) -> dict:
         "modified": datetime.fromtimestamp(first.mtime_ns / 1e9).isoformat(timespec="seconds"),
         "hash": first.content_hash,
         "duplicates": [r.path for r in rows[1:]],
+        **_moment_fields(rows),
     }
+
+
+def _moment_fields(rows) -> dict:
+    """A video moment's: its representative time and scene bounds (seconds), and the video's other
+    moments that ranked (collapsed into this, its best one), best first."""
+    moment = getattr(rows[0], "moment", None)
+    if moment is None:
+        return {}
+    start, t, end = moment
+    others = [
+        {"time": round(m[1], 3), "start": round(m[0], 3), "end": round(m[2], 3), "score": round(float(sc), 6)}
+        for sc, m in getattr(rows, "others", [])
+    ]
+    return {"time": round(t, 3), "start": round(start, 3), "end": round(end, 3), "moments": others}
+
+
+class VideoEntry(list):
+    """The files of a video moment's entry, with the same video's lower-ranked moments that were
+    collapsed into it: `others` [(score, (start, time, end))]."""
+
+    def __init__(self, files) -> None:
+        super().__init__(files)
+        self.others: list[tuple[float, tuple]] = []
+
+
+def kind_of_hit(rows) -> str:
+    return "video" if getattr(rows[0], "moment", None) is not None else IMAGE
 
 
 @dataclass
@@ -159,12 +187,19 @@ class Searcher:
         rows = ranking.photos.rows_for_vectors([i for _, i in pairs])
         filters = request.filters if request.filters.active() else None
         entries: list[tuple[float | None, list]] = []
+        videos: dict[str, VideoEntry] = {}  # path -> the entry of its best moment (collapse)
         for s, i in pairs:
             files = rows.get(i, [])
             if filters is not None:
                 files = [f for f in files if filters.passes(f)]
             if not files:
                 continue
+            if request.collapse and getattr(files[0], "moment", None) is not None:
+                best = videos.get(files[0].path)
+                if best is not None:  # a lower moment of a video already listed: reachable from its best
+                    best.others.append((s, files[0].moment))
+                    continue
+                files = videos[files[0].path] = VideoEntry(files)
             if request.collapse:
                 entries.append((s, files))
             else:
@@ -188,7 +223,7 @@ class Searcher:
         for score, rows in ranking.entries[:k]:
             vid = rows[0].vector_id
             if target == IMAGE:
-                hits.append(Hit(len(hits) + 1, score, IMAGE, vid, _image_fields(rows)))
+                hits.append(Hit(len(hits) + 1, score, kind_of_hit(rows), vid, _image_fields(rows)))
             else:
                 first = rows[0]
                 fields = {

@@ -25,13 +25,15 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from loupe.indexer.storage.catalog import IMAGE
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.imageio import BadImage
+from loupe.indexer.pipeline.media import is_video
 from loupe.retrieval.engine.requests import RequestError, decode_json, parse_page_search, parse_search
 from loupe.retrieval.web.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
 from loupe.retrieval.web.guard import MAX_BODY, SIGNED_PATHS, UPLOAD_LIMIT, Guard, own_hosts, send_json, sign_path
@@ -194,12 +196,13 @@ class WebApp:
         return JSONResponse(answer)
 
     def _sign(self, fields: dict) -> dict:
-        """Picture URLs of a result signed for a while (an <img> cannot send the token)."""
-        for key in ("thumb", "preview"):
+        """Picture and video URLs of a result signed for a while (an <img> or <video> cannot send the token)."""
+        for key in ("thumb", "preview", "video"):
             url = fields.get(key)
             if isinstance(url, str) and url.startswith(SIGNED_PATHS):
+                url, hash_, fragment = url.partition("#")  # a video's #t=SECONDS stays last
                 path, _, query = url.partition("?")
-                fields[key] = f"{path}?{query + '&' if query else ''}{sign_path(self.token, path)}"
+                fields[key] = f"{path}?{query + '&' if query else ''}{sign_path(self.token, path)}{hash_}{fragment}"
         return fields
 
     def _inline_thumbnails(self, results: list[dict]) -> None:
@@ -255,8 +258,17 @@ class WebApp:
         out["modified"] = photo.modified.isoformat(timespec="seconds")
         out["duplicate_paths"] = [p.path for p in snap.by_vector.get(photo.vector_id, []) if p.id != photo.id]
         roots = self._roots()
+        if is_video(photo.path):  # a video is never read whole here: only checked that it may be served
+            from loupe.retrieval.web.media import open_catalogued_video
+
+            def exif():
+                with open_catalogued_video(photo.path, photo.size, photo.mtime_ns, roots):
+                    return {"camera": None, "taken_at": out["taken_at"]}
+        else:
+            def exif():
+                return exif_summary(read_catalogued(photo.path, photo.content_hash, roots)[0])
         try:
-            out["exif"] = await self.pictures.run(lambda: exif_summary(read_catalogued(photo.path, photo.content_hash, roots)[0]))
+            out["exif"] = await self.pictures.run(exif)
             out["available"] = True
         except NotServable as exc:
             out["available"] = False
@@ -272,6 +284,8 @@ class WebApp:
     async def thumb(self, request: Request) -> Response:
         self._refresh()
         photo = self.web.photo(request.path_params["id"])
+        if is_video(photo.path):
+            return await self._video_thumb(request, photo)
         digest = photo.content_hash
         wanted = request.query_params.get("h", "")
         immutable = len(wanted) >= 16 and digest.startswith(wanted)  # this URL names these bytes only
@@ -304,6 +318,8 @@ class WebApp:
         full = request.query_params.get("full") in ("1", "true")
         self._refresh()
         photo = self.web.photo(request.path_params["id"])
+        if is_video(photo.path):  # never read whole as a picture: its preview is the video itself
+            raise RequestError(404, f"photo {photo.id} is a video: GET /api/video/{photo.id}")
         tag = f"{photo.content_hash}-{'full' if full else 'preview'}"
         headers = {"ETag": f'"{tag}"', "Cache-Control": "private, max-age=86400"}
         if _etag_matches(request, tag):
@@ -326,6 +342,91 @@ class WebApp:
         except (NotServable, BadImage) as exc:
             raise RequestError(404, f"photo {photo.id}: {exc}") from None
         return Response(picture.data, media_type=picture.media_type, headers=headers)
+
+    # ---- videos -------------------------------------------------------------------------------
+    async def _video_thumb(self, request: Request, photo) -> Response:
+        """The frame of a catalogued video at `t` seconds (a moment's tile), cached by content and time."""
+        raw = request.query_params.get("t", "0")
+        try:
+            t = float(raw) if len(raw) <= 16 else -1.0
+        except ValueError:
+            t = -1.0
+        if not (0.0 <= t <= 1e6):  # also refuses nan and inf
+            raise RequestError(400, "t must be a time in seconds")
+        key = f"{photo.content_hash}-t{t:.3f}"
+        headers = {"ETag": f'"{key}"', "Cache-Control": IMMUTABLE}
+        if _etag_matches(request, key):
+            return Response(status_code=304, headers=headers)
+        from loupe.retrieval.web.media import THUMB_TYPE, open_catalogued_video, video_frame_thumbnail
+
+        cached = self.thumbs.get(key)
+        if cached is not None:
+            return Response(cached, media_type=THUMB_TYPE, headers=headers)
+        roots = self._roots()
+
+        def make():
+            with open_catalogued_video(photo.path, photo.size, photo.mtime_ns, roots) as f:
+                picture = video_frame_thumbnail(f, t)
+            self.thumbs.put(key, picture.data)
+            return picture
+
+        try:
+            picture = await self.pictures.run(make)
+        except (NotServable, BadImage) as exc:
+            raise RequestError(404, f"video {photo.id}: {exc}") from None
+        self.thumbs_made += 1
+        return Response(picture.data, media_type=picture.media_type, headers=headers)
+
+    async def video(self, request: Request) -> Response:
+        """A catalogued video's bytes, answering a single HTTP Range (at most RANGE_MAX bytes a
+        request) so a player can seek; only videos in the catalog, by row id."""
+        from loupe.retrieval.web.media import (
+            RANGE_MAX, VIDEO_CHUNK, VIDEO_TYPES, BadRange, open_catalogued_video, parse_range,
+        )
+
+        self._refresh()
+        photo = self.web.photo(request.path_params["id"])
+        if not is_video(photo.path):
+            raise RequestError(404, f"photo {photo.id} is not a video")
+        roots = self._roots()
+        try:
+            f = await run_in_threadpool(open_catalogued_video, photo.path, photo.size, photo.mtime_ns, roots)
+        except NotServable as exc:
+            raise RequestError(404, f"video {photo.id}: {exc}") from None
+        size = photo.size
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{photo.content_hash}"', "Cache-Control": "private, max-age=3600"}
+        try:
+            wanted = parse_range(request.headers.get("range"), size)
+        except BadRange as exc:
+            f.close()
+            return error(416, str(exc), {**headers, "Content-Range": f"bytes */{size}"})
+        first, last = wanted if wanted is not None else (0, min(size, RANGE_MAX) - 1)
+        status = 206 if wanted is not None or size > RANGE_MAX else 200  # no Range: the start, as a partial answer
+        if status == 206:
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        headers["Content-Length"] = str(max(0, last - first + 1))
+        media_type = VIDEO_TYPES.get(os.path.splitext(photo.path)[1].lower(), "application/octet-stream")
+
+        def read(n: int) -> bytes:
+            return f.read(n)
+
+        async def body():
+            try:
+                await run_in_threadpool(f.seek, first)
+                left = last - first + 1
+                while left > 0:
+                    chunk = await run_in_threadpool(read, min(VIDEO_CHUNK, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    yield chunk
+            finally:
+                f.close()
+
+        if request.method == "HEAD":
+            f.close()
+            return Response(status_code=status, headers=headers, media_type=media_type)
+        return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
 
     # ---- the index ----------------------------------------------------------------------------
     async def status(self, request: Request) -> Response:
@@ -484,6 +585,7 @@ def create_app(
         Route("/api/photos/{id:int}/captions", web.photo_captions, methods=["GET"]),
         Route("/api/thumb/{id:int}", web.thumb, methods=["GET"]),
         Route("/api/photo/{id:int}", web.preview, methods=["GET"]),
+        Route("/api/video/{id:int}", web.video, methods=["GET"]),  # HEAD too (Starlette)
         Route("/api/status", web.status, methods=["GET"]),
         Route("/api/folders", web.folders, methods=["GET"]),
         Route("/api/openapi.json", web.openapi, methods=["GET"]),

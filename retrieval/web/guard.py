@@ -151,7 +151,7 @@ async def send_json(send: Send, status: int, body: dict, headers: Iterable[tuple
     await send({"type": "http.response.body", "body": data})
 
 
-SIGNED_PATHS = ("/api/thumb/", "/api/photo/")  # pictures an <img> asks for: a signed URL instead of the header
+SIGNED_PATHS = ("/api/thumb/", "/api/photo/", "/api/video/")  # what an <img> or <video> asks for: a signed URL instead of the header
 SIGNATURE_LIFETIME = 1800  # seconds a signed picture URL stays valid, at least (one more period at most)
 
 

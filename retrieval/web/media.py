@@ -179,3 +179,85 @@ class ThumbCache:
                 raise
         except OSError:
             pass
+
+
+# ---- videos ---------------------------------------------------------------------------------
+VIDEO_TYPES = {
+    ".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm", ".mkv": "video/x-matroska",
+    ".avi": "video/x-msvideo", ".3gp": "video/3gpp", ".mts": "video/mp2t", ".m2ts": "video/mp2t",
+}
+RANGE_MAX = 4 << 20  # bytes answered to one Range request, at most (a player asks again for the rest)
+VIDEO_CHUNK = 256 << 10  # bytes read at a time while answering
+
+
+def open_catalogued_video(path: str, size: int, mtime_ns: int, roots: list[str]):
+    """An open binary file of a catalogued video (else NotServable): a regular file whose real path
+    lies under an indexed folder's real path, the very file at the catalogued path (no swap for a
+    symlink meanwhile), with the catalogued size and modification time (a video is too large to
+    hash per request: a changed file is refused until it is indexed again)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise NotServable(f"the file is not available: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotServable("not a regular file")
+        real = os.path.realpath(path)
+        try:
+            same = os.stat(real)
+        except OSError:
+            raise NotServable("the file is not available") from None
+        if (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino) or not any(_under(real, os.path.realpath(r)) for r in roots):
+            raise NotServable("the file lies outside the indexed folders")
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise NotServable("the file changed since it was indexed")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class BadRange(Exception):
+    """A Range header that cannot be answered: 416."""
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The [first, last] bytes of a single `bytes=` range (clamped to RANGE_MAX), or None for no
+    Range header; BadRange for a malformed, multiple or unsatisfiable one."""
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec or len(header) > 100:
+        raise BadRange("only one bytes range is answered")
+    first_s, dash, last_s = spec.strip().partition("-")
+    if not dash or not (first_s.isdigit() or first_s == "") or not (last_s.isdigit() or last_s == "") or (first_s == last_s == ""):
+        raise BadRange("malformed range")
+    if first_s == "":  # the last N bytes
+        n = int(last_s)
+        if n == 0 or size == 0:
+            raise BadRange("empty range")
+        first, last = max(0, size - n), size - 1
+    else:
+        first = int(first_s)
+        last = min(int(last_s), size - 1) if last_s else size - 1
+        if first >= size or last < first:
+            raise BadRange("range outside the file")
+    return first, min(last, first + RANGE_MAX - 1)
+
+
+def video_frame_thumbnail(f, time_s: float, side: int = THUMB_SIDE) -> Picture:
+    """A thumbnail of a video's frame at `time_s` (an open file of it), as `make_thumbnail`."""
+    from loupe.indexer.pipeline.video import frame_at
+
+    img = frame_at(f, time_s, max_side=2 * side)
+    w, h = img.size
+    scale = min(side / min(w, h), 2 * side / max(w, h), 1.0)
+    if scale < 1.0:
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+    out = io.BytesIO()
+    if THUMB_FORMAT == "WEBP":
+        img.save(out, "WEBP", quality=80, method=2)
+    else:
+        img.save(out, "JPEG", quality=82)
+    return Picture(out.getvalue(), THUMB_TYPE)

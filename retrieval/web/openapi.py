@@ -18,7 +18,8 @@ def _json(schema: dict, description: str = "OK") -> dict:
 def _errors(*codes: int) -> dict:
     why = {400: "bad request", 401: "missing or wrong token", 403: "foreign Host, Origin or Referer", 404: "not found",
            408: "the request did not arrive in time", 411: "no Content-Length", 413: "body too large",
-           415: "wrong Content-Type", 500: "internal error", 503: "busy: try again after Retry-After seconds"}
+           415: "wrong Content-Type", 416: "range not satisfiable", 500: "internal error",
+           503: "busy: try again after Retry-After seconds"}
     return {str(c): _json(ERROR, why[c]) for c in codes}
 
 
@@ -49,7 +50,16 @@ IMAGE_RESULT = {
         "thumb": {"type": "string", "description": "/api/thumb/ID?h=<content-hash prefix>"},
         "thumb_data": {"type": "string", "description": (
             "the cached thumbnail as a data: URL, on the first `inline` results of a search that asked (absent when not cached)")},
-        "preview": {"type": "string", "description": "/api/photo/ID"},
+        "preview": {"type": "string", "description": "/api/photo/ID; a video's: /api/video/ID#t=SECONDS (plays from the moment)"},
+        "kind": {"enum": ["image", "video"]},
+        "time": {"type": "number", "description": "a video moment: the time of its frame (the tile), seconds"},
+        "start": {"type": "number", "description": "a video moment: the scene's start, seconds"},
+        "end": _nullable("number", description="a video moment: the scene's end, seconds"),
+        "video": {"type": "string", "description": "a video: /api/video/ID (its bytes, HTTP Range)"},
+        "ref": {"type": "string", "description": "a video: the image term of this moment for \"more like this\" (moment:ID)"},
+        "moments": {"type": "array", "description": "a video: its other moments that ranked, collapsed into this best one",
+                    "items": {"type": "object", "properties": {
+                        "time": {"type": "number"}, "start": {"type": "number"}, "end": {"type": "number"}, "score": {"type": "number"}}}},
     },
 }
 
@@ -117,7 +127,7 @@ def openapi_document() -> dict[str, Any]:
                 "JSON API of the loupe web page. Errors are {\"error\": message} with a 4xx/5xx status "
                 "(503 with Retry-After when the workers are busy). Every /api request, and the CLI's /search and "
                 "/health, needs the token as Authorization: Bearer, on loopback too (unless the server runs with "
-                "--no-token); never a cookie. /api/thumb/{id} and /api/photo/{id} also accept the signed URLs "
+                "--no-token); never a cookie. /api/thumb/{id}, /api/photo/{id} and /api/video/{id} also accept the signed URLs "
                 "(exp, sig) that search results and /api/photos/{id} hand out. Requests with a foreign Host, Origin or cross-site Sec-Fetch-Site, "
                 "and state-changing requests with a foreign Referer, are refused (403)."),
         },
@@ -187,7 +197,9 @@ def openapi_document() -> dict[str, Any]:
             "/api/thumb/{id}": {"get": {
                 "summary": "~256 px thumbnail (WebP), cached by content hash; immutable when h matches; ETag, 304",
                 "parameters": [_id_param("catalog image row id"),
-                               {"name": "h", "in": "query", "schema": {"type": "string"}, "description": "content-hash prefix"}],
+                               {"name": "h", "in": "query", "schema": {"type": "string"}, "description": "content-hash prefix"},
+                               {"name": "t", "in": "query", "schema": {"type": "number", "minimum": 0},
+                                "description": "a video: the frame at this time, seconds (a moment's tile)"}],
                 "responses": {"200": image, "304": {"description": "not modified"}, **_errors(401, 403, 404)}}},
             "/api/photo/{id}": {"get": {
                 "summary": "Large preview: EXIF-rotated JPEG, long side <= 2048; full=1: the original bytes when no rotation is needed",
@@ -195,6 +207,14 @@ def openapi_document() -> dict[str, Any]:
                                {"name": "full", "in": "query", "schema": {"enum": ["0", "1"]}}],
                 "responses": {"200": {"description": "image bytes", "content": {"image/jpeg": {}, "image/png": {}, "image/gif": {}, "image/webp": {}}},
                               "304": {"description": "not modified"}, **_errors(401, 403, 404)}}},
+            "/api/video/{id}": {"get": {
+                "summary": ("A catalogued video's bytes (only videos in the catalog, under an indexed folder, unchanged since "
+                            "indexed); one HTTP Range per request, at most 4 MiB answered (206 + Content-Range); 416 for a bad range"),
+                "parameters": [_id_param("catalog video row id"),
+                               {"name": "Range", "in": "header", "schema": {"type": "string"}, "description": "bytes=FIRST-[LAST] or bytes=-N"}],
+                "responses": {"200": {"description": "the start of the video"}, "206": {"description": "the range asked for",
+                              "content": {"video/mp4": {}, "video/webm": {}, "video/quicktime": {}, "video/x-matroska": {}}},
+                              **_errors(401, 403, 404, 416)}}},
             "/api/status": {"get": {
                 "summary": "Index status: counts, model, index factory, last update, folders, skipped files with reasons",
                 "parameters": [{"name": "skipped_limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}}],

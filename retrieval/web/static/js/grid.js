@@ -2,7 +2,7 @@
 // Each tile reserves its box from the photo's width and height before the thumbnail arrives,
 // so nothing jumps; arrow keys move a roving focus through the tiles.
 
-import { h, score } from "./format.js";
+import { clock, h, score } from "./format.js";
 
 const EAGER = 18; // tiles of the first page loaded eagerly: about the first screenful
 const MAX_INLINE = 24; // the server's bound on thumbnails carried inline by a search
@@ -54,11 +54,14 @@ export class Grid {
       });
       const dups = Array.isArray(r.duplicates) ? r.duplicates.length : Number(r.duplicates) || 0;
       const extra = dups ? h("span", { class: "badge", "aria-hidden": "true", title: `${dups + 1} identical files` }, `×${dups + 1}`) : null;
+      const isVideo = r.kind === "video";
+      if (isVideo) img.alt = `${r.name}, video at ${clock(r.time)}`;
+      const when = isVideo ? h("span", { class: "badge video", "aria-hidden": "true" }, `▶ ${clock(r.time)}`) : null;
       const li = h("li", { class: "tile", style: { "--ar": (w / hgt).toFixed(4) } },
         h("a", {
           class: "tile-link", href: r.preview, "data-index": String(index), tabindex: index === 0 && !this.list.querySelector("[tabindex='0']") ? "0" : "-1",
-          title: `${r.name}${r.score != null ? ` · score ${score(r.score)}` : ""}`,
-        }, img, extra));
+          title: `${r.name}${r.kind === "video" ? ` · at ${clock(r.time)}` : ""}${r.score != null ? ` · score ${score(r.score)}` : ""}`,
+        }, img, extra, when));
       frag.append(li);
       added.push(li);
     }

@@ -2,7 +2,7 @@
 // to the URL (the single source of truth) and to the JSON API of `loupe serve`.
 
 import * as api from "./api.js";
-import { count, h } from "./format.js";
+import { clock, count, h } from "./format.js";
 import { Grid, renderCaptions } from "./grid.js";
 import { indexCounts, renderStatus } from "./status.js";
 import { DEFAULTS, composeQuery, fromURL, imageTerm, isBrowse, searchBody, toURL, validate } from "./state.js";
@@ -23,6 +23,7 @@ const els = {
 let S = fromURL(location.search);
 const uploadPreviews = new Map();    // upload id -> object URL of the dropped file (this tab only)
 const photoNames = new Map();        // photo id -> file name, for "photo:ID" chips
+const momentNames = new Map();       // moment id -> {name, thumb, time}, for "moment:ID" chips (a video's moment)
 let index = { images: null, captions: null };
 const run = { gen: 0, ctrl: null, offset: 0, hasMore: false, loading: false, shown: 0, submitted: false };
 
@@ -273,7 +274,9 @@ const viewer = new Viewer({
     photoNames.set(String(item.id), item.name);
     run.submitted = true;
     markSubmit();
-    commit({ ...S, q: "", images: [`photo:${item.id}`], target: "images", view: "search" });
+    const ref = item.kind === "video" && typeof item.ref === "string" && item.ref.startsWith("moment:") ? item.ref : `photo:${item.id}`;
+    if (ref.startsWith("moment:")) momentNames.set(ref.slice(7), { name: item.name, thumb: item.thumb, time: item.time });
+    commit({ ...S, q: "", images: [ref], target: "images", view: "search" });
   },
 });
 
@@ -293,6 +296,10 @@ els.form.addEventListener("submit", (e) => {
 
 function chipLabel(t) {
   if (t.kind === "upload") return "your image";
+  if (t.kind === "moment") {
+    const m = momentNames.get(t.id);
+    return m ? `like ${m.name} at ${clock(m.time)}` : "like a video moment";
+  }
   const name = photoNames.get(t.id);
   if (name === undefined) {
     photoNames.set(t.id, null);  // asked once
@@ -304,7 +311,7 @@ function chipLabel(t) {
 function renderChips() {
   els.chips.replaceChildren(...S.images.map((raw, i) => {
     const t = imageTerm(raw);
-    const src = t.kind === "upload" ? uploadPreviews.get(t.id) : api.thumbURL(t.id);
+    const src = t.kind === "upload" ? uploadPreviews.get(t.id) : t.kind === "moment" ? momentNames.get(t.id)?.thumb : api.thumbURL(t.id);
     const label = chipLabel(t);
     return h("li", { class: `chip${t.negative ? " negative" : ""}` },
       h("button", {

@@ -22,7 +22,7 @@ const CHOICES = {
   view: ["search", "status"],
 };
 
-const IMAGE_TERM = /^-?(?:\d+(?:\.\d+)?:)?(?:upload|photo):[\w.-]+$/;
+const IMAGE_TERM = /^-?(?:\d+(?:\.\d+)?:)?(?:upload|photo|moment):[\w.-]+$/;
 
 /** Read a state from a query string; unknown or malformed values fall back to defaults,
  *  except dates and the score, which are kept as typed so that validate() can say what is wrong. */
@@ -65,7 +65,7 @@ export function toURL(s) {
 export function imageTerm(t) {
   const negative = t.startsWith("-");
   const term = negative ? t.slice(1) : t;
-  const m = term.match(/^(?:(\d+(?:\.\d+)?):)?(upload|photo):(.+)$/);
+  const m = term.match(/^(?:(\d+(?:\.\d+)?):)?(upload|photo|moment):(.+)$/);
   return { negative, term, weight: m?.[1] ?? "", kind: m?.[2] ?? "", id: m?.[3] ?? "" };
 }
 

@@ -2,12 +2,14 @@
 // Esc (or ×) closes it and gives focus back to the photo it was showing.
 
 import * as api from "./api.js";
-import { bytes, date, h, score } from "./format.js";
+import { bytes, clock, date, h, score } from "./format.js";
 
 export class Viewer {
   constructor({ getItem, count, onSimilar, onClosed, onNeedMore }) {
     this.dialog = document.getElementById("viewer");
     this.img = document.getElementById("viewer-img");
+    this.video = document.getElementById("viewer-video");
+    this.moments = document.getElementById("viewer-moments");
     this.title = document.getElementById("viewer-title");
     this.facts = document.getElementById("viewer-facts");
     this.note = document.getElementById("viewer-note");
@@ -33,7 +35,7 @@ export class Viewer {
     });
     this.btnCaptions.addEventListener("click", () => this.showCaptions());
     document.getElementById("act-copy").addEventListener("click", () => this.copyPath());
-    this.dialog.addEventListener("close", () => this.onClosed(this.index));
+    this.dialog.addEventListener("close", () => { this.video.pause(); this.onClosed(this.index); });
     this.dialog.addEventListener("keydown", (e) => {
       if (e.target.closest("input, textarea, select")) return;
       if (e.key === "ArrowRight") { this.step(+1); e.preventDefault(); }
@@ -83,10 +85,21 @@ export class Viewer {
     this.img.alt = r.name;
     this.img.width = Number(r.width) || 0;
     this.img.height = Number(r.height) || 0;
-    this.img.src = r.thumb;                       // the cached thumbnail at once, the preview when it arrives
-    const big = new Image();
-    big.onload = () => { if (token === this.token) this.img.src = big.src; };
-    big.src = r.preview;
+    const isVideo = r.kind === "video";
+    this.img.hidden = isVideo;
+    this.video.hidden = !isVideo;
+    this.#showMoments(isVideo ? r : null);
+    if (isVideo) {                                // a video moment: the video, playing from the moment's time
+      this.video.poster = r.thumb;
+      this.playFrom(r, r.time);
+    } else {
+      this.video.pause();
+      this.video.removeAttribute("src");
+      this.img.src = r.thumb;                     // the cached thumbnail at once, the preview when it arrives
+      const big = new Image();
+      big.onload = () => { if (token === this.token) this.img.src = big.src; };
+      big.src = r.preview;
+    }
     this.linkOpen.href = r.preview;
     this.note.textContent = "";
     this.capSection.hidden = true;
@@ -99,6 +112,32 @@ export class Viewer {
     api.photo(r.id).then((d) => { if (token === this.token) this.#facts(r, d); }).catch(() => {});
   }
 
+  /** Play the video of `r` from `time` seconds (the src names the time too: #t=, a media fragment). */
+  playFrom(r, time) {
+    const v = this.video;
+    const src = `${String(r.video || r.preview).split("#")[0]}#t=${Number(time).toFixed(3)}`;
+    v.setAttribute("aria-label", `Video ${r.name}, from ${clock(time)}`);
+    v.dataset.from = String(time);
+    const seek = () => {
+      if (Math.abs(v.currentTime - time) > 0.25) v.currentTime = time;
+      v.play().catch(() => {});                   // a browser may refuse to start sound: the controls are there
+    };
+    if (v.getAttribute("src") && v.getAttribute("src").split("#")[0] === src.split("#")[0] && v.readyState >= 1) seek();
+    else {
+      v.addEventListener("loadedmetadata", seek, { once: true });
+      v.src = src;
+    }
+  }
+
+  #showMoments(r) {
+    const list = r && Array.isArray(r.moments) ? r.moments : [];
+    const ol = this.moments.querySelector("ol");
+    ol.replaceChildren(...list.map((m) => h("li", {}, h("button", {
+      type: "button", "aria-label": `Play from ${clock(m.time)}`, onclick: () => this.playFrom(r, m.time),
+    }, `${clock(m.start)}–${clock(m.end)}`), " ", h("span", { class: "score" }, score(m.score)))));
+    this.moments.hidden = !list.length;
+  }
+
   #facts(r, detail) {
     const d = { ...r, ...(detail || {}) };
     const rows = [
@@ -107,6 +146,7 @@ export class Viewer {
       ["Dimensions", d.width && d.height ? `${d.width} × ${d.height}` : ""],
       ["Date", d.date ? `${date(d.date)}${d.date_source ? ` (${d.date_source})` : ""}` : "unknown"],
       ["Score", score(r.score)],
+      ["Moment", r.kind === "video" && r.end != null ? `${clock(r.start)}–${clock(r.end)} (frame at ${clock(r.time)})` : ""],
       ["Folder", d.folder],
     ];
     const dupPaths = Array.isArray(d.duplicate_paths) ? d.duplicate_paths : Array.isArray(d.duplicates) ? d.duplicates : null;
