@@ -93,6 +93,15 @@ def _move(src: Path, dst: Path) -> None:
     _fsync_dir(src.parent)
 
 
+def _test_pause() -> None:
+    """Tests slow moves down (LOUPE_TEST_MOVE_PAUSE seconds after each journal line) to kill one mid-way."""
+    pause = os.environ.get("LOUPE_TEST_MOVE_PAUSE")
+    if pause:
+        import time
+
+        time.sleep(float(pause))
+
+
 @dataclass
 class Outcome:
     moved: list[tuple[str, str]] = field(default_factory=list)
@@ -162,6 +171,7 @@ def resolve(store, groups, keep: dict[str, str] | None = None, move_to: str | os
                 break
             _append(journal, {"op": "move", "batch": batch, "group": group.id, "src": str(src), "dst": str(dst),
                               "hash": m.content_hash, "size": m.size})
+            _test_pause()
             _move(src, dst)
             store.catalog.relocate_image(path_key_of(str(src)), path_key_of(str(dst)), MISSING)
             _append(journal, {"op": "done", "batch": batch, "src": str(src), "dst": str(dst)})
@@ -172,8 +182,8 @@ def resolve(store, groups, keep: dict[str, str] | None = None, move_to: str | os
 def pending(store) -> list[dict]:
     """The journal's moves not undone yet, oldest first."""
     records = _read(journal_path(store.location))
-    undone = {(r["src"], r["dst"]) for r in records if r.get("op") == "undone"}
-    return [r for r in records if r.get("op") == "move" and (r["src"], r["dst"]) not in undone]
+    undone = {(r.get("batch"), r["src"]) for r in records if r.get("op") == "undone"}
+    return [r for r in records if r.get("op") == "move" and (r.get("batch"), r["src"]) not in undone]
 
 
 def undo(store) -> Outcome:
@@ -188,7 +198,7 @@ def undo(store) -> Outcome:
         if src.exists() and not dst.exists():  # the move never happened (a crash before it)
             if part.exists() and file_hash(src) == r["hash"]:
                 os.unlink(part)  # loupe's own unfinished copy; the source is intact
-            _append(journal, {"op": "undone", "src": str(src), "dst": str(dst)})
+            _append(journal, {"op": "undone", "batch": r.get("batch"), "src": str(src), "dst": str(dst)})
             store.catalog.relocate_image(path_key_of(str(dst)), path_key_of(str(src)), OK)
             continue
         if not dst.exists():
@@ -200,7 +210,7 @@ def undo(store) -> Outcome:
         if src.exists():
             if file_hash(src) == r["hash"]:  # a cross-device move copied but did not remove the source yet
                 os.unlink(dst)
-                _append(journal, {"op": "undone", "src": str(src), "dst": str(dst)})
+                _append(journal, {"op": "undone", "batch": r.get("batch"), "src": str(src), "dst": str(dst)})
                 store.catalog.relocate_image(path_key_of(str(dst)), path_key_of(str(src)), OK)
                 out.restored.append(str(src))
                 continue
@@ -208,7 +218,7 @@ def undo(store) -> Outcome:
             continue
         _move(dst, src)
         store.catalog.relocate_image(path_key_of(str(dst)), path_key_of(str(src)), OK)
-        _append(journal, {"op": "undone", "src": str(src), "dst": str(dst)})
+        _append(journal, {"op": "undone", "batch": r.get("batch"), "src": str(src), "dst": str(dst)})
         out.restored.append(str(src))
     if out.problems and not out.restored:
         raise LoupeError("; ".join(out.problems))

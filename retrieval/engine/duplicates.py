@@ -33,6 +33,8 @@ from loupe.indexer.signals import neardup
 from loupe.indexer.signals.neardup import Match, Parsed, compare, parse
 
 RADIUS = 12  # pHash bits; uniform random 64-bit hashes fall this close with p ~ 2.6e-7
+BURST_WINDOW = 10.0  # s: photos captured this close are candidates too (bursts whose pHashes moved further) ...
+BURST_RADIUS = 24  # ... when their pHashes (full or centre) are within this many bits
 STATE_VERSION = 1
 TIERS = ("same", "similar")
 _SAME, _SIMILAR = 1, 2
@@ -178,8 +180,34 @@ class Grouper:
         other = ids.astype(np.int64) >> 1  # rows 2j, 2j+1 are content j
         keep = (dist <= self.radius) & (other != q)
         lo, hi = np.minimum(q[keep], other[keep]), np.maximum(q[keep], other[keep])
-        key = np.unique(lo * (1 << 32) + hi)
+        key = lo * (1 << 32) + hi
+        tq, to = self._time_neighbours(start)
+        if len(tq):
+            key = np.concatenate([key, np.minimum(tq, to) * (1 << 32) + np.maximum(tq, to)])
+        key = np.unique(key)
         return np.stack([key >> 32, key & 0xFFFFFFFF], axis=1) if len(key) else np.zeros((0, 2), np.int64)
+
+    def _time_neighbours(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(new, other) pairs captured within BURST_WINDOW of each other with pHashes within BURST_RADIUS."""
+        known = np.flatnonzero(~np.isnan(self.times))
+        if len(known) < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        order = known[np.argsort(self.times[known], kind="stable")]
+        t = self.times[order]
+        new = np.arange(start, len(self.keys))
+        new = new[~np.isnan(self.times[new])]
+        lo = np.searchsorted(t, self.times[new] - BURST_WINDOW, "left")
+        hi = np.searchsorted(t, self.times[new] + BURST_WINDOW, "right")
+        counts = hi - lo
+        q = np.repeat(new, counts)
+        offs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        o = order[np.repeat(lo, counts) + offs]
+        keep = (o != q) & ((o < start) | (o > q))  # new-new pairs once
+        q, o = q[keep], o[keep]
+        d = np.minimum(np.minimum(np.bitwise_count(self.ph[q] ^ self.ph[o]), np.bitwise_count(self.ph[q] ^ self.ph88[o])),
+                       np.bitwise_count(self.ph88[q] ^ self.ph[o]))
+        close = d <= BURST_RADIUS
+        return q[close].astype(np.int64), o[close].astype(np.int64)
 
     # ---- groups -------------------------------------------------------------------------
     def clusters(self) -> list[tuple[str, list[int], np.ndarray]]:
