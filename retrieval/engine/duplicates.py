@@ -296,6 +296,7 @@ class Member:
     cropped: bool = False
     upscaled: bool = False
     resid: float = 0.0  # mean residual to the other members (local edits stand out)
+    id: int | None = None  # the catalog row
 
     @property
     def format(self) -> str:
@@ -313,7 +314,7 @@ class Member:
 
     def to_json(self) -> dict:
         return {
-            "path": self.path, "hash": self.content_hash, "size": self.size, "width": self.width, "height": self.height,
+            "id": self.id, "path": self.path, "hash": self.content_hash, "size": self.size, "width": self.width, "height": self.height,
             "taken_at": self.taken_at.isoformat() if self.taken_at is not None else None, "format": self.format,
             "sharpness": round(self.sharpness, 1), "modified": round(self.mtime_ns / 1e9, 3), "cropped": self.cropped,
             "upscaled": self.upscaled, "camera_metadata": bool(self.flags & neardup.CAMERA) and not self.flags & neardup.SOFTWARE,
@@ -483,7 +484,7 @@ def find_groups(store, tiers: Sequence[str] = TIERS, filters=None) -> Grouping:
     def member(row) -> Member:
         p = heads.get(row.content_hash)
         return Member(row.path, row.content_hash, row.size, row.mtime_ns, row.width or 0, row.height or 0, row.taken_at,
-                      p.sharp if p else 0.0, p.clip if p else 0.0, p.flags if p else 0, p.time if p else math.nan)
+                      p.sharp if p else 0.0, p.clip if p else 0.0, p.flags if p else 0, p.time if p else math.nan, id=row.id)
 
     for tier, mem, edges in clusters:
         hashes = [g.keys[i] for i in mem if g.keys[i] in files]
