@@ -214,3 +214,17 @@ def test_kill_in_the_middle_of_a_move_then_undo_restores_every_byte(dup_index):
     assert 0 < len(aside) < total  # killed in the middle
     runner("duplicates", "--undo")
     assert _tree(photos) == before
+
+
+def test_search_shows_copies_of_one_photo_once(dup_index):
+    _, manifest, runner = dup_index
+    _groups(runner)  # the grouping is saved beside the index
+    hits = [json.loads(line) for line in runner("search", "a photo", "-k", "500", "--json").stdout.splitlines()]
+    group = {m["path"]: m["group"] for m in manifest}
+    shown = [group[h["path"]] for h in hits if h["path"] in group]
+    edited = {m["group"] for m in manifest if m["kind"] == "edit"}
+    assert len(hits) == len(set(shown))  # one result per photo
+    assert edited <= set(shown)
+    for h in hits:
+        if group[h["path"]] in edited:
+            assert len(h["duplicates"]) == 8  # its 8 copies listed with it

@@ -626,8 +626,12 @@ class Catalog(CatalogReads):
     def relocate_image(self, old_key: bytes, new_key: bytes, status: str) -> bool:
         """A file moved by loupe (`loupe duplicates --move-to` and its undo): its row follows, with
         `status` ('missing' once set aside, 'ok' once back); the vector stays. False if no row."""
+        if old_key == new_key:
+            return False
         with self.session() as s, s.begin():
-            s.execute(delete(ImageRow).where(ImageRow.path_key == new_key, ImageRow.path_key != old_key))
+            if s.scalar(select(ImageRow.id).where(ImageRow.path_key == old_key)) is None:
+                return False  # nothing at the old path (e.g. a move that never happened): leave the rest alone
+            s.execute(delete(ImageRow).where(ImageRow.path_key == new_key))  # a stale row where the file lands
             n = s.execute(
                 update(ImageRow).where(ImageRow.path_key == old_key).values(path_key=new_key, path=display_path(new_key), status=status)
             ).rowcount

@@ -81,6 +81,24 @@ def _codes(h: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(h.astype(">u8")).view(np.uint8).reshape(-1, 8)
 
 
+# Multi-index hashing: 4 tables of 16 bits, probing each with up to 1 bit flipped, finds every pair
+# within 7 bits (pigeonhole) and most within 12; three tables sets over differently permuted bits
+# find 98% of pairs drawn uniformly at 0..12 bits (100% up to 9) at a third of the cost of 2 flips
+# (whose bucket probing grows with the collection: 160 s for 100k against 60 s here).
+PERMUTATIONS = [np.arange(64)] + [np.random.default_rng(seed).permutation(64) for seed in (1, 2)]
+
+
+def _permuted(codes: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    if perm[0] == 0 and np.array_equal(perm, np.arange(64)):
+        return codes
+    return np.packbits(np.unpackbits(codes, axis=1)[:, perm], axis=1)
+
+
+def _index_add(indexes, codes: np.ndarray) -> None:
+    for index, perm in zip(indexes, PERMUTATIONS):
+        index.add(_permuted(codes, perm))
+
+
 @dataclass
 class AddReport:
     added: int = 0
@@ -97,8 +115,11 @@ class Grouper:
         import faiss
 
         self.radius = radius
-        self.index = faiss.IndexBinaryMultiHash(64, 4, 16)
-        self.index.nflip = 2
+        self.indexes = []
+        for _ in PERMUTATIONS:
+            index = faiss.IndexBinaryMultiHash(64, 4, 16)
+            index.nflip = 1
+            self.indexes.append(index)
         self.keys: list[str] = []
         self.pos: dict[str, int] = {}
         self.ph = np.zeros(0, np.uint64)
@@ -135,7 +156,7 @@ class Grouper:
         self.sim.grow(n)
         codes = np.empty((2 * len(keys), 8), np.uint8)
         codes[0::2], codes[1::2] = _codes(ph), _codes(ph88)
-        self.index.add(codes)
+        _index_add(self.indexes, codes)
         pairs = self._candidates(start, ph)
         report = AddReport(len(keys), len(pairs))
         if not len(pairs):
@@ -175,12 +196,15 @@ class Grouper:
 
     def _candidates(self, start: int, ph: np.ndarray) -> np.ndarray:
         """(i, j) pairs, i < j, at least one of them new, whose pHashes (full or centre) are within `radius`."""
-        lims, dist, ids = self.index.range_search(_codes(ph), self.radius + 1)
-        q = np.repeat(np.arange(start, start + len(ph), dtype=np.int64), np.diff(lims.astype(np.int64)))
-        other = ids.astype(np.int64) >> 1  # rows 2j, 2j+1 are content j
-        keep = (dist <= self.radius) & (other != q)
-        lo, hi = np.minimum(q[keep], other[keep]), np.maximum(q[keep], other[keep])
-        key = lo * (1 << 32) + hi
+        keys = []
+        for index, perm in zip(self.indexes, PERMUTATIONS):
+            lims, dist, ids = index.range_search(_permuted(_codes(ph), perm), self.radius + 1)
+            q = np.repeat(np.arange(start, start + len(ph), dtype=np.int64), np.diff(lims.astype(np.int64)))
+            other = ids.astype(np.int64) >> 1  # rows 2j, 2j+1 are content j
+            keep = (dist <= self.radius) & (other != q)
+            lo, hi = np.minimum(q[keep], other[keep]), np.maximum(q[keep], other[keep])
+            keys.append(lo * (1 << 32) + hi)
+        key = np.concatenate(keys)
         tq, to = self._time_neighbours(start)
         if len(tq):
             key = np.concatenate([key, np.minimum(tq, to) * (1 << 32) + np.maximum(tq, to)])
@@ -269,7 +293,7 @@ class Grouper:
         if g.keys:
             codes = np.empty((2 * len(g.keys), 8), np.uint8)
             codes[0::2], codes[1::2] = _codes(g.ph), _codes(g.ph88)
-            g.index.add(codes)
+            _index_add(g.indexes, codes)
         return g
 
 
@@ -507,18 +531,29 @@ def find_groups(store, tiers: Sequence[str] = TIERS, filters=None) -> Grouping:
     return out
 
 
-def same_copies(store) -> dict[str, str]:
-    """content hash -> the keeper's content hash, for the non-keeper contents of "same" groups (search's collapse)."""
-    path = state_path(store.location)
-    if not path.is_file():
+_COPIES_CACHE: dict[str, tuple[int, dict[str, str]]] = {}
+
+
+def same_copies(location) -> dict[str, str]:
+    """content hash -> a representative content hash, for every content of a "same" group in the
+    saved grouping of the index at `location` ({} when none was saved). Search collapses the
+    results sharing a representative into one (like identical files). Read without FAISS; cached
+    per state file version."""
+    path = state_path(location)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
         return {}
-    g = Grouper.load(path)
-    out: dict[str, str] = {}
-    for tier, mem, _ in g.clusters():
-        if tier != "same":
-            continue
-        first = g.keys[min(mem)]
-        for i in mem:
-            if g.keys[i] != first:
-                out[g.keys[i]] = first
+    hit = _COPIES_CACHE.get(str(path))
+    if hit is not None and hit[0] == mtime:
+        return hit[1]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys, roots = z["keys"], _Parents(z["same"]).roots()
+    except (OSError, KeyError, ValueError):
+        return {}
+    counts = np.bincount(roots, minlength=len(roots))
+    grouped = np.flatnonzero(counts[roots] > 1)
+    out = {str(keys[i]): str(keys[roots[i]]) for i in grouped.tolist()}
+    _COPIES_CACHE[str(path)] = (mtime, out)
     return out
