@@ -267,7 +267,7 @@ def compare(pa: Parsed, pb: Parsed, ta: float = math.nan, tb: float = math.nan) 
 
     "same": one field of view holds the other (a crop, a rotation with crop, a resize) and the
     aligned pixels agree after tone matching, with capture times (when both known) <= 0.3 s apart.
-    "similar": the ORB geometry holds (or the pHashes are close) but the pixels or the times rule
+    "similar": the ORB geometry holds (or, with little texture, an aligned thumbnail fits) but the pixels or the times rule
     out "same", with capture times (when both known) <= 120 s apart."""
     cv2 = _cv2()
     ta = pa.time if math.isnan(ta) else ta
@@ -294,7 +294,7 @@ def compare(pa: Parsed, pb: Parsed, ta: float = math.nan, tb: float = math.nan) 
     pixels_same = best.contain != 0 and best.resid <= SAME_RESID and best.bad <= SAME_BAD
     if pixels_same and (dt is None or dt <= SAME_TIME_TOL):
         best.tier = "same"
-    elif (geom or ham <= SIM_HAM_NO_GEOM) and (dt is None or dt <= SIM_TIME_WIN):
+    elif geom and (dt is None or dt <= SIM_TIME_WIN):
         best.tier = "similar"
     return best
 
