@@ -414,7 +414,7 @@ def choose_keeper(members: Sequence[Member]) -> tuple[int, str]:
     """The member to keep and why. Ordered steps; each decides only on a clear difference:
 
     1 not cropped (no other member's field of view strictly holds it)
-    2 largest pixel count (within 2%; an upscaled copy, a bigger file of few bytes per pixel, counts as small)
+    2 largest pixel count (within 2%; an upscaled copy, 1.5x the pixels of an uncropped member in under 0.35x its bytes per pixel, counts as small)
     3 original format (camera raw > HEIC > JPEG > TIFF > PNG/WebP > GIF/BMP)
     4 camera metadata intact (EXIF make/model, no editing software tag)
     5 fewest blown highlights (brightened copies clip)
@@ -449,7 +449,7 @@ def choose_keeper(members: Sequence[Member]) -> tuple[int, str]:
     if len(hashes) > 2:
         narrow(lambda i: m[i].resid, 0.5, "no local edits")
     narrow(lambda i: 0 if not math.isnan(m[i].when) else 1, 0, "has capture time")
-    narrow(lambda i: m[i].when if not math.isnan(m[i].when) else 0.0, 0.5, "earliest capture")
+    narrow(lambda i: m[i].when if not math.isnan(m[i].when) else 0.0, 0.01, "earliest capture")
     narrow(lambda i: -bpp[i], 0.05 * max(bpp[i] for i in cand), "least compressed")
     narrow(lambda i: -m[i].sharpness, 0.1 * max(m[i].sharpness for i in cand), "sharpest")
     narrow(lambda i: m[i].mtime_ns, 0, "oldest file")
@@ -482,7 +482,7 @@ def _annotate(members: list[Member], index_of: dict[str, int], edges: np.ndarray
         mm.resid = float(np.mean(r)) if r else 0.0
     for a in members:
         for b in members:
-            if (a.pixels > 1.1 * b.pixels and a.format == b.format and b.pixels
+            if (a.pixels > 1.5 * b.pixels and a.format == b.format and b.pixels and not b.cropped
                     and a.size / max(1, a.pixels) < 0.35 * b.size / max(1, b.pixels)):
                 a.upscaled = True
 
