@@ -8,7 +8,7 @@ import textwrap
 
 from tests.conftest import REPO
 
-BENCHMARKS = ("bench_index", "bench_query", "bench_rescan", "bench_serve", "bench_fidelity", "bench_ray", "flickr30k_eval")
+BENCHMARKS = ("bench_index", "bench_query", "bench_rescan", "bench_serve", "bench_fidelity", "bench_ray", "flickr30k_eval", "bench_duplicates")
 
 
 def test_benchmarks_import_and_make_checkpoints_without_pytest(tmp_path):
