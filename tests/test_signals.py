@@ -14,7 +14,8 @@ from loupe.indexer.signals.base import versions
 from loupe.indexer.signals.phash import PerceptualHash, perceptual_hashes
 from loupe.indexer.signals.registry import by_name, registered
 from loupe.indexer.storage.catalog import IMAGE, SCHEMA_VERSION
-from loupe.indexer.storage.store import Store, check_store
+from loupe.indexer.storage.check import check_store
+from loupe.indexer.storage.store import Store
 
 
 class PerceptualHashV2(PerceptualHash):
