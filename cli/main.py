@@ -12,6 +12,7 @@ import sys
 
 def _register() -> None:
     from loupe.cli import commands_core  # noqa: F401  (registers index/search/info/check/remove)
+    from loupe.cli import commands_dups  # noqa: F401  (registers duplicates)
     from loupe.cli import commands_serve  # noqa: F401  (registers serve)
     from loupe.cli import commands_shards  # noqa: F401  (registers export/import/build-index)
 

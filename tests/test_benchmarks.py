@@ -8,7 +8,7 @@ import textwrap
 
 from tests.conftest import REPO
 
-BENCHMARKS = ("bench_index", "bench_query", "bench_rescan", "bench_serve", "bench_fidelity", "bench_ray", "bench_video", "flickr30k_eval")
+BENCHMARKS = ("bench_index", "bench_query", "bench_rescan", "bench_serve", "bench_fidelity", "bench_ray", "bench_video", "bench_duplicates", "flickr30k_eval")
 
 
 def test_benchmarks_import_and_make_checkpoints_without_pytest(tmp_path):

@@ -678,6 +678,33 @@ class Catalog(CatalogReads):
                 out.update((h, bytes(v)) for h, v in s.execute(part))
         return out
 
+    def signal_hashes(self, name: str, version: int) -> list[str]:
+        """The contents holding a value of one signal version (no values read)."""
+        q = select(SignalRow.content_hash).where(SignalRow.name == name, SignalRow.version == version, SignalRow.value.is_not(None))
+        with self.session() as s:
+            return list(s.scalars(q.order_by(SignalRow.content_hash)))
+
+    def visible_content_hashes(self) -> set[str]:
+        """The content hashes of the visible files."""
+        with self.session() as s:
+            return set(s.scalars(select(ImageRow.content_hash).where(ImageRow.status == OK, ImageRow.content_hash.is_not(None)).distinct()))
+
+    def relocate_image(self, old_key: bytes, new_key: bytes, status: str) -> bool:
+        """A file moved by loupe (`loupe duplicates --move-to` and its undo): its row follows, with
+        `status` ('missing' once set aside, 'ok' once back); the vector stays. False if no row."""
+        if old_key == new_key:
+            return False
+        with self.session() as s, s.begin():
+            if s.scalar(select(ImageRow.id).where(ImageRow.path_key == old_key)) is None:
+                return False  # nothing at the old path (e.g. a move that never happened): leave the rest alone
+            s.execute(delete(ImageRow).where(ImageRow.path_key == new_key))  # a stale row where the file lands
+            n = s.execute(
+                update(ImageRow).where(ImageRow.path_key == old_key).values(path_key=new_key, path=display_path(new_key), status=status)
+            ).rowcount
+            if n:
+                self._bump(s)
+        return bool(n)
+
     def signal_coverage(self, versions: dict[str, int]) -> dict[str, dict[str, int]]:
         """Per signal: its version, the indexed contents (visible files), how many have its value, how many failed."""
         out = {}

@@ -204,6 +204,8 @@ class Searcher:
                 entries.append((s, files))
             else:
                 entries.extend((s, [f]) for f in files)
+        if request.collapse and entries:
+            entries = _collapse_same_photo(entries, self.store.location)
         return entries, below
 
     def search(
@@ -235,6 +237,29 @@ class Searcher:
                 }
                 hits.append(Hit(len(hits) + 1, score, TEXT, vid, fields))
         return hits
+
+
+def _collapse_same_photo(entries: list, location) -> list:
+    """Copies of one photo (a "same" group of `loupe duplicates`: resized, re-encoded, cropped...)
+    shown once, at the best rank of any of them, the others listed as its duplicates."""
+    from loupe.retrieval.engine.duplicates import same_copies
+
+    copies = same_copies(location)
+    if not copies:
+        return entries
+    first: dict[str, list] = {}
+    out = []
+    for score, files in entries:
+        h = getattr(files[0], "content_hash", None)
+        key = copies.get(h) if h else None
+        if key is None:
+            out.append((score, files))
+        elif key in first:
+            first[key].extend(files)
+        else:
+            first[key] = list(files)
+            out.append((score, first[key]))
+    return out
 
 
 def open_searcher(

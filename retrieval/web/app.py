@@ -462,6 +462,80 @@ class WebApp:
         self._refresh()
         return JSONResponse({"roots": indexed_folders(self.service.searcher.store), "folders": self.web.folders()})
 
+    # ---- near-duplicates (the review view) -----------------------------------------------------
+    def _groups(self, tier: str | None):
+        from loupe.retrieval.engine.duplicates import TIERS, find_groups
+
+        if tier not in (None, "", *TIERS):
+            raise RequestError(400, f"tier must be one of {', '.join(TIERS)}")
+        return find_groups(self.service.searcher.store, (tier,) if tier else TIERS)
+
+    def _group_json(self, group) -> dict:
+        out = group.to_json()
+        for f in out["files"]:
+            f["thumb"] = f"/api/thumb/{f['id']}?h={f['hash'][:16]}"
+            self._sign(f)
+        return out
+
+    async def duplicates(self, request: Request) -> Response:
+        limit = _int_param(request, "limit", 200, 1, 2000)
+        tier = request.query_params.get("tier") or None
+        self._refresh()
+        grouping = await self.pictures.run(self._groups, tier)
+        groups = grouping.groups[:limit]
+        return JSONResponse({"groups": [self._group_json(g) for g in groups], "total": len(grouping.groups),
+                             "photos": grouping.contents, "lacking_signal": grouping.lacking})
+
+    async def duplicates_resolve(self, request: Request) -> Response:
+        from loupe.indexer.storage.locking import writer_lock
+        from loupe.retrieval.engine.dup_moves import resolve
+
+        body = await self._json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("group"), str) or len(body["group"]) > 64:
+            raise RequestError(400, "send {\"group\": id, \"keep\": photo id}")
+        keep_id = body.get("keep")
+        if keep_id is not None and (not isinstance(keep_id, int) or isinstance(keep_id, bool)):
+            raise RequestError(400, "keep must be a photo id")
+        self._refresh()
+        store = self.service.searcher.store
+
+        def work():
+            grouping = self._groups(None)
+            group = next((g for g in grouping.groups if g.id == body["group"]), None)
+            if group is None:
+                raise RequestError(404, "no such group (it changed: reload the groups)")
+            keep = group.keep if keep_id is None else next((m.path for m in group.members if m.id == keep_id), None)
+            if keep is None:
+                raise RequestError(400, "keep is not a photo of this group")
+            try:
+                with writer_lock(store, wait=False):
+                    return resolve(store, [group], keep={group.id: keep})
+            except LoupeError as exc:
+                raise RequestError(409, str(exc)) from None
+
+        out = await self.pictures.run(work)
+        self._refresh()
+        if out.refused and not out.moved:
+            raise RequestError(409, "; ".join(why for _, why in out.refused))
+        return JSONResponse({"moved": [{"from": a, "to": b} for a, b in out.moved], "refused": [w for _, w in out.refused]})
+
+    async def duplicates_undo(self, request: Request) -> Response:
+        from loupe.indexer.storage.locking import writer_lock
+        from loupe.retrieval.engine.dup_moves import undo
+
+        store = self.service.searcher.store
+
+        def work():
+            try:
+                with writer_lock(store, wait=False):
+                    return undo(store)
+            except LoupeError as exc:
+                raise RequestError(409, str(exc)) from None
+
+        out = await self.pictures.run(work)
+        self._refresh()
+        return JSONResponse({"restored": out.restored, "problems": out.problems})
+
     async def openapi(self, request: Request) -> Response:
         from loupe.retrieval.web.openapi import openapi_document
 
@@ -588,6 +662,9 @@ def create_app(
         Route("/api/video/{id:int}", web.video, methods=["GET"]),  # HEAD too (Starlette)
         Route("/api/status", web.status, methods=["GET"]),
         Route("/api/folders", web.folders, methods=["GET"]),
+        Route("/api/duplicates", web.duplicates, methods=["GET"]),
+        Route("/api/duplicates/resolve", web.duplicates_resolve, methods=["POST"]),
+        Route("/api/duplicates/undo", web.duplicates_undo, methods=["POST"]),
         Route("/api/openapi.json", web.openapi, methods=["GET"]),
         Mount("/", StaticFiles(directory=web_dir, html=True), name="page"),
     ]

@@ -18,6 +18,7 @@ def _json(schema: dict, description: str = "OK") -> dict:
 def _errors(*codes: int) -> dict:
     why = {400: "bad request", 401: "missing or wrong token", 403: "foreign Host, Origin or Referer", 404: "not found",
            408: "the request did not arrive in time", 411: "no Content-Length", 413: "body too large",
+           409: "refused: files changed since grouping, or another loupe process is writing the index",
            415: "wrong Content-Type", 416: "range not satisfiable", 500: "internal error",
            503: "busy: try again after Retry-After seconds"}
     return {str(c): _json(ERROR, why[c]) for c in codes}
@@ -60,6 +61,17 @@ IMAGE_RESULT = {
         "moments": {"type": "array", "description": "a video: its other moments that ranked, collapsed into this best one",
                     "items": {"type": "object", "properties": {
                         "time": {"type": "number"}, "start": {"type": "number"}, "end": {"type": "number"}, "score": {"type": "number"}}}},
+    },
+}
+
+DUPLICATE_GROUP = {
+    "type": "object",
+    "required": ["id", "tier", "paths", "keep", "reason", "files"],
+    "properties": {
+        "id": {"type": "string"}, "tier": {"enum": ["same", "similar"]}, "paths": {"type": "array", "items": {"type": "string"}},
+        "keep": {"type": "string", "description": "the suggested keeper's path"}, "reason": {"type": "string"},
+        "files": {"type": "array", "items": {"type": "object", "description": (
+            "id, path, hash, size, width, height, taken_at, format, sharpness, modified, cropped, upscaled, camera_metadata, thumb")}},
     },
 }
 
@@ -228,6 +240,27 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "properties": {
                     "roots": {"type": "array"}, "folders": {"type": "array", "items": {"type": "object", "properties": {
                         "path": {"type": "string"}, "count": {"type": "integer"}}}}}}), **_errors(401, 403)}}},
+            "/api/duplicates": {"get": {
+                "summary": "Near-duplicate groups (tier same: one picture in several files; similar: bursts), each with the suggested keeper and why",
+                "parameters": [
+                    {"name": "tier", "in": "query", "schema": {"enum": ["same", "similar"]}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2000, "default": 200}}],
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "groups": {"type": "array", "items": DUPLICATE_GROUP}, "total": {"type": "integer"},
+                    "photos": {"type": "integer"}, "lacking_signal": {"type": "integer"}}}), **_errors(400, 401, 403, 503)}}},
+            "/api/duplicates/resolve": {"post": {
+                "summary": "Move every photo of one group but the keeper aside (journalled; never deleted); refused (409) for files changed since grouping",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["group"], "properties": {
+                        "group": {"type": "string", "maxLength": 64}, "keep": {"type": "integer", "description": "photo id (default: the suggestion)"}}}}}},
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "moved": {"type": "array", "items": {"type": "object"}}, "refused": {"type": "array", "items": {"type": "string"}}}}),
+                    **_errors(400, 401, 403, 404, 409, 413, 415, 503)}}},
+            "/api/duplicates/undo": {"post": {
+                "summary": "Put back every photo a resolve moved, byte-identical",
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "restored": {"type": "array", "items": {"type": "string"}}, "problems": {"type": "array", "items": {"type": "string"}}}}),
+                    **_errors(401, 403, 409, 503)}}},
             "/api/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": _json({"type": "object"}), **_errors(401, 403)}}},

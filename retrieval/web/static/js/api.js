@@ -80,3 +80,8 @@ export const status = () => request("/api/status");
 export const folders = () => request("/api/folders");
 export const previewURL = (id) => `/api/photo/${encodeURIComponent(id)}`;
 export const thumbURL = (id) => signedThumbs.get(String(id)) || `/api/thumb/${encodeURIComponent(id)}`;
+export const duplicates = (tier = "") => request(`/api/duplicates${tier ? `?tier=${encodeURIComponent(tier)}` : ""}`);
+export const resolveDuplicates = (group, keep) => request("/api/duplicates/resolve", {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ group, keep }),
+});
+export const undoDuplicates = () => request("/api/duplicates/undo", { method: "POST" });

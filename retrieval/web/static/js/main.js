@@ -7,6 +7,7 @@ import { Grid, renderCaptions } from "./grid.js";
 import { indexCounts, renderStatus } from "./status.js";
 import { DEFAULTS, composeQuery, fromURL, imageTerm, isBrowse, searchBody, toURL, validate } from "./state.js";
 import { Viewer } from "./viewer.js";
+import { Duplicates } from "./duplicates.js";
 
 const PAGE = 60;
 const $ = (id) => document.getElementById(id);
@@ -77,16 +78,22 @@ function toControls() {
   renderChips();
 }
 
+const dups = new Duplicates($("dups-body"));
+
 function apply() {
   toControls();
   const status = S.view === "status";
-  els.searchView.hidden = status;
+  const review = S.view === "duplicates";
+  els.searchView.hidden = status || review;
   els.statusView.hidden = !status;
+  $("dups-view").hidden = !review;
   for (const a of document.querySelectorAll("nav.views a")) {
     if (a.dataset.nav === S.view) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
   const q = composeQuery(S.q, S.images);
-  document.title = status ? "Index status · loupe" : q ? `${q} · loupe` : "loupe";
+  document.title = review ? "Duplicates · loupe" : status ? "Index status · loupe" : q ? `${q} · loupe` : "loupe";
+  if (review) { resetResults(); dups.show(); return; }
+  dups.hide();
   if (status) showStatus(); else runSearch();
 }
 

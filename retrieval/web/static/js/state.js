@@ -19,7 +19,7 @@ const CHOICES = {
   target: ["images", "captions"],
   date_field: ["auto", "taken", "modified"],
   sort: ["relevance", "newest", "oldest"],
-  view: ["search", "status"],
+  view: ["search", "status", "duplicates"],
 };
 
 const IMAGE_TERM = /^-?(?:\d+(?:\.\d+)?:)?(?:upload|photo|moment):[\w.-]+$/;
