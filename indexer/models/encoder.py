@@ -68,6 +68,9 @@ class Encoder:
     fidelity_seconds: float = 0.0  # what that check cost
     _pending: tuple[str, float] | None = field(default=None, repr=False)
     _fp32_visual: "torch.nn.Module | None" = field(default=None, repr=False)  # kept while a lowered copy runs
+    image_backend: str = "torch"  # what runs the image tower: 'torch', or 'onnx' (`use_onnx_images`)
+    _onnx_images: "object | None" = field(default=None, repr=False)  # the ONNX tower once its check passed
+    _onnx_candidate: "object | None" = field(default=None, repr=False)  # until then
 
     @property
     def weights_id(self) -> str:
@@ -137,12 +140,29 @@ class Encoder:
         self.spec = self.spec.replace(image_precision=chosen)
         return chosen
 
+    def use_onnx_images(self, tower) -> None:
+        """Embed images with an exported ONNX tower (`loupe.indexer.models.image_tower`), in fp32.
+
+        Checked like a faster precision, on the first images embedded after this call, against
+        torch fp32 within the tower's own bound (cosine 0.9999): if they stray, torch fp32 takes
+        over for the rest of the run and `precision_notice` says so. Its vectors are recorded in the
+        index as precision 'onnx-fp32' with the cosine measured, so the mixing rule applies to them.
+        """
+        from loupe.indexer.models.image_tower import MIN_COSINE
+
+        self._restore_fp32()
+        self._onnx_candidate = tower
+        self._pending = ("onnx-fp32", MIN_COSINE)
+        self.spec = self.spec.replace(image_backend="onnx", image_precision="fp32")
+
     def _restore_fp32(self) -> None:
         if self._fp32_visual is not None:
             self.model.visual = self._fp32_visual
             self._fp32_visual = None
+        self._onnx_images = self._onnx_candidate = None
+        self.image_backend = "torch"
         self.image_precision, self.image_cosine = "fp32", 1.0
-        self.spec = self.spec.replace(image_precision="fp32")
+        self.spec = self.spec.replace(image_precision="fp32", image_backend="torch")
 
     def _image_autocast(self):
         import contextlib
@@ -169,7 +189,9 @@ class Encoder:
         sample = min(precisions.FIDELITY_SAMPLE, len(pixels))
         reference = self._encode(pixels[:sample])
         fp32_visual = self.model.visual
-        if self.device.type == "cpu":
+        if chosen == "onnx-fp32":
+            self._onnx_images, self._onnx_candidate, self.image_backend = self._onnx_candidate, None, "onnx"
+        elif self.device.type == "cpu":
             self.model.visual = precisions.lowered(fp32_visual, chosen)
         self.image_precision = chosen
         self.fidelity_seconds = time.perf_counter() - t
@@ -192,6 +214,8 @@ class Encoder:
         return out
 
     def _encode(self, pixels: "torch.Tensor") -> np.ndarray:
+        if self._onnx_images is not None:
+            return self._onnx_images.encode(pixels.numpy() if hasattr(pixels, "numpy") else pixels)
         import torch
 
         with torch.inference_mode(), self._image_autocast():
