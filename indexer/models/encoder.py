@@ -246,6 +246,17 @@ class Encoder:
 _NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # top-level parameters outside the text tower
 
 
+def prefix_encodable(model) -> bool:
+    """Whether `model`'s text tower gives the same vector from its tokens cut after the last
+    end-of-text (`encode_text_prefix`): CLIP's causal towers pooling at that token."""
+    return (
+        getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and getattr(model, "attn_mask", None) is not None
+        and hasattr(model, "token_embedding")
+        and getattr(model, "positional_embedding", None) is not None
+    )
+
+
 def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     """`model.encode_text(tokens)`, computed over the tokens up to the last end-of-text only.
 
@@ -253,30 +264,34 @@ def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     (77 positions for a 6-word query) cannot change the result: dropping it gives the same
     vector up to float rounding, several times faster. Other text towers run unchanged.
     """
-    import torch
-
-    pool = getattr(model, "text_pool_type", None)
-    mask = getattr(model, "attn_mask", None)
-    if (
-        pool not in ("argmax", "eos")
-        or mask is None
-        or not hasattr(model, "token_embedding")
-        or getattr(model, "positional_embedding", None) is None
-    ):
+    if not prefix_encodable(model):
         return model.encode_text(tokens)
-    if pool == "argmax":
+    if model.text_pool_type == "argmax":
         ends = tokens.argmax(dim=-1)
     else:
         ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
     n = int(ends.max()) + 1
     if n >= tokens.shape[1]:
         return model.encode_text(tokens)
-    tokens = tokens[:, :n]
+    return encode_text_prefix(model, tokens[:, :n])
+
+
+def encode_text_prefix(model, tokens: "torch.Tensor") -> "torch.Tensor":
+    """The text vectors of `tokens` (N, n), n up to the context length, each row holding its
+    end-of-text (`prefix_encodable` models): the positions and causal mask cut to n. Traced into
+    ONNX it keeps n dynamic (`loupe.indexer.models.text_tower`)."""
+    import torch
+
+    n = tokens.shape[1]
+    if model.text_pool_type == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
     # open_clip 2.24's Transformer (no `batch_first` attribute) takes (L, N, D); 2.32 and later (N, L, D)
     sequence_first = not hasattr(model.transformer, "batch_first")
-    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=mask[:n, :n])
+    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=model.attn_mask[:n, :n])
     x = model.ln_final(x.transpose(0, 1) if sequence_first else x)
     # the pooling open_clip's `text_global_pool` does for 'argmax' and 'eos', done here: its
     # signature changed across releases (2.24 returns a (pooled, tokens) pair; eos_token_id came in 3.1)
