@@ -286,9 +286,10 @@ def info(
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
-    from loupe.indexer.models.precision import describe_record
+    from loupe.indexer.models.precision import describe_backends, describe_record
 
     typer.echo(f"precision    image vectors {describe_record(out['image_precision'])}")
+    typer.echo(f"backend      images: {describe_backends(out['image_precision'])}")
     for name, c in out["signals"].items():
         failed = f", failed on {c['failed']}" if c["failed"] else ""
         typer.echo(f"signal       {name} v{c['version']}: {c['done']} of {c['photos']} photos{failed}")

@@ -204,3 +204,11 @@ def describe_record(record: Mapping[str, float]) -> str:
         c = record[p]
         parts.append(p if c >= 1.0 else f"{p} (cosine >= {c:.5f} to fp32)")
     return ", ".join(parts)
+
+
+def describe_backends(record: Mapping[str, float]) -> str:
+    """What ran the image tower for an index's vectors, e.g. 'ONNX Runtime (fp32), torch (fp32)'."""
+    if not record:
+        return "torch (not recorded: an older loupe)"
+    names = sorted(record, key=lambda p: (not p.startswith("onnx-"), p))
+    return ", ".join(f"ONNX Runtime ({p[5:]})" if p.startswith("onnx-") else f"torch ({p})" for p in names)
