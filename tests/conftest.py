@@ -24,9 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LOUPE_TEXT_TOWER", "0")
 # exported model towers (`loupe.indexer.models.image_tower`) go to a cache of this test session, never the user's
 if "LOUPE_CACHE_DIR" not in os.environ:
+    import atexit
     import tempfile
 
     os.environ["LOUPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="loupe-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LOUPE_CACHE_DIR"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
