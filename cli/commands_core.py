@@ -12,17 +12,19 @@ import typer
 
 from loupe.cli.app import app, fail, open_store, writing
 from loupe.cli.options import (
-    BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NoWaitOpt,
+    BackendOpt, BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NoWaitOpt,
     NprobeOpt, PrecisionOpt, PretrainedOpt, SearchParamsOpt, TextPrecisionOpt,
 )
 
 
-def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = "auto", min_cosine: float = 0.999):
+def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = "auto", min_cosine: float = 0.999,
+                 backend: str = "auto"):
     """The model to index with: the options if given, else the one the index is bound to."""
     from loupe.indexer.models.factory import index_encoder
     from loupe.indexer.models.spec import resolve_spec, spec_of_meta
 
-    spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(store.meta())).replace(image_precision=precision)
+    spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(store.meta())).replace(
+        image_precision=precision, image_backend=backend)
     return index_encoder(spec, device, min_cosine)  # image precision checked against fp32 on the first batch
 
 
@@ -39,6 +41,7 @@ def index(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
     min_cosine: MinCosineOpt = 0.999,
     batch_size: BatchOpt = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", min=1, help="Decode threads (default: one per core).")] = None,
@@ -69,6 +72,12 @@ def index(
 
     if precision not in CHOICES:
         raise fail(f"unknown precision '{precision}': use {', '.join(CHOICES)}")
+    from loupe.indexer.models.spec import IMAGE_BACKENDS
+
+    if backend not in IMAGE_BACKENDS:
+        raise fail(f"unknown backend '{backend}': use {', '.join(IMAGE_BACKENDS)}")
+    if backend == "onnx" and precision not in ("auto", "fp32"):
+        raise fail(f"--backend onnx runs fp32 only, not --precision {precision}: drop one of them")
     folders = list(folders or [])
     if not folders and files is None:
         raise fail("give photo folders to index, or --files LIST")
@@ -84,7 +93,7 @@ def index(
     ctx.with_resource(writing(store, no_wait))  # held until the command returns
     meta = store.meta()
 
-    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine))
+    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine, backend))
     # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
     # model options are checked against the index's binding by name, tag and checkpoint hash
     if meta is not None and (model or pretrained or checkpoint):
@@ -284,9 +293,10 @@ def info(
     weights = meta.checkpoint_path or meta.pretrained or "random"
     typer.echo(f"catalog      {out['catalog']}")
     typer.echo(f"model        {meta.model} ({weights}), {meta.dim}-d, weights {meta.weights_id[:23]}")
-    from loupe.indexer.models.precision import describe_record
+    from loupe.indexer.models.precision import describe_backends, describe_record
 
     typer.echo(f"precision    image vectors {describe_record(out['image_precision'])}")
+    typer.echo(f"backend      images: {describe_backends(out['image_precision'])}")
     for name, c in out["signals"].items():
         failed = f", failed on {c['failed']}" if c["failed"] else ""
         typer.echo(f"signal       {name} v{c['version']}: {c['done']} of {c['photos']} photos{failed}")

@@ -12,7 +12,7 @@ import typer
 
 from loupe.cli.app import app
 from loupe.cli.options import (
-    BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, MinCosineOpt, ModelOpt, NprobeOpt, PrecisionOpt, PretrainedOpt,
+    BackendOpt, BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, MinCosineOpt, ModelOpt, NprobeOpt, PrecisionOpt, PretrainedOpt,
     SearchParamsOpt,
 )
 
@@ -43,14 +43,15 @@ def eval_command(
     checkpoint: CheckpointOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "fp32",
+    backend: BackendOpt = "torch",
     min_cosine: MinCosineOpt = 0.999,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = None,
 ) -> None:
     """Recall@1/5/10 of a model on a captioned image set, text->image and image->text (exact search).
 
-    Images are embedded in fp32 unless --precision says otherwise (e.g. `auto`, to score what
-    `loupe index` would store).
+    Images are embedded by torch in fp32 (the reference) unless --precision/--backend say otherwise
+    (`--precision auto --backend auto`, to score what `loupe index` would store).
     """
     from loupe.indexer.models.factory import index_encoder
     from loupe.indexer.models.spec import resolve_spec
@@ -62,7 +63,7 @@ def eval_command(
     parse_search_params(params)  # a bad string fails before any work
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
-    encoder = index_encoder(resolve_spec(model, pretrained, checkpoint).replace(image_precision=precision), device, min_cosine)
+    encoder = index_encoder(resolve_spec(model, pretrained, checkpoint).replace(image_precision=precision, image_backend=backend), device, min_cosine)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
         index_factory=index_factory, workers=workers, progress=_show_progress(), search_params=params,

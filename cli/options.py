@@ -38,6 +38,14 @@ PrecisionOpt = Annotated[
         "fp32 is checked on the first batch against fp32 (--min-cosine) and falls back to fp32 if it strays.",
     ),
 ]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="What runs the image tower: auto (ONNX Runtime fp32 on CPUs, exported once per model into the user cache; "
+        "torch on GPUs), onnx, or torch. `loupe info` shows what made an index's vectors.",
+    ),
+]
 MinCosineOpt = Annotated[
     float,
     typer.Option("--min-cosine", min=0.0, max=1.0, help="How close (cosine) image vectors of a faster precision must stay to fp32's."),

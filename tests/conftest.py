@@ -22,6 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # exporting a model's text tower to ONNX (`loupe.indexer.models.text_tower`) costs seconds per fresh index: tests
 # that are not about it keep the torch path; tests/test_cold_search.py turns it on where it tests it
 os.environ.setdefault("LOUPE_TEXT_TOWER", "0")
+# exported model towers (`loupe.indexer.models.image_tower`) go to a cache of this test session, never the user's
+if "LOUPE_CACHE_DIR" not in os.environ:
+    import atexit
+    import tempfile
+
+    os.environ["LOUPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="loupe-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LOUPE_CACHE_DIR"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -169,12 +169,13 @@ def test_cli_records_shows_refuses_and_falls_back(loupe, tiny_checkpoint, photo_
     assert f"precision    image vectors bf16 (cosine >= {cosine:.5f} to fp32)" in loupe("info").stdout
 
     strict = f"{(cosine + 1) / 2:.7f}"  # fp32 vectors are fine, but the bf16 ones already here are not this close
-    refused = loupe("index", b, "--precision", "fp32", "--min-cosine", strict, ok=False)
+    refused = loupe("index", b, "--precision", "fp32", "--backend", "torch", "--min-cosine", strict, ok=False)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith("loupe: error: this index holds bf16 image vectors") and "re-index" in refused.stderr
     assert json.loads(loupe("info", "--json").stdout)["images_indexed"] == 4  # nothing of b went in
 
-    second = json.loads(loupe("index", b, "--precision", "fp32", "--json").stdout)  # within the default bound
+    # torch fp32 (the reference; `auto` would run ONNX Runtime fp32: tests/test_backends.py), within the default bound
+    second = json.loads(loupe("index", b, "--precision", "fp32", "--backend", "torch", "--json").stdout)
     assert second["precision"] == "fp32" and second["embedded"] == 4
     assert json.loads(loupe("info", "--json").stdout)["image_precision"] == {"bf16": cosine, "fp32": 1.0}
 

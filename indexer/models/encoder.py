@@ -68,6 +68,9 @@ class Encoder:
     fidelity_seconds: float = 0.0  # what that check cost
     _pending: tuple[str, float] | None = field(default=None, repr=False)
     _fp32_visual: "torch.nn.Module | None" = field(default=None, repr=False)  # kept while a lowered copy runs
+    image_backend: str = "torch"  # what runs the image tower: 'torch', or 'onnx' (`use_onnx_images`)
+    _onnx_images: "object | None" = field(default=None, repr=False)  # the ONNX tower once its check passed
+    _onnx_candidate: "object | None" = field(default=None, repr=False)  # until then
 
     @property
     def weights_id(self) -> str:
@@ -137,12 +140,29 @@ class Encoder:
         self.spec = self.spec.replace(image_precision=chosen)
         return chosen
 
+    def use_onnx_images(self, tower) -> None:
+        """Embed images with an exported ONNX tower (`loupe.indexer.models.image_tower`), in fp32.
+
+        Checked like a faster precision, on the first images embedded after this call, against
+        torch fp32 within the tower's own bound (cosine 0.9999): if they stray, torch fp32 takes
+        over for the rest of the run and `precision_notice` says so. Its vectors are recorded in the
+        index as precision 'onnx-fp32' with the cosine measured, so the mixing rule applies to them.
+        """
+        from loupe.indexer.models.image_tower import MIN_COSINE
+
+        self._restore_fp32()
+        self._onnx_candidate = tower
+        self._pending = ("onnx-fp32", MIN_COSINE)
+        self.spec = self.spec.replace(image_backend="onnx", image_precision="fp32")
+
     def _restore_fp32(self) -> None:
         if self._fp32_visual is not None:
             self.model.visual = self._fp32_visual
             self._fp32_visual = None
+        self._onnx_images = self._onnx_candidate = None
+        self.image_backend = "torch"
         self.image_precision, self.image_cosine = "fp32", 1.0
-        self.spec = self.spec.replace(image_precision="fp32")
+        self.spec = self.spec.replace(image_precision="fp32", image_backend="torch")
 
     def _image_autocast(self):
         import contextlib
@@ -169,7 +189,9 @@ class Encoder:
         sample = min(precisions.FIDELITY_SAMPLE, len(pixels))
         reference = self._encode(pixels[:sample])
         fp32_visual = self.model.visual
-        if self.device.type == "cpu":
+        if chosen == "onnx-fp32":
+            self._onnx_images, self._onnx_candidate, self.image_backend = self._onnx_candidate, None, "onnx"
+        elif self.device.type == "cpu":
             self.model.visual = precisions.lowered(fp32_visual, chosen)
         self.image_precision = chosen
         self.fidelity_seconds = time.perf_counter() - t
@@ -192,6 +214,8 @@ class Encoder:
         return out
 
     def _encode(self, pixels: "torch.Tensor") -> np.ndarray:
+        if self._onnx_images is not None:
+            return self._onnx_images.encode(pixels.numpy() if hasattr(pixels, "numpy") else pixels)
         import torch
 
         with torch.inference_mode(), self._image_autocast():
@@ -222,6 +246,17 @@ class Encoder:
 _NOT_TEXT = ("visual", "logit_scale", "logit_bias")  # top-level parameters outside the text tower
 
 
+def prefix_encodable(model) -> bool:
+    """Whether `model`'s text tower gives the same vector from its tokens cut after the last
+    end-of-text (`encode_text_prefix`): CLIP's causal towers pooling at that token."""
+    return (
+        getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and getattr(model, "attn_mask", None) is not None
+        and hasattr(model, "token_embedding")
+        and getattr(model, "positional_embedding", None) is not None
+    )
+
+
 def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     """`model.encode_text(tokens)`, computed over the tokens up to the last end-of-text only.
 
@@ -229,30 +264,34 @@ def encode_text_trimmed(model, tokens: "torch.Tensor") -> "torch.Tensor":
     (77 positions for a 6-word query) cannot change the result: dropping it gives the same
     vector up to float rounding, several times faster. Other text towers run unchanged.
     """
-    import torch
-
-    pool = getattr(model, "text_pool_type", None)
-    mask = getattr(model, "attn_mask", None)
-    if (
-        pool not in ("argmax", "eos")
-        or mask is None
-        or not hasattr(model, "token_embedding")
-        or getattr(model, "positional_embedding", None) is None
-    ):
+    if not prefix_encodable(model):
         return model.encode_text(tokens)
-    if pool == "argmax":
+    if model.text_pool_type == "argmax":
         ends = tokens.argmax(dim=-1)
     else:
         ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
     n = int(ends.max()) + 1
     if n >= tokens.shape[1]:
         return model.encode_text(tokens)
-    tokens = tokens[:, :n]
+    return encode_text_prefix(model, tokens[:, :n])
+
+
+def encode_text_prefix(model, tokens: "torch.Tensor") -> "torch.Tensor":
+    """The text vectors of `tokens` (N, n), n up to the context length, each row holding its
+    end-of-text (`prefix_encodable` models): the positions and causal mask cut to n. Traced into
+    ONNX it keeps n dynamic (`loupe.indexer.models.text_tower`)."""
+    import torch
+
+    n = tokens.shape[1]
+    if model.text_pool_type == "argmax":
+        ends = tokens.argmax(dim=-1)
+    else:
+        ends = (tokens == model.text_eos_id).int().argmax(dim=-1)
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
     # open_clip 2.24's Transformer (no `batch_first` attribute) takes (L, N, D); 2.32 and later (N, L, D)
     sequence_first = not hasattr(model.transformer, "batch_first")
-    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=mask[:n, :n])
+    x = model.transformer(x.transpose(0, 1) if sequence_first else x, attn_mask=model.attn_mask[:n, :n])
     x = model.ln_final(x.transpose(0, 1) if sequence_first else x)
     # the pooling open_clip's `text_global_pool` does for 'argmax' and 'eos', done here: its
     # signature changed across releases (2.24 returns a (pooled, tokens) pair; eos_token_id came in 3.1)

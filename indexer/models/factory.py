@@ -3,8 +3,11 @@
 open_clip keeps one `create_model`; Immich's machine-learning service one model session per model
 type. Here:
 
-- `index_encoder(spec)`: what embeds an index's photos and captions (torch, both towers, in the
-  spec's precisions); a Ray actor given the same spec runs the same arithmetic.
+- `index_encoder(spec)`: what embeds an index's photos and captions: torch for text and captions;
+  images on the backend `image_backend` chooses for the machine (ONNX Runtime fp32 on CPUs, its
+  tower exported once per model into the user cache: `loupe.indexer.models.image_tower`; torch on
+  GPUs, for bf16/int8, or where ONNX Runtime is missing); a Ray actor given the same spec runs the
+  same arithmetic.
 - `query_encoder(location, meta, spec)`: what turns a query into vectors. Its text side is the
   index's exported ONNX tower (`loupe.indexer.models.text_tower`, fp32, no torch) for a one-off
   CPU search whose spec allows it, else torch; images always go through torch.
@@ -24,11 +27,52 @@ from loupe.indexer.models.spec import ModelSpec
 from loupe.indexer.storage.locations import Location
 
 
-def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
-    """The torch encoder of both towers, in the spec's precisions (`load_encoder`)."""
-    from loupe.indexer.models.encoder import load_encoder
+def image_backend(spec: ModelSpec, device: "torch.device") -> tuple[str, str | None]:
+    """The backend of the image tower for `spec` on `device`, and a note when the one asked for cannot run.
 
-    return load_encoder(spec.replace(text_backend="torch"), device, min_cosine)
+    'auto' is the fastest faithful one measured (benchmarks/RESULTS.md, "Backends"):
+    - CUDA (and MPS): torch, in the spec's precision (fp16 mixed precision by default on CUDA);
+    - CPU: ONNX Runtime fp32 (1.9x torch fp32 on ViT-B-32 here; vectors within cosine 0.9999).
+      torch with bf16 weights is faster still on CPUs with bf16 units, but is not the default:
+      `precision.BF16_BY_DEFAULT` (its recall moved 0.38 points on a trained model, beyond 0.3);
+    - torch, when ONNX Runtime is not installed (said once: the note).
+    An explicit bf16/int8 precision is a torch arithmetic; `onnx` with one is refused.
+    """
+    from loupe.indexer.errors import LoupeError
+    from loupe.indexer.models.image_tower import onnxruntime_available
+
+    asked, precision = spec.image_backend, spec.image_precision
+    if asked == "torch":
+        return "torch", None
+    if precision not in ("auto", "fp32"):
+        if asked == "onnx":
+            raise LoupeError(f"--backend onnx runs fp32 only, not --precision {precision}: drop one of them")
+        return "torch", None
+    if device.type != "cpu":
+        return "torch", (f"the ONNX image tower runs on CPUs: embedding on torch ({device.type})" if asked == "onnx" else None)
+    if precisions.BF16_BY_DEFAULT and asked == "auto" and precisions.cpu_has_bf16():
+        return "torch", None
+    if not onnxruntime_available():
+        return "torch", "onnxruntime is not installed: images are embedded by torch (`pip install onnxruntime` is ~1.9x faster)"
+    return "onnx", None
+
+
+def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
+    """The encoder of both towers: torch for text, images on `image_backend`'s choice, in the spec's
+    precisions (`load_encoder`). Its `spec` says what runs; `precision_notice` why not what was asked."""
+    from loupe.indexer.models.encoder import load_encoder, resolve_device
+
+    backend, note = image_backend(spec, resolve_device(device))
+    encoder = load_encoder(spec.replace(text_backend="torch", image_backend="torch"), device, min_cosine)
+    if backend == "onnx":
+        from loupe.indexer.models.image_tower import TowerUnavailable, load_tower
+
+        try:
+            encoder.use_onnx_images(load_tower(encoder))
+        except TowerUnavailable as exc:
+            note = f"the ONNX image tower cannot serve {spec.model} ({exc}): images are embedded by torch"
+    encoder.precision_notice = note
+    return encoder
 
 
 def onnx_may_serve(spec: ModelSpec, device: str, one_off: bool) -> bool:
@@ -71,7 +115,8 @@ def query_encoder(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loupe-preload") as pool:
         loading = pool.submit(meanwhile)
-        encoder = index_encoder(spec, device)
+        # a query's image needs no exported tower (a one-off export would cost more than it saves)
+        encoder = index_encoder(spec.replace(image_backend="torch") if spec.image_backend == "auto" else spec, device)
         loading.result()
     return encoder
 

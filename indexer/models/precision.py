@@ -35,6 +35,10 @@ from typing import Mapping
 from loupe.indexer.errors import LoupeError
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# bf16 weights are the fastest CPU arithmetic where the CPU has bf16 units, but not a default: they
+# moved `loupe eval` recall by 0.38 points on a trained model (RESULTS.md), beyond the 0.3 allowed.
+# `auto` on CPUs is fp32, run by ONNX Runtime where it is installed (`factory.image_backend`).
+BF16_BY_DEFAULT = False
 CHOICES = ("auto", *PRECISIONS)
 TEXT_CHOICES = ("auto", "fp32", "bf16")  # of query text (`Encoder.set_text_precision`)
 MIN_COSINE = 0.999  # image (and query text) vectors of a faster precision must stay this close to fp32
@@ -200,3 +204,11 @@ def describe_record(record: Mapping[str, float]) -> str:
         c = record[p]
         parts.append(p if c >= 1.0 else f"{p} (cosine >= {c:.5f} to fp32)")
     return ", ".join(parts)
+
+
+def describe_backends(record: Mapping[str, float]) -> str:
+    """What ran the image tower for an index's vectors, e.g. 'ONNX Runtime (fp32), torch (fp32)'."""
+    if not record:
+        return "torch (not recorded: an older loupe)"
+    names = sorted(record, key=lambda p: (not p.startswith("onnx-"), p))
+    return ", ".join(f"ONNX Runtime ({p[5:]})" if p.startswith("onnx-") else f"torch ({p})" for p in names)

@@ -1,8 +1,8 @@
 """The model's identity: one frozen `ModelSpec`, made from options in one place and compared in one place.
 
 A spec names the weights (an open_clip config plus a pretrained tag or a local checkpoint) and
-how each tower runs: its backend (`onnx` or `torch` for text, `torch` for images) and its
-precision. `resolve_spec` is the only place where --model/--pretrained/--checkpoint and an
+how each tower runs: its backend (`onnx` or `torch`, each tower; 'auto' until the factory
+chooses for the machine) and its precision. `resolve_spec` is the only place where --model/--pretrained/--checkpoint and an
 index's recorded model become a spec; `check_bound` is the only place a spec is compared with
 the model an index was built with, `ModelSpec.answers` the only place two specs are compared.
 Nothing here loads a model: a checkpoint is at most hashed (`weights_id_of`).
@@ -24,7 +24,7 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
 CONFIG_DIR = Path(__file__).parent / "configs"
 TEXT_BACKENDS = ("auto", "onnx", "torch")  # auto: the index's exported ONNX tower where it may run, else torch
-IMAGE_BACKENDS = ("torch",)
+IMAGE_BACKENDS = ("auto", "onnx", "torch")  # auto: the factory's choice per machine (`factory.image_backend`)
 
 _registered = False
 
@@ -52,7 +52,7 @@ class ModelSpec:
     pretrained: str | None = DEFAULT_PRETRAINED
     checkpoint: str | None = None
     text_backend: str = "auto"
-    image_backend: str = "torch"
+    image_backend: str = "auto"
     text_precision: str = "auto"
     image_precision: str = "auto"
     dim: int | None = field(default=None, compare=False)

@@ -15,6 +15,12 @@ file, tokenizer settings; written last, atomically, so it only ever names comple
 maps instead of parsing: 0.3 s instead of 1 s of session set-up for ViT-B-32) and
 `text-<key>.bpe` (the BPE merges, uncompressed). The key names the weights, so replacing the
 tower of an index rebuilt with another model never swaps a file under a reader.
+
+Exported once per model, not per index: the export and its check are kept in the user's cache
+folder (`image_tower.cache_dir()`, `text-<key>.*` with its manifest), and an index of the same
+weights gets hard links to those files (copies across file systems) in well under a second.
+CLIP towers are exported with a dynamic sequence length (`encoder.encode_text_prefix`): a query
+runs over its own tokens up to the end-of-text, not 77 positions (a 6-word query: 8).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 from loupe.indexer.storage.locations import Location
 
 MIN_COSINE = 0.9999  # ONNX against fp32 torch, on every probe sentence
-FORMAT = 1  # bump when the exported graph or the manifest changes meaning
+FORMAT = 2  # bump when the exported graph or the manifest changes meaning (2: dynamic sequence length)
 PROBES = (
     "a photo of a dog on the beach",
     "A black and white dog is running in a grassy garden surrounded by a white fence .",
@@ -96,13 +102,16 @@ def _plain_clip_tokenizer(tokenizer) -> bool:
 
 
 def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
-    """Export `encoder`'s text tower beside the index and check it; returns the manifest written.
+    """Give the index the text tower of `encoder`'s weights, checked; returns the manifest written.
 
-    `encoder` must hold fp32 weights (call before `set_text_precision`). Never raises for a model
-    that cannot be exported: the manifest then says `usable: false` with the reason, and searches
-    use torch. Costs one export (ViT-B-32: a few seconds), once per weights.
+    The tower comes from the per-model cache when an earlier run exported it, else it is exported
+    there first (`encoder` must hold fp32 weights: call before `set_text_precision`). Never raises
+    for a model that cannot be exported: the manifest then says `usable: false` with the reason,
+    and searches use torch. An index folder that cannot be written raises OSError.
     """
     import time
+
+    from loupe.indexer.models.image_tower import cache_dir
 
     start = time.perf_counter()
     model_name = encoder.spec.model
@@ -110,22 +119,108 @@ def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
     folder = location.vector_dir
     stem = f"{location.prefix}text-{key}"
     manifest = {"format": FORMAT, "model": model_name, "weights_id": weights_id, "usable": False}
+    cache, cstem = cache_dir(), f"text-{key}"
     try:
-        manifest.update(_export(encoder, folder, stem))
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no cache folder: the export lives beside the index only, as before
+        cache, cstem = folder, stem
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = _cached_export(encoder, cache, cstem, weights_id)
+    if cached.get("usable"):
+        manifest.update(_install(cache, cstem, folder, stem, cached))
         manifest["usable"] = True
-    except Exception as exc:  # any architecture or exporter failure: torch stays the text encoder
-        manifest["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        for suffix in (".onnx", ".onnx.data", ".bpe"):
-            (folder / f"{stem}{suffix}").unlink(missing_ok=True)
+    else:
+        manifest["reason"] = cached.get("reason", "not exportable")
     manifest["export_seconds"] = round(time.perf_counter() - start, 2)
-    old = read_manifest(location)
+    old = _raw_manifest(location)
     _write_json(manifest_path(location), manifest)
-    if old and old.get("file") and old.get("file") != manifest.get("file"):  # another model's tower
+    if old and old.get("file") and old.get("file") != manifest.get("file"):  # another model's (or format's) tower
         for suffix in ("", ".data"):
             (folder / f"{old['file']}{suffix}").unlink(missing_ok=True)
         if old.get("bpe"):
             (folder / old["bpe"]).unlink(missing_ok=True)
     return manifest
+
+
+def _raw_manifest(location: Location) -> dict | None:
+    try:
+        data = json.loads(manifest_path(location).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _cached_export(encoder, cache: Path, cstem: str, weights_id: str) -> dict:
+    """The cache's record of this model's export (made now if absent, one process at a time)."""
+    import fcntl
+
+    record = cache / f"{cstem}.json"
+
+    def read() -> dict | None:
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        if not (isinstance(data, dict) and data.get("format") == FORMAT):
+            return None
+        if data.get("usable") and not all((cache / f"{cstem}{x}").exists() for x in (".onnx", ".onnx.data", ".bpe")):
+            return None  # files removed from the cache: export again
+        return data
+
+    data = read()
+    if data is not None:
+        return data
+    with open(cache / f".{cstem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process exporting the same model: wait for it
+        data = read()
+        if data is not None:
+            return data
+        data = {"format": FORMAT, "model": encoder.spec.model, "weights_id": weights_id, "usable": False}
+        try:
+            data.update(_export(encoder, cache, cstem))
+            data["usable"] = True
+        except Exception as exc:  # any architecture or exporter failure: torch stays the text encoder
+            data["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            for suffix in (".onnx", ".onnx.data", ".bpe"):
+                (cache / f"{cstem}{suffix}").unlink(missing_ok=True)
+        _write_json(record, data)
+        return data
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` becomes `src`'s content: a hard link where the file system allows, else a copy; atomic."""
+    import shutil
+
+    if src == dst:
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _install(cache: Path, cstem: str, folder: Path, stem: str, cached: dict) -> dict:
+    """The cached tower's files beside the index under `stem`; the manifest's file fields."""
+    _link_or_copy(cache / f"{cstem}.onnx.data", folder / f"{stem}.onnx.data")
+    _link_or_copy(cache / f"{cstem}.bpe", folder / f"{stem}.bpe")
+    if stem == cstem:
+        _link_or_copy(cache / f"{cstem}.onnx", folder / f"{stem}.onnx")
+    else:  # the graph names its data file: a small copy of the graph naming the index's
+        import onnx
+
+        graph = onnx.load(str(cache / f"{cstem}.onnx"), load_external_data=False)
+        for tensor in graph.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = f"{stem}.onnx.data"
+        tmp = folder / f".{stem}.{os.getpid()}.tmp.onnx"
+        onnx.save_model(graph, str(tmp))
+        os.replace(tmp, folder / f"{stem}.onnx")
+    fields = ("context_length", "dim", "min_cosine", "dynamic_length")
+    return {"file": f"{stem}.onnx", "bpe": f"{stem}.bpe", **{k: cached[k] for k in fields if k in cached}}
 
 
 def _export(encoder, folder: Path, stem: str) -> dict:
@@ -147,6 +242,8 @@ def _export(encoder, folder: Path, stem: str) -> dict:
     if not np.array_equal(ours(list(PROBES)), reference):
         raise ValueError("loupe's tokenizer disagrees with the model's on the probe sentences")
 
+    dynamic = _traceable_blocks(encoder.model)
+
     class TextTower(torch.nn.Module):
         def __init__(self, model) -> None:
             super().__init__()
@@ -156,7 +253,8 @@ def _export(encoder, folder: Path, stem: str) -> dict:
             self.model = text_only
 
         def forward(self, tokens):
-            return self.model.encode_text(tokens)
+            # a CLIP tower runs over the tokens given, as many as the query has (dynamic axis 1)
+            return _encode_any_length(self.model, tokens) if dynamic else self.model.encode_text(tokens)
 
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -169,7 +267,7 @@ def _export(encoder, folder: Path, stem: str) -> dict:
             buffer,
             input_names=["tokens"],
             output_names=["features"],
-            dynamic_axes={"tokens": {0: "batch"}, "features": {0: "batch"}},
+            dynamic_axes={"tokens": {0: "batch", 1: "length"} if dynamic else {0: "batch"}, "features": {0: "batch"}},
             opset_version=18,
             dynamo=False,
         )
@@ -190,11 +288,12 @@ def _export(encoder, folder: Path, stem: str) -> dict:
     (folder / f"{tmp}.bpe").write_text("\n".join(merges), encoding="utf-8")
     os.replace(folder / f"{tmp}.bpe", folder / f"{stem}.bpe")
 
-    tower = OnnxTextTower(folder / f"{stem}.onnx", folder / f"{stem}.bpe", context)
+    tower = OnnxTextTower(folder / f"{stem}.onnx", folder / f"{stem}.bpe", context, dynamic=dynamic)
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(encoder.model.encode_text(torch.from_numpy(reference)).float(), dim=-1)
-    got = tower.encode(list(PROBES))
-    cosines = (got * expected.numpy()).sum(axis=1)
+    got = tower.encode(list(PROBES))  # one batch, as long as its longest sentence
+    alone = np.concatenate([tower.encode([p]) for p in PROBES])  # each at its own length
+    cosines = np.minimum((got * expected.numpy()).sum(axis=1), (alone * expected.numpy()).sum(axis=1))
     if not np.all(cosines >= MIN_COSINE):
         raise ValueError(f"ONNX text vectors differ from torch (min cosine {cosines.min():.6f} < {MIN_COSINE})")
     return {
@@ -203,7 +302,65 @@ def _export(encoder, folder: Path, stem: str) -> dict:
         "context_length": context,
         "dim": int(expected.shape[1]),
         "min_cosine": float(cosines.min()),
+        "dynamic_length": dynamic,
     }
+
+
+def _traceable_blocks(model) -> bool:
+    """Whether `_encode_any_length` computes `model`'s text tower: a CLIP tower (causal, pooled at
+    the end-of-text) of open_clip's plain residual attention blocks."""
+    from loupe.indexer.models.encoder import prefix_encodable
+
+    try:
+        from open_clip.transformer import ResidualAttentionBlock
+        import torch
+    except ImportError:
+        return False
+    if not prefix_encodable(model):
+        return False
+    blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
+    if not blocks:
+        return False
+    return all(
+        type(b).forward is ResidualAttentionBlock.forward
+        and type(b).attention is ResidualAttentionBlock.attention
+        and not hasattr(b, "ln_1_kv")
+        and isinstance(b.attn, torch.nn.MultiheadAttention)
+        and b.attn.in_proj_weight is not None
+        and b.attn._qkv_same_embed_dim
+        for b in blocks
+    )
+
+
+def _encode_any_length(model, tokens):
+    """`encode_text_prefix` written so that a trace keeps the length and batch axes dynamic.
+
+    torch's MultiheadAttention reshapes with the traced length as a constant; here the same
+    arithmetic (the block's own weights, open_clip's ResidualAttentionBlock order) reshapes only
+    by the head sizes. Checked against torch fp32 on the probes at export.
+    """
+    import torch
+
+    n = tokens.shape[1]
+    ends = tokens.argmax(dim=-1) if model.text_pool_type == "argmax" else (tokens == model.text_eos_id).int().argmax(dim=-1)
+    x = model.token_embedding(tokens) + model.positional_embedding[:n]
+    mask = model.attn_mask[:n, :n]
+    for block in model.transformer.resblocks:
+        attn = block.attn
+        heads = attn.num_heads
+        head_dim = attn.embed_dim // heads
+        q, k, v = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (heads, head_dim)).transpose(1, 2) for t in (q, k, v))  # (N, heads, n, head_dim)
+        weights = ((q * head_dim**-0.5) @ k.transpose(-1, -2) + mask).softmax(dim=-1)
+        out = attn.out_proj((weights @ v).transpose(1, 2).flatten(2))
+        x = x + block.ls_1(out)
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0]), ends]
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
 
 
 class OnnxTextTower:
@@ -216,8 +373,9 @@ class OnnxTextTower:
 
     sessions_created = 0  # per process: lets tests see that a cached query built no session
 
-    def __init__(self, path: Path, bpe: Path, context_length: int, background: bool = False) -> None:
+    def __init__(self, path: Path, bpe: Path, context_length: int, background: bool = False, dynamic: bool = False) -> None:
         self.path, self.bpe, self.context_length = Path(path), Path(bpe), context_length
+        self.dynamic = dynamic  # the graph takes any length: tokens are cut after the last end-of-text
         self._session = None
         self._tokenizer = None
         self._error: BaseException | None = None
@@ -266,6 +424,9 @@ class OnnxTextTower:
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = self._tokenizer(list(texts[start : start + batch_size]))
+            if self.dynamic:  # padding (id 0) after every row's end-of-text changes nothing: not run
+                used = tokens != 0
+                tokens = np.ascontiguousarray(tokens[:, : int((used.shape[1] - np.argmax(used[:, ::-1], axis=1)).max())])
             feats = self._session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)
             out.append(feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12))
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
@@ -280,11 +441,13 @@ def open_tower(location: Location, manifest: dict, background: bool = True) -> O
     path = folder / manifest["file"]
     if path in _started:
         return _started.pop(path)
-    return OnnxTextTower(path, folder / manifest["bpe"], int(manifest["context_length"]), background)
+    return OnnxTextTower(path, folder / manifest["bpe"], int(manifest["context_length"]), background,
+                         bool(manifest.get("dynamic_length")))
 
 
 def start_tower(location: Location, manifest: dict) -> None:
     """Begin loading the tower a manifest names, for `open_tower` to hand over (`factory.prestart`)."""
     path = location.vector_dir / manifest["file"]
     if path not in _started:  # begun already (`loupe.cli.search_entry` starts it first thing)
-        _started[path] = OnnxTextTower(path, location.vector_dir / manifest["bpe"], int(manifest["context_length"]), background=True)
+        _started[path] = OnnxTextTower(path, location.vector_dir / manifest["bpe"], int(manifest["context_length"]),
+                                       background=True, dynamic=bool(manifest.get("dynamic_length")))
