@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_revisions.py --before 79800a5            # cold, index, page; 2 rounds
     .venv/bin/python benchmarks/bench_revisions.py --before 79800a5 --only cold --rounds 3
 
-The "before" tree is extracted with `git archive` under benchmarks/out/rev-<commit>/ and runs its
+The "before" tree is extracted with `git archive` beside this checkout (../loupe-rev-<commit>) and runs its
 own benchmark scripts with its own code (on PYTHONPATH, with this venv's packages); "after" is this
 checkout. Both share benchmarks/out/models (random-weight checkpoints) and out/rclip (rclip's venv
 and its exported model), so rclip is the same program in both. Each round runs every selected
@@ -50,10 +50,11 @@ BENCHES = {
 
 
 def extract(ref: str) -> tuple[str, Path]:
-    """`ref`'s tree under benchmarks/out/rev-<commit>/, its out/ sharing models and rclip with ours."""
+    """`ref`'s tree beside this checkout (`../loupe-rev-<commit>`, so its scripts find ../shared as ours
+    do), its benchmarks/out/ sharing models and rclip with ours."""
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True,
                             check=True).stdout.strip()
-    tree = OUT / f"rev-{commit}"
+    tree = REPO.parent / f"loupe-rev-{commit}"
     if not tree.exists():
         data = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit], capture_output=True, check=True).stdout
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
