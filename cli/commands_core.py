@@ -51,6 +51,7 @@ def index(
     ray: Annotated[bool, typer.Option("--ray", help="Read, decode and embed on a Ray cluster (`--ray=ADDRESS`, or a local one started with --workers CPUs); the catalog is written here. Needs `pip install 'loupe[ray]'`.")] = False,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address for --ray (default: start a local cluster).")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="With --ray: embedding actors (default: one per GPU, else 1).")] = None,
+    no_ocr: Annotated[bool, typer.Option("--no-ocr", help="Do not read text in photos (it is read in a second pass after the embeddings; a later run without --no-ocr catches up).")] = False,
 ) -> None:
     """Index photo folders; re-runs embed only new or changed files.
 
@@ -97,6 +98,7 @@ def index(
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     sources = [(f, False) for f in folders] + ([(files, True)] if files is not None else [])
+    signals = _signals(no_ocr)
     for folder, is_list in sources:
         if ray:
             from loupe.indexer.pipeline.ray_runner import index_on_ray
@@ -106,10 +108,11 @@ def index(
                 batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune,
             )
         elif is_list:
-            report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
+            report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), signals=signals)
         else:
             report = index_folder(
-                store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune
+                store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune,
+                signals=signals,
             )
         notice = load.cache_info().currsize and load().precision_notice
         if notice:
@@ -127,6 +130,14 @@ def index(
             raise typer.Exit(130)
     if load.cache_info().currsize:  # the model is loaded anyway: cache its text tower for cold searches
         _cache_text_tower(store, load())
+
+
+def _signals(no_ocr: bool):
+    """The signals a `loupe index` runs: every registered one, less OCR with --no-ocr."""
+    from loupe.indexer.signals.ocr import NAME
+    from loupe.indexer.signals.registry import registered
+
+    return tuple(s for s in registered() if not (no_ocr and s.name == NAME))
 
 
 def _cache_text_tower(store, encoder) -> None:
@@ -186,6 +197,9 @@ def _print_index_report(r) -> None:
         typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}")
     for path, name, reason in r.signal_errors[:20]:
         typer.echo(f"  {path}: {name}: {reason}")
+    for name, left in r.deferred.items():
+        if left:
+            typer.echo(f"signal {name}: {left} photos left (interrupted): the next `loupe index` continues")
     if r.walk_errors:
         typer.echo(f"warning: {r.walk_errors} folders or files could not be read")
     if r.restored:
@@ -284,6 +298,7 @@ def info(
     from loupe.indexer.signals.registry import registered
 
     out["signals"] = store.catalog.signal_coverage(versions(registered()))
+    out["photos_with_text"] = store.catalog.photos_with_text()
     if skipped:
         out["skipped_files"] = skipped_files(store)
     if as_json:
@@ -299,6 +314,11 @@ def info(
     for name, c in out["signals"].items():
         failed = f", failed on {c['failed']}" if c["failed"] else ""
         typer.echo(f"signal       {name} v{c['version']}: {c['done']} of {c['photos']} photos{failed}")
+    ocr = out["signals"].get("text")
+    if ocr is not None:
+        left = ocr["photos"] - ocr["done"] - ocr["failed"]
+        todo = f"; {left} not read yet (`loupe index` continues)" if left else ""
+        typer.echo(f"text         {out['photos_with_text']} photos with text, {ocr['done']} of {ocr['photos']} read{todo}")
     missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
     typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
                f"{stats['images_skipped']} skipped{missing}, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")

@@ -9,6 +9,7 @@ from loupe.indexer.signals.base import Signal
 
 REGISTERED = (
     "loupe.indexer.signals.phash:PerceptualHash",
+    "loupe.indexer.signals.ocr:RecognisedText",
 )
 
 

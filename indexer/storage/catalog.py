@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -156,6 +157,31 @@ class SignalRow(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class SignalTextRow(Base):
+    """A line of searchable text of a signal's value (OCR): as read, folded for matching, with its
+    confidence and box (JSON). Searched through a trigram index: an FTS5 `trigram` table beside it
+    on SQLite (`signal_text_fts`, kept in line by triggers), a pg_trgm GIN index on PostgreSQL."""
+
+    __tablename__ = "signal_text"
+    __table_args__ = (Index("ix_signal_text_hash", "content_hash", "name"), {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    norm: Mapped[str] = mapped_column(Text)
+    conf: Mapped[float] = mapped_column(Float)
+    box: Mapped[str] = mapped_column(Text, default="")
+
+
+@dataclass
+class TextMatch:
+    """A photo content whose text matched a query: `tier` 0 exact substring, 1 with typos (`edits`)."""
+
+    tier: int
+    edits: int
+    lines: list[dict]
+
+
 @dataclass
 class ImageState:
     """What a re-scan needs to decide whether a file changed: one row per path, one query."""
@@ -229,6 +255,8 @@ class Catalog(CatalogReads):
         if version is not None and version < SCHEMA_VERSION:
             self._migrate()
         Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            self.text_index = _create_text_index(conn)
         if version is None:  # tables made before any model was bound may predate the current layout
             with self.engine.begin() as conn:
                 _create_v2_objects(conn)
@@ -577,6 +605,82 @@ class Catalog(CatalogReads):
                 s.execute(delete(SignalRow).where(SignalRow.content_hash == h, SignalRow.name == name, SignalRow.version != r.version))
             values = [dict(content_hash=h, name=n, version=r.version, value=r.value, reason=r.reason) for (h, n), r in rows.items()]
             _insert_or(s, SignalRow.__table__, values, ["content_hash", "name", "version"], update=True)
+            self._write_text(s, rows)
+
+    def _write_text(self, s: Session, rows: dict) -> None:
+        """A signal's text lines replace that content's previous ones (a failure keeps none)."""
+        for h, n in rows:
+            s.execute(delete(SignalTextRow).where(SignalTextRow.content_hash == h, SignalTextRow.name == n))
+        lines = [dict(content_hash=h, name=n, text=x.text, norm=x.norm, conf=x.conf, box=x.box) for (h, n), r in rows.items() for x in r.lines]
+        if lines:
+            s.execute(SignalTextRow.__table__.insert(), lines)
+
+    # ---- text in photos --------------------------------------------------------------------
+    def text_matches(self, query: str, limit: int = 5000) -> dict[int, TextMatch]:
+        """Image vectors whose photo text holds `query` (normalized: `textmatch.normalize`):
+        {vector id: TextMatch}. Exact substrings first (tier 0), then up to `max_typos` edits (tier 1)."""
+        from loupe.indexer.signals.textmatch import MIN_INDEXED, max_typos, substring_distance, trigrams
+
+        if not query:
+            return {}
+        dialect = self.engine.dialect.name
+        fts = dialect == "sqlite" and self.text_index == "fts5"
+        head = (
+            "SELECT v.id, t.text, t.norm, t.conf, t.box FROM signal_text t "
+            "JOIN vectors v ON v.kind = 'image' AND v.content_hash = t.content_hash WHERE "
+        )
+        if fts and len(query) >= MIN_INDEXED:
+            exact = self._rows(head + "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n",
+                               {"q": _fts_phrase(query), "n": limit})
+        else:
+            exact = self._rows(head + "t.norm LIKE :q ESCAPE '!' LIMIT :n", {"q": f"%{_like_escape(query)}%", "n": limit})
+        out: dict[int, TextMatch] = {}
+        for vid, text_, norm, conf, box in exact:
+            if query in norm:  # the index's answer, confirmed on the folded text
+                out.setdefault(vid, TextMatch(0, 0, [])).lines.append(_line(text_, conf, box))
+        k = max_typos(query)
+        grams = trigrams(query)
+        if not k or not grams:
+            return out
+        if fts:
+            near = self._rows(head + "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n",
+                              {"q": " OR ".join(_fts_phrase(g) for g in grams), "n": limit})
+        else:
+            params = {f"g{i}": f"%{_like_escape(g)}%" for i, g in enumerate(grams)}
+            ors = " OR ".join(f"t.norm LIKE :g{i} ESCAPE '!'" for i in range(len(grams)))
+            near = self._rows(head + f"({ors}) LIMIT :n", {**params, "n": limit})
+        fuzzy: dict[int, TextMatch] = {}
+        for vid, text_, norm, conf, box in near:
+            if vid in out:
+                continue
+            d = substring_distance(query, norm)
+            if d > k:
+                continue
+            m = fuzzy.get(vid)
+            if m is None or d < m.edits:
+                fuzzy[vid] = m = TextMatch(1, d, [])
+            if d == m.edits:
+                m.lines.append(_line(text_, conf, box))
+        out.update(fuzzy)
+        return out
+
+    def text_of(self, content_hash: str) -> list[dict]:
+        """A content's text lines (every signal's), in reading order: [{"text", "conf", "box"}]."""
+        rows = self._rows("SELECT text, conf, box FROM signal_text WHERE content_hash = :h ORDER BY id", {"h": content_hash})
+        return [_line(t, c, b) for t, c, b in rows]
+
+    def texts_by_hash(self) -> dict[str, str]:
+        """Every content's text, its lines joined by newlines (for export)."""
+        out: dict[str, list[str]] = {}
+        for h, t in self._rows("SELECT content_hash, text FROM signal_text ORDER BY id", {}):
+            out.setdefault(h, []).append(t)
+        return {h: "\n".join(v) for h, v in out.items()}
+
+    def photos_with_text(self) -> int:
+        """Indexed (visible) contents that have at least one line of text."""
+        return int(self._rows(
+            "SELECT count(DISTINCT t.content_hash) FROM signal_text t WHERE EXISTS "
+            "(SELECT 1 FROM images i WHERE i.content_hash = t.content_hash AND i.status = 'ok')", {})[0][0])
 
     def signal_backlog(self, versions: dict[str, int], folder_key: bytes | None = None) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Indexed contents (visible files under `folder_key` if given) that lack an outcome of a
@@ -654,7 +758,71 @@ def _v2_to_v3(conn: Connection) -> None:
     SignalRow.__table__.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}  # version -> step to version + 1
+def _v3_to_v4(conn: Connection) -> None:
+    """Version 4: text found in photos (OCR) in `signal_text`, with its trigram index."""
+    SignalTextRow.__table__.create(conn, checkfirst=True)
+    _create_text_index(conn)
+
+
+def _create_text_index(conn: Connection) -> str | None:
+    """The trigram index of `signal_text` (idempotent): 'fts5' (SQLite >= 3.34), 'pg_trgm', or None
+    (then text queries scan `signal_text` with LIKE: slower, same answers)."""
+    if not inspect(conn).has_table("signal_text"):
+        return None
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        if not _sqlite_trigram():  # SQLite older than 3.34
+            return None
+        conn.exec_driver_sql(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS signal_text_fts USING fts5("
+            "norm, content='signal_text', content_rowid='id', tokenize='trigram')"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS signal_text_ai AFTER INSERT ON signal_text BEGIN "
+            "INSERT INTO signal_text_fts(rowid, norm) VALUES (new.id, new.norm); END"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS signal_text_ad AFTER DELETE ON signal_text BEGIN "
+            "INSERT INTO signal_text_fts(signal_text_fts, rowid, norm) VALUES ('delete', old.id, old.norm); END"
+        )
+        return "fts5"
+    if dialect == "postgresql":
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+                conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_signal_text_trgm ON signal_text USING gin (norm gin_trgm_ops)")
+        except SQLAlchemyError:  # no right to create the extension: LIKE scans
+            return None
+        return "pg_trgm"
+    return None
+
+
+def _sqlite_trigram() -> bool:
+    """Whether this process's SQLite has FTS5 with the trigram tokenizer."""
+    import sqlite3
+
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='trigram')")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def _fts_phrase(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def _line(text_: str, conf: float, box: str) -> dict:
+    import json
+
+    return {"text": text_, "conf": round(float(conf), 3), "box": json.loads(box) if box else None}
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> step to version + 1
 
 
 def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:

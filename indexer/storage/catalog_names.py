@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-SCHEMA_VERSION = 3  # 2: 'missing' files, the roots table, an index on (status, vector_id); 3: the signals table
+SCHEMA_VERSION = 4  # 2: 'missing' files, the roots table, an index on (status, vector_id); 3: the signals table; 4: signal_text (OCR)
 IMAGE, TEXT = "image", "text"
 OK, SKIPPED, MISSING = "ok", "skipped", "missing"  # ImageRow.status
 
