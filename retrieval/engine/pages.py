@@ -115,7 +115,7 @@ class Pages:
         page = ranking.entries[query.offset : need]
         if query.target == IMAGE:
             df = query.filters.date_field
-            results = [photos[0].fields(score, len(photos) - 1, df) for score, photos in page]
+            results = [_with_text(photos[0].fields(score, len(photos) - 1, df), ranking, photos[0]) for score, photos in page]
         else:
             results = [_caption(rows[0], score) for score, rows in page]
         return {
@@ -184,6 +184,14 @@ class Pages:
         pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
         rows = self.searcher.store.catalog.caption_rows_for_vectors([i for _, i in pairs])
         return {"photo": photo_id, "results": [_caption(rows[i][0], s) for s, i in pairs if i in rows]}
+
+
+def _with_text(fields: dict[str, Any], ranking: Ranking, photo: Photo) -> dict[str, Any]:
+    """A result's fields, with the text it matched (its lines and boxes) when it matched by text."""
+    matched = ranking.text_match(photo.vector_id)
+    if matched is not None:
+        fields["text_match"] = matched
+    return fields
 
 
 def _caption(row, score: float) -> dict[str, Any]:
