@@ -619,16 +619,19 @@ class Catalog(CatalogReads):
                 done = select(SignalRow.content_hash).where(
                     SignalRow.name == name, SignalRow.version == version, SignalRow.content_hash == ImageRow.content_hash
                 )
-                q = (
-                    select(ImageRow.content_hash, func.min(ImageRow.path_key))
+                q = (  # every path of each content, its first (lowest key) kept below: PostgreSQL has no min(bytea)
+                    select(ImageRow.content_hash, ImageRow.path_key)
                     .where(ImageRow.status == OK, ImageRow.content_hash.is_not(None), ~done.exists())
-                    .group_by(ImageRow.content_hash)
+                    .order_by(ImageRow.path_key)
                 )
                 if folder_key is not None:
                     lo, hi = prefix_bounds(folder_key)
                     q = q.where(ImageRow.path_key >= lo, ImageRow.path_key < hi)
+                seen: set[str] = set()
                 for h, key in s.execute(q):
-                    todo.setdefault(h, (bytes(key), []))[1].append(name)
+                    if h not in seen:
+                        seen.add(h)
+                        todo.setdefault(h, (bytes(key), []))[1].append(name)
         return [(h, key, tuple(names)) for h, (key, names) in todo.items()]
 
     def signal_values(self, name: str, version: int, hashes: Iterable[str] | None = None) -> dict[str, bytes]:
