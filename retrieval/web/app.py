@@ -181,8 +181,9 @@ class WebApp:
     # ---- search -------------------------------------------------------------------------------
     async def search(self, request: Request) -> Response:
         start = time.perf_counter()
-        query = parse_page_search(await self._json_body(request))
-        _check_web_terms(query.q)
+        body = await self._json_body(request)
+        query = parse_page_search(body)
+        _check_web_terms(body.get("q") or "")  # a dict: parse_page_search checked it
         answer = self.service.page_search(query)
         if query.inline and query.target == IMAGE:
             self._inline_thumbnails(answer["results"][: query.inline])
