@@ -65,6 +65,7 @@ class IndexReport:
     stages: dict = field(default_factory=dict)  # {stage: {seconds, items, per_second}} (StageTimes.as_dict)
     signals: dict = field(default_factory=dict)  # {signal name: {"done": n, "failed": n}} of this run
     deferred: dict = field(default_factory=dict)  # {signal name: photos left} after the deferred pass (0: complete)
+    deferred_seconds: float = 0.0  # wall time of the deferred pass (the rest of `seconds` is the embedding pass)
     signal_errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, signal, reason)
 
     @property
@@ -277,6 +278,7 @@ def deferred_pass(
     photo the pass cannot read keeps its vector: the signal's failure is recorded and reported."""
     if not deferred or report.interrupted:
         return
+    started = time.perf_counter()
     units = signal_units(store.catalog, plan, deferred)
     report.deferred = {s.name: 0 for s in deferred}
     if not units:
@@ -317,6 +319,7 @@ def deferred_pass(
             bar.close()
         chunks.close()
         report.deferred = left
+        report.deferred_seconds = time.perf_counter() - started
 
 
 def _version(signals: Sequence[Signal], name: str) -> int:

@@ -172,49 +172,63 @@ class CatalogReads:
     # ---- text in photos --------------------------------------------------------------------
     def text_matches(self, query: str, limit: int = 5000) -> dict[int, TextMatch]:
         """Image vectors whose photo text holds `query` (normalized: `textmatch.normalize`):
-        {vector id: TextMatch}. Exact substrings first (tier 0), then up to `max_typos` edits (tier 1)."""
+        {vector id: TextMatch}. Exact substrings first (tier 0), then up to `max_typos` edits (tier 1).
+
+        Lines come from the trigram index alone (FTS5 MATCH on SQLite; LIKE, which pg_trgm's GIN
+        index serves, elsewhere), then their contents' vector ids in one look-up; a candidate for
+        typos must share enough trigrams with the query (k edits destroy at most 3k) before the
+        edit distance is computed."""
         from loupe.indexer.signals.textmatch import MIN_INDEXED, max_typos, substring_distance, trigrams
 
         if not query:
             return {}
         fts = self.dialect == "sqlite" and self.text_index == "fts5"
-        head = (
-            "SELECT v.id, t.text, t.norm, t.conf, t.box FROM signal_text t "
-            "JOIN vectors v ON v.kind = 'image' AND v.content_hash = t.content_hash WHERE "
-        )
+        head = "SELECT t.content_hash, t.text, t.norm, t.conf, t.box FROM signal_text t WHERE "
+        match = "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n"
         if fts and len(query) >= MIN_INDEXED:
-            exact = self._rows(head + "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n",
-                               {"q": _fts_phrase(query), "n": limit})
+            exact = self._rows(head + match, {"q": _fts_phrase(query), "n": limit})
         else:
             exact = self._rows(head + "t.norm LIKE :q ESCAPE '!' LIMIT :n", {"q": f"%{_like_escape(query)}%", "n": limit})
-        out: dict[int, TextMatch] = {}
-        for vid, text_, norm, conf, box in exact:
+        found: dict[str, TextMatch] = {}
+        for h, text_, norm, conf, box in exact:
             if query in norm:  # the index's answer, confirmed on the folded text
-                out.setdefault(vid, TextMatch(0, 0, [])).lines.append(_line(text_, conf, box))
+                found.setdefault(h, TextMatch(0, 0, [])).lines.append(_line(text_, conf, box))
         k = max_typos(query)
         grams = trigrams(query)
-        if not k or not grams:
-            return out
-        if fts:
-            near = self._rows(head + "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n",
-                              {"q": " OR ".join(_fts_phrase(g) for g in grams), "n": limit})
-        else:
-            params = {f"g{i}": f"%{_like_escape(g)}%" for i, g in enumerate(grams)}
-            ors = " OR ".join(f"t.norm LIKE :g{i} ESCAPE '!'" for i in range(len(grams)))
-            near = self._rows(head + f"({ors}) LIMIT :n", {**params, "n": limit})
-        fuzzy: dict[int, TextMatch] = {}
-        for vid, text_, norm, conf, box in near:
-            if vid in out:
-                continue
-            d = substring_distance(query, norm)
-            if d > k:
-                continue
-            m = fuzzy.get(vid)
-            if m is None or d < m.edits:
-                fuzzy[vid] = m = TextMatch(1, d, [])
-            if d == m.edits:
-                m.lines.append(_line(text_, conf, box))
-        out.update(fuzzy)
+        if k and grams:
+            if fts:
+                near = self._rows(head + match, {"q": " OR ".join(_fts_phrase(g) for g in grams), "n": limit})
+            else:
+                params = {f"g{i}": f"%{_like_escape(g)}%" for i, g in enumerate(grams)}
+                ors = " OR ".join(f"t.norm LIKE :g{i} ESCAPE '!'" for i in range(len(grams)))
+                near = self._rows(head + f"({ors}) LIMIT :n", {**params, "n": limit})
+            need = len(grams) - 3 * k  # the q-gram lemma: trigrams a match within k edits still shares
+            wanted = set(grams)
+            fuzzy: dict[str, TextMatch] = {}
+            for h, text_, norm, conf, box in near:
+                if h in found:
+                    continue
+                if need > 1 and len(wanted.intersection(norm[i : i + 3] for i in range(len(norm) - 2))) < need:
+                    continue
+                d = substring_distance(query, norm)
+                if d > k:
+                    continue
+                m = fuzzy.get(h)
+                if m is None or d < m.edits:
+                    fuzzy[h] = m = TextMatch(1, d, [])
+                if d == m.edits:
+                    m.lines.append(_line(text_, conf, box))
+            found.update(fuzzy)
+        if not found:
+            return {}
+        hashes = list(found)
+        out: dict[int, TextMatch] = {}
+        for start in range(0, len(hashes), ID_CHUNK):
+            part = hashes[start : start + ID_CHUNK]
+            names = ", ".join(f":h{i}" for i in range(len(part)))
+            rows = self._rows(f"SELECT content_hash, id FROM vectors WHERE kind = :kind AND content_hash IN ({names})",
+                              {"kind": IMAGE, **{f"h{i}": h for i, h in enumerate(part)}})
+            out.update((int(vid), found[h]) for h, vid in rows)
         return out
 
     def text_of(self, content_hash: str) -> list[dict]:
