@@ -178,15 +178,16 @@ def query_latency(work: Path, encoder, n: int, repeats: int) -> dict:
             text_on.search(terms, k=10), text_off.search(terms, k=10)
         Timed.spent.clear()
         on, off = [], []
-        for _ in range(repeats):  # interleaved, so both see the same machine load
-            t = time.perf_counter()
-            hits = text_on.search(terms, k=10)
-            on.append((time.perf_counter() - t) * 1000)
-            t = time.perf_counter()
-            text_off.search(terms, k=10)
-            off.append((time.perf_counter() - t) * 1000)
+        for i in range(repeats):  # interleaved, first one then the other, so both see the same machine load
+            for searcher, times in ((text_on, on), (text_off, off))[:: 1 if i % 2 else -1]:
+                t = time.perf_counter()
+                found = searcher.search(terms, k=10)
+                times.append((time.perf_counter() - t) * 1000)
+                if searcher is text_on:
+                    hits = found
         out[label] = {
             "with_text_ms": round(statistics.median(on), 2), "without_ms": round(statistics.median(off), 2),
+            "end_to_end_difference_ms": round(statistics.median(on) - statistics.median(off), 2),
             "added_ms": round(statistics.median(Timed.spent), 2), "text_hits": sum("text_match" in h.fields for h in hits),
         }
     return out
@@ -199,6 +200,7 @@ def main() -> None:
     ap.add_argument("--embed", type=int, default=64, help="photos for the embedding-pass comparison")
     ap.add_argument("--size", type=int, default=100_000, help="photos in the synthetic catalog of the query latency")
     ap.add_argument("--per-kind", type=int, default=5)
+    ap.add_argument("--parts", default="accuracy,ocr,embedding,query", help="which measurements to run (comma-separated)")
     a = ap.parse_args()
     if a.quick:
         a.flickr, a.embed, a.size, a.per_kind = 40, 16, 20_000, 2
@@ -209,27 +211,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ocr-") as tmp:
         work = Path(tmp)
         tiny = load_encoder(make_spec(None, None, save_random_model(work / "tiny.pt")), "cpu")
-        out["accuracy"] = accuracy(work, tiny, a.per_kind)
-        print("accuracy", out["accuracy"], flush=True)
-        flickr = sorted(FLICKR.glob("*.jpg"))[: a.flickr]
-        out["ocr_flickr"] = ocr_pass(work, tiny, flickr, "flickr")
-        print("ocr flickr8k_800", out["ocr_flickr"], flush=True)
-        out["ocr_text_full"] = ocr_pass(work, tiny, sorted((work / "set").glob("*.jpg")), "textfull")
-        print("ocr photos full of text", out["ocr_text_full"], flush=True)
-        out["embedding"] = embedding_pass(work, sorted(FLICKR.glob("*.jpg"))[-a.embed:])
-        print("embedding pass", out["embedding"], flush=True)
-        out["query"] = query_latency(work, tiny, a.size, 40)
-        print("text query latency", out["query"], flush=True)
+        parts = set(a.parts.split(","))
+        if "accuracy" in parts or "ocr" in parts:
+            out["accuracy"] = accuracy(work, tiny, a.per_kind)
+            print("accuracy", out["accuracy"], flush=True)
+        if "ocr" in parts:
+            flickr = sorted(FLICKR.glob("*.jpg"))[: a.flickr]
+            out["ocr_flickr"] = ocr_pass(work, tiny, flickr, "flickr")
+            print("ocr flickr8k_800", out["ocr_flickr"], flush=True)
+            out["ocr_text_full"] = ocr_pass(work, tiny, sorted((work / "set").glob("*.jpg")), "textfull")
+            print("ocr photos full of text", out["ocr_text_full"], flush=True)
+        if "embedding" in parts:
+            out["embedding"] = embedding_pass(work, sorted(FLICKR.glob("*.jpg"))[-a.embed:])
+            print("embedding pass", out["embedding"], flush=True)
+        if "query" in parts:
+            out["query"] = query_latency(work, tiny, a.size, 60)
+            print("text query latency", out["query"], flush=True)
     out["load_after"] = load_average()
-    acc, q = out["accuracy"], out["query"]
-    out["targets"] = {
-        "rank1_words>=0.90": acc["rank1_words"] >= 0.90,
-        "rank1_signs>=0.95": acc["rank1_signs"] >= 0.95,
-        "re16_above_decoys": acc["re16_plates_above_every_decoy"],
-        "ocr_flickr>=10/s": out["ocr_flickr"]["photos_per_second"] >= 10,
-        "embedding_slowdown<=10%": out["embedding"]["slowdown"] <= 0.10,
-        "text_query_added<=10ms": all(q[k]["added_ms"] <= 10 for k in ("text_hit", "no_text_hit", "typo_hit")),
-    }
+    targets = {}
+    if "accuracy" in out:
+        acc = out["accuracy"]
+        targets.update({"rank1_words>=0.90": acc["rank1_words"] >= 0.90, "rank1_signs>=0.95": acc["rank1_signs"] >= 0.95,
+                        "re16_above_decoys": acc["re16_plates_above_every_decoy"]})
+    if "ocr_flickr" in out:
+        two_cores = 2000 / out["ocr_flickr"]["cpu_ms_per_photo"]  # photos/s with both cores to itself
+        out["ocr_flickr"]["photos_per_second_2_free_cores"] = round(two_cores, 1)
+        targets["ocr_flickr>=10/s (wall, as loaded)"] = out["ocr_flickr"]["photos_per_second"] >= 10
+        targets["ocr_flickr>=10/s (2 free cores, from CPU time)"] = two_cores >= 10
+    if "embedding" in out:
+        targets["embedding_slowdown<=10%"] = out["embedding"]["slowdown"] <= 0.10
+    if "query" in out:
+        q = out["query"]
+        targets["text_query_added<=10ms"] = all(q[k]["added_ms"] <= 10 for k in ("text_hit", "no_text_hit", "typo_hit"))
+    out["targets"] = targets
     print("targets", out["targets"])
     print("written", write_json("bench_ocr", out))
 

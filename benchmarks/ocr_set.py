@@ -168,7 +168,10 @@ def _make(n_per_kind: int, seed: int, photos: str) -> list[Fixture]:
         if i == 2:
             ws[0] = "".join(chr(ord(c) - 0x20 + 0xFF00) for c in ws[0].upper())  # full-width
         fg, bg = _colors(rng)
-        lab = _label(" ".join(style(w) if i != 2 else w for w in ws), _font(FONTS[i % len(FONTS)], rng.randint(34, 70)), fg, bg)
+        font = FONTS[i % len(FONTS)]
+        if i == 2 and have_cjk_font():  # the Latin fonts have no full-width forms: they would draw empty boxes
+            font = CJK_FONT
+        lab = _label(" ".join(style(w) if i != 2 else w for w in ws), _font(font, rng.randint(34, 70)), fg, bg)
         out.append(Fixture(_stored(_paste(b, lab, rng, rng.uniform(-15, 15))), 1, ws, "sign", photo=p))
 
         # plates: the true plate RE16 + suffix, and decoys RE61 / RF16 in other photos
