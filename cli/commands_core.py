@@ -180,7 +180,8 @@ def _print_index_report(r) -> None:
             err=True,
         )
         return
-    rate = f" ({r.embedded / r.seconds:.1f} img/s, {r.precision})" if r.embedded and r.seconds else ""
+    embedding = r.seconds - r.deferred_seconds  # the deferred pass (OCR) runs after the embeddings
+    rate = f" ({r.embedded / embedding:.1f} img/s, {r.precision})" if r.embedded and embedding > 0 else ""
     typer.echo(
         f"{r.root}: {r.files} images seen; {r.embedded} embedded{rate}, {r.reused} reused (same content), "
         f"{r.touched} touched, {r.unchanged} unchanged, {r.removed} removed, {len(r.bad_files)} newly skipped "
@@ -194,7 +195,8 @@ def _print_index_report(r) -> None:
             typer.echo(f"  ... and {len(r.bad_files) - 20} more (see `loupe info --skipped`)")
     for name, counts in r.signals.items():
         failed = f", failed on {counts['failed']}" if counts["failed"] else ""
-        typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}")
+        after = f" (after the embeddings, {r.deferred_seconds:.1f}s)" if name in r.deferred and r.deferred_seconds else ""
+        typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}{after}")
     for path, name, reason in r.signal_errors[:20]:
         typer.echo(f"  {path}: {name}: {reason}")
     for name, left in r.deferred.items():

@@ -257,7 +257,9 @@ def print_table(hits, captions: bool, echo: Callable[..., None] = echo) -> None:
             rows.append((str(h.rank), f"{h.score:.4f}", f"{f['text']}{where}"))
         else:
             dup = f"  (+{len(f['duplicates'])} identical)" if f["duplicates"] else ""
-            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}"))
+            matched = f.get("text_match")
+            said = f"  text: {' / '.join(line['text'] for line in matched['lines'][:2])!r}" if matched else ""
+            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}{said}"))
     header = ("rank", "score", "caption" if captions else "path")
     w0 = max(len(header[0]), *(len(r[0]) for r in rows))
     w1 = max(len(header[1]), *(len(r[1]) for r in rows))
