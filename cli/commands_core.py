@@ -105,7 +105,7 @@ def index(
 
             report = index_on_ray(
                 store, encoder, str(folder), files=is_list, address=ray_address, num_cpus=workers,
-                batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune,
+                batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune, signals=signals,
             )
         elif is_list:
             report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), signals=signals)
