@@ -199,6 +199,8 @@ def _print_index_report(r) -> None:
         typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}{after}")
     for path, name, reason in r.signal_errors[:20]:
         typer.echo(f"  {path}: {name}: {reason}")
+    for name, why in r.unavailable.items():
+        typer.echo(f"signal {name}: skipped ({why})", err=True)
     for name, left in r.deferred.items():
         if left:
             typer.echo(f"signal {name}: {left} photos left (interrupted): the next `loupe index` continues")

@@ -224,3 +224,18 @@ def test_cli_no_ocr_info_search_json_text_only_and_export(tmp_path, loupe, tiny_
     texts = dict(zip((Path(p).name for p in table.column("image_path").to_pylist()), table.column("text").to_pylist()))
     assert normalize(word) in normalize(texts["00_sign.jpg"]) and "RE16" in texts["01_plate.jpg"]
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts.values())
+
+
+class MissingOcr(RecognisedText):
+    def unavailable(self):
+        return "reading text in photos needs the rapidocr-onnxruntime package"
+
+
+def test_without_the_ocr_package_the_pass_is_skipped_and_runs_once_installed(tmp_path, tiny_encoder):
+    write_set(tmp_path / "photos", make_fixtures(1, seed=6, kinds=("sign",)))
+    store = Store.open(home=tmp_path / "home")
+    report = index_folder(store, tiny_encoder, tmp_path / "photos", signals=(MissingOcr(),))
+    assert report.embedded == 1 and report.unavailable == {NAME: "reading text in photos needs the rapidocr-onnxruntime package"}
+    assert NAME not in report.signals and store.catalog.signal_coverage({NAME: 1})[NAME]["failed"] == 0  # nothing recorded
+    again = index_folder(store, tiny_encoder, tmp_path / "photos", signals=(RecognisedText(),))
+    assert again.embedded == 0 and again.signals[NAME]["done"] == 1 and RecognisedText().unavailable() is None

@@ -66,6 +66,7 @@ class IndexReport:
     signals: dict = field(default_factory=dict)  # {signal name: {"done": n, "failed": n}} of this run
     deferred: dict = field(default_factory=dict)  # {signal name: photos left} after the deferred pass (0: complete)
     deferred_seconds: float = 0.0  # wall time of the deferred pass (the rest of `seconds` is the embedding pass)
+    unavailable: dict = field(default_factory=dict)  # {signal name: why it cannot run here}: skipped, nothing recorded
     signal_errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, signal, reason)
 
     @property
@@ -277,6 +278,13 @@ def deferred_pass(
     (or a crash) loses at most that many, and the next `loupe index` resumes where it stopped. A
     photo the pass cannot read keeps its vector: the signal's failure is recorded and reported."""
     if not deferred or report.interrupted:
+        return
+    for sig in deferred:
+        why = sig.unavailable()
+        if why:
+            report.unavailable[sig.name] = why
+    deferred = [s for s in deferred if s.name not in report.unavailable]
+    if not deferred:
         return
     started = time.perf_counter()
     units = signal_units(store.catalog, plan, deferred)

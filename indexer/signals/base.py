@@ -72,6 +72,11 @@ class Signal(ABC):
     def distance(self, a: object, b: object) -> float:
         """How far apart two values are (0: the same); the search and filter hook."""
 
+    def unavailable(self) -> str | None:
+        """Why this signal cannot run here (a missing optional package), or None. An unavailable
+        signal is skipped for the whole run, nothing recorded, so it runs once it is installed."""
+        return None
+
     def text_lines(self, value: object) -> list[TextLine]:
         """The searchable text lines of a value (none by default)."""
         return []

@@ -38,6 +38,15 @@ class RecognisedText(Signal):
     min_side = 640
     deferred = True
 
+    def unavailable(self) -> str | None:
+        from loupe.indexer.signals.ocr_reader import OcrUnavailable, model_paths
+
+        try:
+            missing = [p for p in model_paths().values() if not os.path.isfile(p)]
+        except OcrUnavailable as exc:
+            return str(exc)
+        return f"OCR model files missing: {', '.join(missing)}" if missing else None
+
     def extract(self, image, source: SourceFile) -> dict:
         w, h = image.size
         lines = []
