@@ -56,6 +56,7 @@ def index(
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address for --ray (default: start a local cluster).")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="With --ray: embedding actors (default: one per GPU, else 1).")] = None,
     no_video: Annotated[bool, typer.Option("--no-video", help="Skip videos (mp4, mov, m4v, mkv, webm, avi, 3gp, mts); videos indexed before are kept.")] = False,
+    no_ocr: Annotated[bool, typer.Option("--no-ocr", help="Do not read text in photos (it is read in a second pass after the embeddings; a later run without --no-ocr catches up).")] = False,
 ) -> None:
     """Index photo and video folders; re-runs embed only new or changed files.
 
@@ -104,20 +105,22 @@ def index(
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     sources = [(f, False) for f in folders] + ([(files, True)] if files is not None else [])
+    signals = _signals(no_ocr)
     for folder, is_list in sources:
         if ray:
             from loupe.indexer.pipeline.ray_runner import index_on_ray
 
             report = index_on_ray(
                 store, encoder, str(folder), files=is_list, address=ray_address, num_cpus=workers,
-                batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune,
+                batch_size=batch_size, actors=actors, device=device, progress=_show_progress(), prune=prune, signals=signals,
             )
         elif is_list:
-            report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress())
+            report = index_files(store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), signals=signals)
         else:
             report = index_folder(
                 store, encoder, folder, batch_size=batch_size, workers=workers, progress=_show_progress(), prune=prune,
                 video=not no_video,
+                signals=signals,
             )
         notice = load.cache_info().currsize and load().precision_notice
         if notice:
@@ -138,6 +141,14 @@ def index(
 
         cache_text_tower(load(), store.location, store.meta(), on_error=lambda exc: typer.echo(
             f"loupe: note: could not cache the text tower for fast searches ({exc})", err=True))
+
+
+def _signals(no_ocr: bool):
+    """The signals a `loupe index` runs: every registered one, less OCR with --no-ocr."""
+    from loupe.indexer.signals.ocr import NAME
+    from loupe.indexer.signals.registry import registered
+
+    return tuple(s for s in registered() if not (no_ocr and s.name == NAME))
 
 
 def _check_folders(folders: List[Path], home, db) -> None:
@@ -167,7 +178,8 @@ def _print_index_report(r) -> None:
             err=True,
         )
         return
-    rate = f" ({r.embedded / r.seconds:.1f} img/s, {r.precision})" if r.embedded and r.seconds else ""
+    embedding = r.seconds - r.deferred_seconds  # the deferred pass (OCR) runs after the embeddings
+    rate = f" ({r.embedded / embedding:.1f} img/s, {r.precision})" if r.embedded and embedding > 0 else ""
     typer.echo(
         f"{r.root}: {r.files} images seen; {r.embedded} embedded{rate}, {r.reused} reused (same content), "
         f"{r.touched} touched, {r.unchanged} unchanged, {r.removed} removed, {len(r.bad_files)} newly skipped "
@@ -183,9 +195,15 @@ def _print_index_report(r) -> None:
             typer.echo(f"  ... and {len(r.bad_files) - 20} more (see `loupe info --skipped`)")
     for name, counts in r.signals.items():
         failed = f", failed on {counts['failed']}" if counts["failed"] else ""
-        typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}")
+        after = f" (after the embeddings, {r.deferred_seconds:.1f}s)" if name in r.deferred and r.deferred_seconds else ""
+        typer.echo(f"signal {name}: computed for {counts['done']} photos{failed}{after}")
     for path, name, reason in r.signal_errors[:20]:
         typer.echo(f"  {path}: {name}: {reason}")
+    for name, why in r.unavailable.items():
+        typer.echo(f"signal {name}: skipped ({why})", err=True)
+    for name, left in r.deferred.items():
+        if left:
+            typer.echo(f"signal {name}: {left} photos left (interrupted): the next `loupe index` continues")
     if r.walk_errors:
         typer.echo(f"warning: {r.walk_errors} folders or files could not be read")
     if r.restored:
@@ -284,6 +302,7 @@ def info(
     from loupe.indexer.signals.registry import registered
 
     out["signals"] = store.catalog.signal_coverage(versions(registered()))
+    out["photos_with_text"] = store.catalog.photos_with_text()
     if skipped:
         out["skipped_files"] = skipped_files(store)
     if as_json:
@@ -300,6 +319,11 @@ def info(
     for name, c in out["signals"].items():
         failed = f", failed on {c['failed']}" if c["failed"] else ""
         typer.echo(f"signal       {name} v{c['version']}: {c['done']} of {c['photos']} photos{failed}")
+    ocr = out["signals"].get("text")
+    if ocr is not None:
+        left = ocr["photos"] - ocr["done"] - ocr["failed"]
+        todo = f"; {left} not read yet (`loupe index` continues)" if left else ""
+        typer.echo(f"text         {out['photos_with_text']} photos with text, {ocr['done']} of {ocr['photos']} read{todo}")
     missing = f", {stats['images_missing']} missing (hidden)" if stats["images_missing"] else ""
     typer.echo(f"images       {stats['images_indexed']} indexed ({stats['image_vectors']} distinct), "
                f"{stats['images_skipped']} skipped{missing}, {stats['indexed_bytes'] / 1e6:.1f} MB of photos")

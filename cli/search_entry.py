@@ -263,7 +263,10 @@ def print_table(hits, captions: bool, echo: Callable[..., None] = echo) -> None:
             if f.get("time") is not None:  # a video moment: where to look, and the scene around it
                 more = f", +{len(f['moments'])} more moments" if f.get("moments") else ""
                 dup = f"  at {_clock(f['time'])} (scene {_clock(f['start'])}-{_clock(f['end'])}{more}){dup}"
-            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}"))
+            
+            matched = f.get("text_match")
+            said = f"  text: {' / '.join(line['text'] for line in matched['lines'][:2])!r}" if matched else ""
+            rows.append((str(h.rank), f"{h.score:.4f}", f"{f['path']}{dup}{said}"))
     header = ("rank", "score", "caption" if captions else "path")
     w0 = max(len(header[0]), *(len(r[0]) for r in rows))
     w1 = max(len(header[1]), *(len(r[1]) for r in rows))

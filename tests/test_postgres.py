@@ -150,3 +150,40 @@ def test_export_and_reimport_on_postgres(pg_url, tmp_path, tiny_encoder, photo_d
     again = import_shards(store, tmp_path / "out")
     assert (again.images_unchanged, again.images_added, again.images_updated, again.vectors_added) == (visible, 0, 0, 0)
     assert store.catalog.generation() == generation and check_store(store).ok
+
+
+def test_text_in_photos_on_postgres_uses_pg_trgm(pg_url, tmp_path, tiny_encoder):
+    """OCR lines in `signal_text` with a pg_trgm GIN index: substrings, folding and typos as on SQLite."""
+    from sqlalchemy import create_engine, text
+
+    from benchmarks.ocr_set import have_fonts, make_fixtures
+    from loupe.indexer.signals.textmatch import normalize
+    from tests.test_ocr import names, write_set
+
+    if not have_fonts():
+        pytest.skip("fonts-dejavu not installed")
+    with create_engine(pg_url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("CREATE DATABASE ocr"))
+    url = pg_url.replace("/postgres?", "/ocr?")
+    fixtures = make_fixtures(1, seed=9, kinds=("sign", "plate", "document"))
+    write_set(tmp_path / "photos", fixtures)
+    store = Store.open(home=tmp_path / "home", db=url)
+    assert store.catalog.text_index == "pg_trgm"
+    report = index_folder(store, tiny_encoder, tmp_path / "photos")
+    assert report.signals["text"]["done"] == 4
+    with store.catalog.engine.connect() as conn:
+        plan = "\n".join(r[0] for r in conn.execute(text(
+            "EXPLAIN SELECT id FROM signal_text WHERE norm LIKE '%re16%'")))  # the index is there and usable
+        assert conn.execute(text("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_signal_text_trgm'")).scalar() == 1
+    assert "signal_text" in plan
+    searcher = Searcher(store, tiny_encoder)
+    assert names(searcher.search(parse_query(["re16"]), k=1)) == ["01_plate.jpg"]
+    decoy = fixtures[2].decoy[0]  # e.g. "RE61 KXZ": the near-miss plate, found by its own text alone
+    only = searcher.search(parse_query([f'text:"{decoy.lower()}"']), k=4)
+    assert names(only)[0] == "02_decoy.jpg" and only[0].fields["text_match"]["match"] == "exact"
+    assert all(h.fields["text_match"]["match"] == "typo" for h in only[1:])  # a plate one letter away, after it
+    word = fixtures[-1].words[0]
+    typo = word[:2] + ("x" if word[2] != "x" else "z") + word[3:]
+    hit = searcher.search(parse_query([typo.upper()]), k=1)[0]
+    assert names([hit]) == ["03_document.jpg"] and hit.fields["text_match"]["match"] == "typo"
+    assert store.catalog.text_matches(normalize("a dog on the beach")) == {}

@@ -184,9 +184,9 @@ def export_catalog(
     n_images, n_captions = catalog.count_export_images(), catalog.count_export_captions()
     root.mkdir(parents=True, exist_ok=True)
     if n_images:
-        report.image_shards = _write(
-            catalog.export_images(), root, sh.IMG, n_images, meta.dim, dtype, shard_size, IMAGE_COLUMNS
-        )
+        texts = catalog.texts_by_hash()  # text read in the photos (OCR), its lines joined by newlines
+        rows = (row[:-1] + (texts.get(row[1], ""),) + row[-1:] for row in catalog.export_images())
+        report.image_shards = _write(rows, root, sh.IMG, n_images, meta.dim, dtype, shard_size, IMAGE_COLUMNS + ("text",))
     if n_captions:
         report.caption_shards = _write(
             catalog.export_captions(), root / CAPTIONS_DIR, sh.TXT, n_captions, meta.dim, dtype, shard_size, CAPTION_COLUMNS

@@ -31,7 +31,7 @@ from loupe.indexer.pipeline.stages import (
     reason_for,
     signal_units,
 )
-from loupe.indexer.signals.base import Signal
+from loupe.indexer.signals.base import Signal, SignalResult, split_deferred
 from loupe.indexer.storage.catalog import IMAGE, path_key_of
 from loupe.indexer.storage.critical import critical_section
 from loupe.indexer.storage.store import Store
@@ -65,6 +65,9 @@ class IndexReport:
     runner: str = "in-process"  # or 'ray'
     stages: dict = field(default_factory=dict)  # {stage: {seconds, items, per_second}} (StageTimes.as_dict)
     signals: dict = field(default_factory=dict)  # {signal name: {"done": n, "failed": n}} of this run
+    deferred: dict = field(default_factory=dict)  # {signal name: photos left} after the deferred pass (0: complete)
+    deferred_seconds: float = 0.0  # wall time of the deferred pass (the rest of `seconds` is the embedding pass)
+    unavailable: dict = field(default_factory=dict)  # {signal name: why it cannot run here}: skipped, nothing recorded
     signal_errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, signal, reason)
 
     @property
@@ -230,13 +233,14 @@ def run_plan(
         return offline(store, report, plan.offline, plan.gone, t0)
     start_report(store, plan, report)
     report.scan_seconds = time.perf_counter() - t0
-    signals = registered() if signals is None else tuple(signals)
+    signals, deferred = split_deferred(registered() if signals is None else signals)
     backlog = signal_units(store.catalog, plan, signals)
     if callable(encoder) and (plan.todo or store.meta() is None):
         encoder = encoder()
         store.bind(encoder)
     units = plan.todo + backlog
     if not units:
+        deferred_pass(store, plan, report, executor, deferred, batch_size, progress, times)
         return end_report(store, plan, report, times, t0, prune)
 
     known = store.catalog.hash_to_vector(IMAGE)
@@ -296,4 +300,72 @@ def run_plan(
         if bar is not None:
             bar.close()
         chunks.close()
+    if not report.interrupted:
+        deferred_pass(store, plan, report, executor, deferred, batch_size, progress, times)
     return end_report(store, plan, report, times, t0, prune)
+
+
+def deferred_pass(
+    store: Store, plan: Plan, report: IndexReport, executor: Executor, deferred: Sequence[Signal],
+    batch_size: int, progress: bool, times: StageTimes,
+) -> None:
+    """The second pass of a run: deferred signals (OCR) over every indexed photo that lacks them,
+    after the embeddings, so search works at once and the signal fills in. Each photo decodes at
+    the signal's own `min_side`; outcomes are committed every `batch_size` photos, so a Ctrl-C
+    (or a crash) loses at most that many, and the next `loupe index` resumes where it stopped. A
+    photo the pass cannot read keeps its vector: the signal's failure is recorded and reported."""
+    if not deferred or report.interrupted:
+        return
+    for sig in deferred:
+        why = sig.unavailable()
+        if why:
+            report.unavailable[sig.name] = why
+    deferred = [s for s in deferred if s.name not in report.unavailable]
+    if not deferred:
+        return
+    started = time.perf_counter()
+    units = signal_units(store.catalog, plan, deferred)
+    report.deferred = {s.name: 0 for s in deferred}
+    if not units:
+        return
+    commit = Committer(store.catalog, {}, report, times)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        names = ", ".join(s.name for s in deferred)
+        bar = tqdm(total=len(units), desc=f"{names} (search works meanwhile)", unit="img", dynamic_ncols=True, smoothing=0.1)
+    left = {s.name: 0 for s in deferred}
+    for u in units:
+        for name in u.signals:
+            left[name] = left.get(name, 0) + 1
+    chunks = executor.run(units, None, {}, deferred, batch_size, times)
+    try:
+        for chunk in chunks:
+            for item in chunk.items:
+                results = item.signals
+                if item.action == "failed":  # unreadable now: the photo keeps its vector, the signal records why
+                    results = [SignalResult(item.unit.old_hash, name, _version(deferred, name), reason=item.reason) for name in item.unit.signals]
+                if results:
+                    commit.signals(item.unit, results)
+                    for r in results:
+                        left[r.name] -= 1
+            if commit.pending >= batch_size:
+                commit.flush()
+            if bar is not None:
+                bar.update(len(chunk.items))
+        commit.flush()
+    except KeyboardInterrupt:
+        report.interrupted = True
+        with critical_section():
+            commit.flush()  # keep what was read; the rest is read by the next run
+    finally:
+        if bar is not None:
+            bar.close()
+        chunks.close()
+        report.deferred = left
+        report.deferred_seconds = time.perf_counter() - started
+
+
+def _version(signals: Sequence[Signal], name: str) -> int:
+    return next(s.version for s in signals if s.name == name)

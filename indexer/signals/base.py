@@ -29,6 +29,18 @@ class SignalResult:
     version: int
     value: bytes | None = None
     reason: str | None = None
+    lines: tuple["TextLine", ...] = ()  # the searchable text of the value (`Signal.text_lines`)
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """A line of searchable text a signal found in a photo: as read, folded for matching
+    (`loupe.indexer.signals.textmatch.normalize`), its confidence and where it is (JSON, or '')."""
+
+    text: str
+    norm: str
+    conf: float
+    box: str = ""
 
 
 class Signal(ABC):
@@ -38,12 +50,18 @@ class Signal(ABC):
     Bump `version` whenever `extract` changes what it returns: the next `loupe index` re-runs the
     signal (and only it) on every indexed photo. `min_side` is the short side, in pixels, the
     signal needs: a decode for signals alone (no embedding) is drafted down to it.
+
+    `deferred`: the signal is too slow to run inside the embedding pass; it runs in a second,
+    resumable pass after the embeddings of a `loupe index` (search works at once, the signal fills
+    in), on its own decode at `min_side`. A signal whose values hold text to search returns its
+    lines from `text_lines`: the catalog keeps them in its text index (trigram FTS5 / pg_trgm).
     """
 
     name: ClassVar[str]
     version: ClassVar[int]
     storage: ClassVar[str] = BYTES  # BYTES: `extract` returns bytes; JSON: any JSON value
     min_side: ClassVar[int] = 256
+    deferred: ClassVar[bool] = False
 
     @abstractmethod
     def extract(self, image, source: SourceFile) -> object:
@@ -53,6 +71,15 @@ class Signal(ABC):
     @abstractmethod
     def distance(self, a: object, b: object) -> float:
         """How far apart two values are (0: the same); the search and filter hook."""
+
+    def unavailable(self) -> str | None:
+        """Why this signal cannot run here (a missing optional package), or None. An unavailable
+        signal is skipped for the whole run, nothing recorded, so it runs once it is installed."""
+        return None
+
+    def text_lines(self, value: object) -> list[TextLine]:
+        """The searchable text lines of a value (none by default)."""
+        return []
 
     def encode(self, value: object) -> bytes:
         """The stored form of a value."""
@@ -79,11 +106,18 @@ def run_signals(signals: Sequence[Signal], image, source: SourceFile) -> list[Si
     out = []
     for sig in signals:
         try:
-            out.append(SignalResult(source.content_hash, sig.name, sig.version, value=sig.encode(sig.extract(image, source))))
+            value = sig.extract(image, source)
+            out.append(SignalResult(source.content_hash, sig.name, sig.version, value=sig.encode(value), lines=tuple(sig.text_lines(value))))
         except Exception as exc:  # noqa: BLE001 - a signal's failure is a recorded outcome
             reason = f"{type(exc).__name__}: {exc}"[:300]
             out.append(SignalResult(source.content_hash, sig.name, sig.version, reason=reason))
     return out
+
+
+def split_deferred(signals: Iterable[Signal]) -> tuple[tuple[Signal, ...], tuple[Signal, ...]]:
+    """(signals run in the embedding pass, deferred signals run in the pass after it)."""
+    signals = tuple(signals)
+    return tuple(s for s in signals if not s.deferred), tuple(s for s in signals if s.deferred)
 
 
 def versions(signals: Iterable[Signal]) -> dict[str, int]:

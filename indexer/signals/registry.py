@@ -10,6 +10,7 @@ from loupe.indexer.signals.base import Signal
 REGISTERED = (
     "loupe.indexer.signals.phash:PerceptualHash",
     "loupe.indexer.signals.neardup:NearDuplicate",
+    "loupe.indexer.signals.ocr:RecognisedText",
 )
 
 

@@ -49,7 +49,7 @@ from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
     IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, all_found, display_path, path_key_of, prefix_bounds,
 )
-from loupe.indexer.storage.catalog_sql import EXPORT_PAGE, CatalogReads
+from loupe.indexer.storage.catalog_sql import EXPORT_PAGE, CatalogReads, TextMatch  # noqa: F401
 
 LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
@@ -171,6 +171,22 @@ class MomentRow(Base):
     vector_id: Mapped[int] = mapped_column(ForeignKey("vectors.id"), index=True)
 
 
+class SignalTextRow(Base):
+    """A line of searchable text of a signal's value (OCR): as read, folded for matching, with its
+    confidence and box (JSON). Searched through a trigram index: an FTS5 `trigram` table beside it
+    on SQLite (`signal_text_fts`, kept in line by triggers), a pg_trgm GIN index on PostgreSQL."""
+
+    __tablename__ = "signal_text"
+    __table_args__ = (Index("ix_signal_text_hash", "content_hash", "name"), {"sqlite_autoincrement": True})
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    norm: Mapped[str] = mapped_column(Text)
+    conf: Mapped[float] = mapped_column(Float)
+    box: Mapped[str] = mapped_column(Text, default="")
+
+
 @dataclass
 class ImageState:
     """What a re-scan needs to decide whether a file changed: one row per path, one query."""
@@ -244,6 +260,8 @@ class Catalog(CatalogReads):
         if version is not None and version < SCHEMA_VERSION:
             self._migrate()
         Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            self.text_index = _create_text_index(conn)
         if version is None:  # tables made before any model was bound may predate the current layout
             with self.engine.begin() as conn:
                 _create_v2_objects(conn)
@@ -267,6 +285,10 @@ class Catalog(CatalogReads):
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
 
     def _rows(self, sql: str, params: dict) -> list[Sequence]:
         with self.engine.connect() as conn:
@@ -638,6 +660,15 @@ class Catalog(CatalogReads):
                 s.execute(delete(SignalRow).where(SignalRow.content_hash == h, SignalRow.name == name, SignalRow.version != r.version))
             values = [dict(content_hash=h, name=n, version=r.version, value=r.value, reason=r.reason) for (h, n), r in rows.items()]
             _insert_or(s, SignalRow.__table__, values, ["content_hash", "name", "version"], update=True)
+            self._write_text(s, rows)
+
+    def _write_text(self, s: Session, rows: dict) -> None:
+        """A signal's text lines replace that content's previous ones (a failure keeps none)."""
+        for h, n in rows:
+            s.execute(delete(SignalTextRow).where(SignalTextRow.content_hash == h, SignalTextRow.name == n))
+        lines = [dict(content_hash=h, name=n, text=x.text, norm=x.norm, conf=x.conf, box=x.box) for (h, n), r in rows.items() for x in r.lines]
+        if lines:
+            s.execute(SignalTextRow.__table__.insert(), lines)
 
     def signal_backlog(self, versions: dict[str, int], folder_key: bytes | None = None) -> list[tuple[str, bytes, tuple[str, ...]]]:
         """Indexed contents (visible files under `folder_key` if given) that lack an outcome of a
@@ -752,7 +783,57 @@ def _v3_to_v4(conn: Connection) -> None:
     MomentRow.__table__.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}  # version -> step to version + 1
+def _v4_to_v5(conn: Connection) -> None:
+    """Version 5: text found in photos (OCR) in `signal_text`, with its trigram index."""
+    SignalTextRow.__table__.create(conn, checkfirst=True)
+    _create_text_index(conn)
+
+
+def _create_text_index(conn: Connection) -> str | None:
+    """The trigram index of `signal_text` (idempotent): 'fts5' (SQLite >= 3.34), 'pg_trgm', or None
+    (then text queries scan `signal_text` with LIKE: slower, same answers)."""
+    if not inspect(conn).has_table("signal_text"):
+        return None
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        if not _sqlite_trigram():  # SQLite older than 3.34
+            return None
+        conn.exec_driver_sql(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS signal_text_fts USING fts5("
+            "norm, content='signal_text', content_rowid='id', tokenize='trigram')"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS signal_text_ai AFTER INSERT ON signal_text BEGIN "
+            "INSERT INTO signal_text_fts(rowid, norm) VALUES (new.id, new.norm); END"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER IF NOT EXISTS signal_text_ad AFTER DELETE ON signal_text BEGIN "
+            "INSERT INTO signal_text_fts(signal_text_fts, rowid, norm) VALUES ('delete', old.id, old.norm); END"
+        )
+        return "fts5"
+    if dialect == "postgresql":
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+                conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_signal_text_trgm ON signal_text USING gin (norm gin_trgm_ops)")
+        except SQLAlchemyError:  # no right to create the extension: LIKE scans
+            return None
+        return "pg_trgm"
+    return None
+
+
+def _sqlite_trigram() -> bool:
+    """Whether this process's SQLite has FTS5 with the trigram tokenizer."""
+    import sqlite3
+
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize='trigram')")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}  # version -> step to version + 1
 
 
 def _insert_or(s: Session, table, rows: list[dict], conflict: list[str], update: bool = False) -> None:

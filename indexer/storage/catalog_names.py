@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-SCHEMA_VERSION = 4  # 2: 'missing' files, the roots table, an index on (status, vector_id); 3: the signals table; 4: video moments
+SCHEMA_VERSION = 5  # 2: 'missing' files, the roots table, an index on (status, vector_id); 3: the signals table; 4: video moments; 5: signal_text (OCR)
 IMAGE, TEXT = "image", "text"
 OK, SKIPPED, MISSING = "ok", "skipped", "missing"  # ImageRow.status
 

@@ -47,6 +47,7 @@ def open_reader(url: str) -> "CatalogReader | None":
         if meta is None or meta.schema_version != SCHEMA_VERSION:
             reader.close()
             return None
+        reader.text_index = "fts5" if "signal_text_fts" in tables else None
         return reader
     except (sqlite3.Error, ValueError, TypeError):
         return None

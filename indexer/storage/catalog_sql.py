@@ -31,7 +31,7 @@ _META_COLUMNS = (
 _IMAGE_COLUMNS = "id, path_key, path, size, mtime_ns, content_hash, width, height, taken_at, vector_id, status, reason, indexed_at"
 _CAPTION_COLUMNS = "id, source, position, text, image, content_hash, vector_id"
 
-TABLES = {"meta", "vectors", "images", "captions", "roots", "settings", "moments"}  # every table of the current schema
+TABLES = {"meta", "vectors", "images", "captions", "roots", "settings", "moments", "signal_text"}  # every table of the current schema
 SQLITE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"  # the tables a SQLite file holds
 META = f"SELECT {_META_COLUMNS} FROM meta WHERE id = 1"
 GENERATION = "SELECT generation FROM meta WHERE id = 1"
@@ -203,6 +203,89 @@ class CatalogReads:
     def _stream(self, sql: str, params: dict) -> Iterator[Sequence]:
         raise NotImplementedError
 
+    dialect = "sqlite"
+    text_index: str | None = None  # 'fts5' | 'pg_trgm' | None: how `signal_text` is indexed
+
+    # ---- text in photos --------------------------------------------------------------------
+    def text_matches(self, query: str, limit: int = 5000) -> dict[int, TextMatch]:
+        """Image vectors whose photo text holds `query` (normalized: `textmatch.normalize`):
+        {vector id: TextMatch}. Exact substrings first (tier 0), then up to `max_typos` edits (tier 1).
+
+        Lines come from the trigram index alone (FTS5 MATCH on SQLite; LIKE, which pg_trgm's GIN
+        index serves, elsewhere), then their contents' vector ids in one look-up; a candidate for
+        typos must share enough trigrams with the query (k edits destroy at most 3k) before the
+        edit distance is computed."""
+        from loupe.indexer.signals.textmatch import MIN_INDEXED, max_typos, substring_distance, trigrams
+
+        if not query:
+            return {}
+        fts = self.dialect == "sqlite" and self.text_index == "fts5"
+        head = "SELECT t.content_hash, t.text, t.norm, t.conf, t.box FROM signal_text t WHERE "
+        match = "t.id IN (SELECT rowid FROM signal_text_fts WHERE signal_text_fts MATCH :q) LIMIT :n"
+        if fts and len(query) >= MIN_INDEXED:
+            exact = self._rows(head + match, {"q": _fts_phrase(query), "n": limit})
+        else:
+            exact = self._rows(head + "t.norm LIKE :q ESCAPE '!' LIMIT :n", {"q": f"%{_like_escape(query)}%", "n": limit})
+        found: dict[str, TextMatch] = {}
+        for h, text_, norm, conf, box in exact:
+            if query in norm:  # the index's answer, confirmed on the folded text
+                found.setdefault(h, TextMatch(0, 0, [])).lines.append(_line(text_, conf, box))
+        k = max_typos(query)
+        grams = trigrams(query)
+        if k and grams:
+            if fts:
+                near = self._rows(head + match, {"q": " OR ".join(_fts_phrase(g) for g in grams), "n": limit})
+            else:
+                params = {f"g{i}": f"%{_like_escape(g)}%" for i, g in enumerate(grams)}
+                ors = " OR ".join(f"t.norm LIKE :g{i} ESCAPE '!'" for i in range(len(grams)))
+                near = self._rows(head + f"({ors}) LIMIT :n", {**params, "n": limit})
+            need = len(grams) - 3 * k  # the q-gram lemma: trigrams a match within k edits still shares
+            wanted = set(grams)
+            fuzzy: dict[str, TextMatch] = {}
+            for h, text_, norm, conf, box in near:
+                if h in found:
+                    continue
+                if need > 1 and len(wanted.intersection(norm[i : i + 3] for i in range(len(norm) - 2))) < need:
+                    continue
+                d = substring_distance(query, norm)
+                if d > k:
+                    continue
+                m = fuzzy.get(h)
+                if m is None or d < m.edits:
+                    fuzzy[h] = m = TextMatch(1, d, [])
+                if d == m.edits:
+                    m.lines.append(_line(text_, conf, box))
+            found.update(fuzzy)
+        if not found:
+            return {}
+        hashes = list(found)
+        out: dict[int, TextMatch] = {}
+        for start in range(0, len(hashes), ID_CHUNK):
+            part = hashes[start : start + ID_CHUNK]
+            names = ", ".join(f":h{i}" for i in range(len(part)))
+            rows = self._rows(f"SELECT content_hash, id FROM vectors WHERE kind = :kind AND content_hash IN ({names})",
+                              {"kind": IMAGE, **{f"h{i}": h for i, h in enumerate(part)}})
+            out.update((int(vid), found[h]) for h, vid in rows)
+        return out
+
+    def text_of(self, content_hash: str) -> list[dict]:
+        """A content's text lines (every signal's), in reading order: [{"text", "conf", "box"}]."""
+        rows = self._rows("SELECT text, conf, box FROM signal_text WHERE content_hash = :h ORDER BY id", {"h": content_hash})
+        return [_line(t, c, b) for t, c, b in rows]
+
+    def texts_by_hash(self) -> dict[str, str]:
+        """Every content's text, its lines joined by newlines (for export)."""
+        out: dict[str, list[str]] = {}
+        for h, t in self._rows("SELECT content_hash, text FROM signal_text ORDER BY id", {}):
+            out.setdefault(h, []).append(t)
+        return {h: "\n".join(v) for h, v in out.items()}
+
+    def photos_with_text(self) -> int:
+        """Indexed (visible) contents that have at least one line of text."""
+        return int(self._rows(
+            "SELECT count(DISTINCT t.content_hash) FROM signal_text t WHERE EXISTS "
+            "(SELECT 1 FROM images i WHERE i.content_hash = t.content_hash AND i.status = 'ok')", {})[0][0])
+
     def _value(self, sql: str, params: dict | None = None):
         """The first column of the first row, or None."""
         rows = self._rows(sql, params or {})
@@ -364,3 +447,26 @@ class CatalogReads:
         """(id, vector_id, path, size, width, height, taken_at, mtime_ns, content_hash) of every visible
         indexed file, in path order: plain tuples, no ORM objects."""
         return [(*r[:6], when(r[6]), *r[7:]) for r in self._rows(VISIBLE_PHOTOS, {"ok": OK})]
+
+
+@dataclass
+class TextMatch:
+    """A photo content whose text matched a query: `tier` 0 exact substring, 1 with typos (`edits`)."""
+
+    tier: int
+    edits: int
+    lines: list[dict]
+
+
+def _fts_phrase(s: str) -> str:
+    return '"' + s.replace('"', '""') + '"'
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def _line(text_: str, conf: float, box: str) -> dict:
+    import json
+
+    return {"text": text_, "conf": round(float(conf), 3), "box": json.loads(box) if box else None}

@@ -120,7 +120,7 @@ class Pages:
         page = ranking.entries[query.offset : need]
         if query.target == IMAGE:
             df = query.filters.date_field
-            results = [_image_result(photos, score, df) for score, photos in page]
+            results = [_with_text(_image_result(photos, score, df), ranking, photos[0]) for score, photos in page]
         else:
             results = [_caption(rows[0], score) for score, rows in page]
         return {
@@ -200,6 +200,14 @@ def _image_result(photos: list, score: float | None, date_field: str) -> dict[st
             for sc, m in getattr(photos, "others", [])
         ]
     return out
+
+
+def _with_text(fields: dict[str, Any], ranking: Ranking, photo: Photo) -> dict[str, Any]:
+    """A result's fields, with the text it matched (its lines and boxes) when it matched by text."""
+    matched = ranking.text_match(photo.vector_id)
+    if matched is not None:
+        fields["text_match"] = matched
+    return fields
 
 
 def _caption(row, score: float) -> dict[str, Any]:

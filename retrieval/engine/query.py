@@ -20,6 +20,9 @@ The grammar, chosen so that no query is read in a way its user did not mean:
   `2:"a beach"`, or inside the quotes `"2:a beach"`), only when a number is followed by a colon
   and then by something that is not a number: `10:30 sunset`, `4:3 photo`, `2: beach` are text.
   After `W:"`, the quoted text is literal (`1:"2:beach"` searches for the text "2:beach").
+- Text in photos. `text:"WORDS"` (or `text:WORDS`) as the whole query searches only the text read
+  in photos (OCR), as Term(1, "ocr", WORDS). A plain sentence also finds it: photos whose text holds
+  the sentence come first (`loupe.retrieval.engine.search`).
 - Operators. `+` and `-` standing alone (spaces around them, outside quotes) add and subtract
   terms, but only in an expression: a query with at least one quoted, weighted or image
   term. Otherwise the whole query is one sentence and they are part of it: `a dog - not a cat`,
@@ -148,6 +151,9 @@ def _resolve_image(raw: str, forced: bool) -> str:
     return path
 
 
+TEXT_ONLY = re.compile(r'\s*text:\s*(?:"(?P<quoted>[^"]*)"|(?P<bare>.*?))\s*', re.DOTALL)
+
+
 def parse_query(words: Sequence[str], web: bool = False) -> list[Term]:
     """Parse the query words from the command line into weighted text/image terms (grammar above).
 
@@ -155,6 +161,13 @@ def parse_query(words: Sequence[str], web: bool = False) -> list[Term]:
     or img: term is an error, and `upload:ID` (an uploaded image) and `photo:ID` (an indexed photo,
     by catalog row id) are the image terms, kept as Term(weight, "image", "upload:ID"|"photo:ID").
     """
+    joined = " ".join(words)
+    only = TEXT_ONLY.fullmatch(joined)
+    if only is not None:  # text:"..." searches the text read in photos alone
+        value = (only.group("quoted") if only.group("quoted") is not None else only.group("bare")).strip()
+        if not value:
+            raise LoupeError('empty text query: text:"WORDS"')
+        return [Term(1.0, "ocr", value)]
     tokens = [tok for w in words for tok in _split(w)]
     if not tokens:
         raise LoupeError("empty query")

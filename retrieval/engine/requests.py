@@ -34,7 +34,7 @@ MAX_OFFSET = 10**7
 MAX_LIMIT = 200  # results in one page
 DEFAULT_LIMIT = 60
 MAX_INLINE = 24  # thumbnails a page search may carry inline (`SearchRequest.inline`)
-KINDS = ("text", "image")
+KINDS = ("text", "image", "ocr")  # ocr: text:"..." (the text read in photos alone)
 TARGETS = (IMAGE, TEXT)
 PAGE_TARGETS = {"images": IMAGE, "captions": TEXT}
 DATE_FIELDS = ("auto", "taken", "modified")
@@ -270,7 +270,7 @@ def parse_search(body: Any) -> SearchRequest:
             raise _bad('each term must be {"weight": number, "kind": "text"|"image", "value": string}')
         weight = _number(t["weight"], "weight")
         if t["kind"] not in KINDS:
-            raise _bad("kind must be 'text' or 'image'")
+            raise _bad("kind must be 'text', 'image' or 'ocr'")
         value = _string(t["value"], "value")
         if t["kind"] == "image" and not os.path.isabs(value):
             raise _bad("an image term must be an absolute path")

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from loupe.indexer.storage.catalog import ImageRow
 
 UNBOUNDED_START = 256  # index k of a first search for "everything above min_score"
+MAX_TEXT_HITS = 2000  # photos a text match promotes (exact ones first): bounds a query's cost
+MAX_MATCHED_LINES = 8
 
 
 @dataclass
@@ -101,6 +103,15 @@ class Ranking:
     entries: list[tuple[float | None, list]] = field(default_factory=list)
     exhausted: bool = False
     depth: int = 0  # index k used so far
+    text_hits: dict = field(default_factory=dict)  # vector id -> TextMatch: photos whose text matched
+    text_entries: list[tuple[float | None, list]] = field(default_factory=list)  # their entries, first in the list
+
+    def text_match(self, vector_id: int) -> dict | None:
+        """The JSON of the text a result matched (None: matched by CLIP alone)."""
+        m = self.text_hits.get(vector_id)
+        if m is None:
+            return None
+        return {"match": "exact" if m.tier == 0 else "typo", "edits": m.edits, "lines": m.lines[:MAX_MATCHED_LINES]}
 
 
 class Searcher:
@@ -139,13 +150,61 @@ class Searcher:
         target, filters = request.target, request.filters
         if target == IMAGE and filters.active():
             photos.check_folder(filters)
+        text_only = any(t.kind == "ocr" for t in request.terms)
+        if text_only:
+            if target != IMAGE or len(request.terms) != 1:
+                raise RequestError(400, 'text:"..." searches the text in photos, alone')
+            ranking = Ranking(request, photos, None, exhausted=True)
+            self._text_ranking(ranking, request.terms[0].value)
+            ranking.entries = list(ranking.text_entries)
+            return ranking
         index = self.store.vector_index(target)
         if index.ntotal == 0:
             what = "images" if target == IMAGE else "captions (run `loupe index-text FILE`)"
             raise RequestError(400, f"the index holds no {what}")
         vector = query_vector(self, request.terms, image)
         allowed = photos.allowed_vectors(filters) if (target == IMAGE and filters.active()) else None
-        return Ranking(request, photos, vector, allowed, exhausted=allowed is not None and len(allowed) == 0)
+        ranking = Ranking(request, photos, vector, allowed, exhausted=allowed is not None and len(allowed) == 0)
+        sentence = [t for t in request.terms if t.kind == "text"]
+        if target == IMAGE and len(request.terms) == 1 and len(sentence) == 1 and sentence[0].weight > 0:
+            self._text_ranking(ranking, sentence[0].value)  # one sentence: photos whose text holds it come first
+        return ranking
+
+    def _text_ranking(self, ranking: Ranking, query: str) -> None:
+        """Photos whose text holds `query` (`Catalog.text_matches`): exact matches first, then with
+        typos (fewer edits first), each group in the query vector's (CLIP) order, else by confidence."""
+        from loupe.indexer.signals.textmatch import normalize
+
+        hits = self.store.catalog.text_matches(normalize(query))
+        if not hits:
+            return
+        if ranking.allowed is not None:
+            allowed = set(ranking.allowed.tolist())
+            hits = {v: m for v, m in hits.items() if v in allowed}
+        best = sorted(hits.items(), key=lambda vm: (vm[1].tier, vm[1].edits, -max(x["conf"] for x in vm[1].lines), vm[0]))
+        hits = dict(best[:MAX_TEXT_HITS])
+        ids = list(hits)
+        scores = {v: max(x["conf"] for x in hits[v].lines) for v in ids}  # text alone: by confidence
+        if ranking.vector is not None and ids:
+            vecs = np.asarray(self.store.catalog.load_vectors(ids, self.meta.dim), dtype=np.float32)
+            scores = dict(zip(ids, (vecs @ ranking.vector).tolist()))
+        rows = ranking.photos.rows_for_vectors(ids)
+        request = ranking.request
+        filters = request.filters if request.filters.active() else None
+        order = sorted(ids, key=lambda v: (hits[v].tier, hits[v].edits, -scores[v], v))
+        entries: list[tuple[float | None, list]] = []
+        for v in order:  # noqa: B007
+            files = rows.get(v, [])
+            if filters is not None:
+                files = [f for f in files if filters.passes(f)]
+            if not files:
+                continue
+            if request.collapse:
+                entries.append((scores[v], files))
+            else:
+                entries.extend((scores[v], [f]) for f in files)
+        ranking.text_hits = {v: hits[v] for v in order}
+        ranking.text_entries = entries
 
     def extend(self, ranking: Ranking, need: int | None) -> None:
         """Rank until `need` entries exist (None: all above min_score) or nothing is left."""
@@ -163,6 +222,9 @@ class Searcher:
             scores, ids = index.search(ranking.vector[None, :], k, ranking.allowed)
             ranking.depth = k
             ranking.entries, below = self._entries(scores[0], ids[0], ranking)
+            if ranking.text_entries:  # text matches first, then the CLIP ranking without them
+                hits = ranking.text_hits
+                ranking.entries = ranking.text_entries + [e for e in ranking.entries if e[1][0].vector_id not in hits]
             found = int((ids[0] >= 0).sum())
             ranking.exhausted = below or found < k or k >= total
             if ranking.exhausted or (need is not None and len(ranking.entries) >= need):
@@ -225,7 +287,11 @@ class Searcher:
         for score, rows in ranking.entries[:k]:
             vid = rows[0].vector_id
             if target == IMAGE:
-                hits.append(Hit(len(hits) + 1, score, kind_of_hit(rows), vid, _image_fields(rows)))
+                fields = _image_fields(rows)
+                matched = ranking.text_match(vid)
+                if matched is not None:
+                    fields["text_match"] = matched
+                hits.append(Hit(len(hits) + 1, score, kind_of_hit(rows), vid, fields))
             else:
                 first = rows[0]
                 fields = {

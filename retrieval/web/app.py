@@ -254,6 +254,7 @@ class WebApp:
         snap = self.web.snapshot()
         out = self._sign(photo.fields(duplicates=len(snap.by_vector.get(photo.vector_id, [])) - 1))
         out["content_hash"] = photo.content_hash
+        out["text"] = self.web.searcher.store.catalog.text_of(photo.content_hash)  # lines read in the photo, with boxes
         out["taken_at"] = photo.taken_at.isoformat(timespec="seconds") if photo.taken_at else None
         out["modified"] = photo.modified.isoformat(timespec="seconds")
         out["duplicate_paths"] = [p.path for p in snap.by_vector.get(photo.vector_id, []) if p.id != photo.id]

@@ -48,6 +48,9 @@ IMAGE_RESULT = {
         "date": _nullable("string", format="date-time"),
         "date_source": {"enum": ["taken", "modified"]},
         "duplicates": {"type": "integer", "description": "other identical files collapsed into this result"},
+        "text_match": {"type": "object", "description": "present when the photo's text (OCR) matched the query",
+                       "properties": {"match": {"enum": ["exact", "typo"]}, "edits": {"type": "integer"},
+                                      "lines": {"type": "array", "items": {"$ref": "#/components/schemas/TextLine"}}}},
         "thumb": {"type": "string", "description": "/api/thumb/ID?h=<content-hash prefix>"},
         "thumb_data": {"type": "string", "description": (
             "the cached thumbnail as a data: URL, on the first `inline` results of a search that asked (absent when not cached)")},
@@ -148,6 +151,10 @@ def openapi_document() -> dict[str, Any]:
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "ImageResult": IMAGE_RESULT,
                 "CaptionResult": CAPTION_RESULT,
+                "TextLine": {"type": "object", "properties": {
+                    "text": {"type": "string"}, "conf": {"type": "number"},
+                    "box": {"type": "array", "description": "4 corners [x, y] as fractions of the photo's width and height",
+                            "items": {"type": "array", "items": {"type": "number"}}}}},
             },
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
@@ -192,11 +199,12 @@ def openapi_document() -> dict[str, Any]:
                     "query": {"type": "string", "description": "upload:ID"}}}),
                     **_errors(400, 401, 403, 411, 413, 415)}}},
             "/api/photos/{id}": {"get": {
-                "summary": "One photo: the result fields plus content_hash, exif (camera, taken_at), duplicate_paths, available",
+                "summary": "One photo: the result fields plus content_hash, exif (camera, taken_at), duplicate_paths, available, text (lines read in it)",
                 "parameters": [_id_param("catalog image row id")],
                 "responses": {"200": _json({"allOf": [{"$ref": "#/components/schemas/ImageResult"}, {"type": "object", "properties": {
                     "content_hash": {"type": "string"}, "taken_at": _nullable("string"), "modified": {"type": "string"},
                     "duplicate_paths": {"type": "array", "items": {"type": "string"}}, "available": {"type": "boolean"},
+                    "text": {"type": "array", "items": {"$ref": "#/components/schemas/TextLine"}},
                     "exif": {"type": "object", "properties": {"camera": _nullable("string"), "taken_at": _nullable("string")}}}}]}),
                     **_errors(401, 403, 404)}}},
             "/api/photos/{id}/captions": {"get": {

@@ -15,6 +15,10 @@ export class Viewer {
     this.note = document.getElementById("viewer-note");
     this.capSection = document.getElementById("viewer-captions");
     this.exif = document.getElementById("viewer-exif");
+    this.marks = document.getElementById("viewer-marks");
+    this.textSection = document.getElementById("viewer-text");
+    this.img.addEventListener("load", () => this.#placeMarks());
+    window.addEventListener("resize", () => this.#placeMarks());
     this.btnCaptions = document.getElementById("act-captions");
     this.linkOpen = document.getElementById("act-open");
     this.getItem = getItem;
@@ -106,10 +110,56 @@ export class Viewer {
     this.capSection.querySelector("ol").replaceChildren();
     this.btnCaptions.hidden = !this.hasCaptions;
     this.exif.hidden = true;
+    this.#drawMarks(r);
+    this.#showText(r, null);
     document.getElementById("viewer-prev").disabled = this.index === 0;
     document.getElementById("viewer-next").disabled = this.index >= this.count() - 1;
     this.#facts(r, null);
-    api.photo(r.id).then((d) => { if (token === this.token) this.#facts(r, d); }).catch(() => {});
+    api.photo(r.id).then((d) => { if (token === this.token) { this.#facts(r, d); this.#showText(r, d); } }).catch(() => {});
+  }
+
+  // The words a text search matched, as boxes over the photo (box corners are fractions of its size).
+  #drawMarks(r) {
+    const lines = (r.text_match && Array.isArray(r.text_match.lines)) ? r.text_match.lines : [];
+    const marks = [];
+    for (const line of lines) {
+      if (!Array.isArray(line.box) || line.box.length !== 4) continue;
+      const xs = line.box.map((p) => Number(p[0])), ys = line.box.map((p) => Number(p[1]));
+      const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+      if (![x0, x1, y0, y1].every(Number.isFinite)) continue;
+      const m = h("div", { class: "text-mark", role: "listitem", "aria-label": String(line.text), title: String(line.text) });
+      m.style.left = `${Math.max(0, x0) * 100}%`;
+      m.style.top = `${Math.max(0, y0) * 100}%`;
+      m.style.width = `${Math.max(0, x1 - x0) * 100}%`;
+      m.style.height = `${Math.max(0, y1 - y0) * 100}%`;
+      marks.push(m);
+    }
+    this.marks.replaceChildren(...marks);
+    this.marks.hidden = marks.length === 0;
+    this.#placeMarks();
+  }
+
+  // The layer of marks covers exactly the picture inside the <img> (object-fit: contain letterboxes it).
+  #placeMarks() {
+    if (this.marks.hidden) return;
+    const img = this.img;
+    const w = img.clientWidth, hgt = img.clientHeight;
+    const nw = img.naturalWidth || Number(img.width) || w, nh = img.naturalHeight || Number(img.height) || hgt;
+    if (!w || !hgt || !nw || !nh) return;
+    const scale = Math.min(w / nw, hgt / nh);
+    const cw = nw * scale, ch = nh * scale;
+    Object.assign(this.marks.style, {
+      left: `${img.offsetLeft + (w - cw) / 2}px`, top: `${img.offsetTop + (hgt - ch) / 2}px`, width: `${cw}px`, height: `${ch}px`,
+    });
+  }
+
+  // The photo's recognised text, line by line; the lines the search matched are marked.
+  #showText(r, detail) {
+    const matched = new Set(((r.text_match && r.text_match.lines) || []).map((l) => l.text));
+    const lines = detail && Array.isArray(detail.text) ? detail.text : (r.text_match ? r.text_match.lines : []);
+    const ol = this.textSection.querySelector("ol");
+    ol.replaceChildren(...lines.map((l) => h("li", {}, matched.has(l.text) ? h("mark", {}, String(l.text)) : String(l.text))));
+    this.textSection.hidden = lines.length === 0;
   }
 
   /** Play the video of `r` from `time` seconds (the src names the time too: #t=, a media fragment). */
