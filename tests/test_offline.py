@@ -64,7 +64,7 @@ def stored_vectors(store: Store) -> int:
 
 def reopened(store: Store) -> Store:
     """The same index opened afresh (another process's view)."""
-    return reopened(store)
+    return Store.open(home=store.location.vector_dir)
 
 
 def shown(store: Store, encoder, filters: Filters | None = None) -> set[str]:
