@@ -27,13 +27,12 @@ import json
 import shutil
 import socket
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from common import FLICKR, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, run_loupe, write_json
+from common import FLICKR, checkpoint, load_average, machine, run_loupe, start_serve, stop_serve, write_json
 from PIL import Image
 
 HOST = "127.0.0.1"  # loopback only, always
@@ -103,24 +102,11 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench-hostile"))
     a = p.parse_args()
 
-    from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.server import read_state, state_file
-
     ckpt = checkpoint(a.model)
     home = build_home(a.workdir / a.model, a.photos, ckpt)
     files = hostile_files(a.workdir)
-    proc = subprocess.Popen([PYTHON, "-m", "loupe", "serve", "--home", str(home), "--host", HOST], cwd=REPO,
-                            env=loupe_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, state = start_serve(home, "--host", HOST)
     try:
-        path = state_file(resolve_location(home))
-        deadline = time.monotonic() + 600
-        state = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            state = read_state(path)
-            if state is not None and state.pid == proc.pid:
-                break
-            time.sleep(0.2)
-        assert state is not None and proc.poll() is None, "loupe serve did not start"
         port, token = state.port, state.token
         for s in SENTENCES:  # warm: model, indices, query cache of these sentences
             http(port, token, "POST", "/api/search", json.dumps({"q": s, "limit": 60}).encode())
@@ -224,11 +210,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         write_json("bench_hostile.json", result)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_serve(proc)
 
 
 if __name__ == "__main__":

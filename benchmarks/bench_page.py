@@ -39,14 +39,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, FLICKR, OUT, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, write_json
+from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, machine, median, run_loupe, start_serve, stop_serve, write_json
 
 from loupe.indexer.storage.synthetic import ClipLike, insert_images
 
@@ -151,23 +149,12 @@ def forget_queries(home: Path) -> None:
 
 
 def start_server(home: Path):
+    """`loupe serve` on `home`: (process, state, its thumbnail cache folder)."""
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.client import read_state, state_file
 
     location = resolve_location(home)
-    path = state_file(location)
-    proc = subprocess.Popen([PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        state = read_state(path)
-        if state is not None and state.pid == proc.pid:
-            return proc, state, location.vector_dir / f"{location.prefix}thumbs"
-        if proc.poll() is not None:
-            raise SystemExit(f"loupe serve exited:\n{proc.stderr.read()}")
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("loupe serve did not start")
+    proc, state = start_serve(home, timeout=300)
+    return proc, state, location.vector_dir / f"{location.prefix}thumbs"
 
 
 # Resolves once the page has measured its first row (one call that waits in the page: polling it
@@ -273,8 +260,7 @@ def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str
             page.screenshot(path=str(OUT / "bench_page.png"))
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_serve(proc)
     summary = lambda rows: {  # noqa: E731
         "median_ms": round(median([r["ms"] for r in rows]), 1),
         "p90_ms": round(float(np.percentile([r["ms"] for r in rows], 90)), 1),

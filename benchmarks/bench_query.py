@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, write_json
+from common import CAPTIONS, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, start_serve, stop_serve, write_json
 
 from loupe.indexer.storage.synthetic import ClipLike, insert_images, stats
 
@@ -119,24 +119,10 @@ def cold(home: Path, repeats: int, ckpt: Path, query: str) -> dict:
 
 def warm(home: Path, sentences: list[str]) -> dict:
     """Latency of text->image queries through a running `loupe serve` (HTTP from this process)."""
-    from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.client import read_state, request, state_file
+    from loupe.retrieval.web.client import request
 
-    path = state_file(resolve_location(home))
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "loupe", "serve", "--home", str(home)], cwd=REPO, env=loupe_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    proc, state = start_serve(home)
     try:
-        deadline = time.monotonic() + 600
-        state = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            state = read_state(path)
-            if state is not None and state.pid == proc.pid:
-                break
-            time.sleep(0.2)
-        if state is None or proc.poll() is not None:
-            raise RuntimeError(f"loupe serve did not start: {proc.stderr.read() if proc.poll() is not None else ''}")
         times: dict[str, list[float]] = {"short": [], "captions": []}
         for name, queries in (("short", SHORT_QUERIES), ("captions", sentences)):
             for s in queries:
@@ -150,8 +136,7 @@ def warm(home: Path, sentences: list[str]) -> dict:
             wall, _ = run_loupe(["search", s, "-k", "10"], home, LOUPE_NO_SERVER="0")
             client.append(wall)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop_serve(proc)
     out: dict = {"loupe_search_via_server_wall_seconds": round(median(client), 3)}
     for name, ts in times.items():
         ms = sorted(1000 * t for t in ts[3:])  # the first few warm caches

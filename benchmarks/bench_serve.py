@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, write_json
+from common import PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, start_serve, stop_serve, write_json
 
 BASELINE_SECONDS = 0.19  # RESULTS.md: `loupe search` through the http.server `loupe serve`, whole process
 TARGET_RATIO = 1.2
@@ -55,29 +55,14 @@ def entry(code: Path) -> str:
 
 
 def start_server(code: Path, home: Path) -> tuple[subprocess.Popen, object]:
+    """`loupe serve` of the checkout `code` on `home`, its on-disk query cache emptied first (no
+    sentence of an earlier run is free)."""
     from loupe.indexer.storage.locations import resolve_location
-    from loupe.retrieval.web.client import read_state, state_file
 
     location = resolve_location(home)
-    path = state_file(location)
-    for suffix in ("", "-wal", "-shm"):  # the on-disk query cache: no sentence of an earlier run is free
+    for suffix in ("", "-wal", "-shm"):
         (location.vector_dir / f"{location.prefix}query-cache.sqlite{suffix}").unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [PYTHON, "-m", entry(code), "serve", "--home", str(home)], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        state = read_state(path)
-        if state is not None and state.pid == proc.pid:
-            return proc, state
-        time.sleep(0.2)
-    raise RuntimeError(f"loupe serve did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=60)
+    return start_serve(home, code=code, module=entry(code))
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -228,7 +213,7 @@ def main() -> None:
                     if name == "uvicorn":
                         row[name]["web_api"] = web_api(state, sentences)
                 finally:
-                    stop(proc)
+                    stop_serve(proc)
                 print(f"  {name}: {row[name]}")
             new = row["uvicorn"]["loupe_search_whole_process"]["median_s"]
             row["ratio_to_0.19s_baseline"] = round(new / BASELINE_SECONDS, 3)

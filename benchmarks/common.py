@@ -120,6 +120,39 @@ def run_loupe(args: list[str], home: Path, check: bool = True, **extra_env: str)
     return wall, proc
 
 
+def start_serve(home: Path, *args: str, code: Path = REPO, module: str = "loupe", timeout: float = 600) -> tuple[subprocess.Popen, object]:
+    """Start `loupe serve --home HOME ARGS` from the checkout `code` (its command module `module`)
+    and wait until it has written its state file; (process, state)."""
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.web.client import read_state, state_file
+
+    path = state_file(resolve_location(home))
+    proc = subprocess.Popen(
+        [PYTHON, "-m", module, "serve", "--home", str(home), *args], cwd=code, env=loupe_env(PYTHONPATH=str(code)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = read_state(path)
+        if state is not None and state.pid == proc.pid:
+            return proc, state
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        raise RuntimeError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
+    stop_serve(proc)
+    raise RuntimeError(f"loupe serve did not start in {timeout:.0f} s")
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """Stop a `loupe serve` from `start_serve` (killed if it does not stop within a minute)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def write_json(name: str, data: dict) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / name

@@ -12,8 +12,8 @@ import typer
 
 from loupe.cli.app import app, fail, open_store, writing
 from loupe.cli.options import (
-    BackendOpt, BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, JsonOpt, MinCosineOpt, ModelOpt, NoWaitOpt,
-    NprobeOpt, PrecisionOpt, PretrainedOpt, SearchParamsOpt, TextPrecisionOpt,
+    AnnOptions, BackendOpt, BatchOpt, CheckpointOpt, DbOpt, DeviceOpt, HomeOpt, JsonOpt, LocationOptions, MinCosineOpt,
+    ModelOpt, ModelOptions, NoWaitOpt, PrecisionOpt, PretrainedOpt, TextPrecisionOpt, grouped,
 )
 
 
@@ -238,6 +238,7 @@ def index_text(
 
 
 @app.command()
+@grouped
 def search(
     query: Annotated[List[str], typer.Argument(help='Sentence, image path, or a weighted mix: \'"2:beach" + ./dog.jpg - "people"\' (grammar above).')],
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="Number of results.")] = 10,
@@ -249,16 +250,10 @@ def search(
     before: Annotated[Optional[str], typer.Option("--before", help="Only images taken/modified before: YYYY[-MM[-DD]].")] = None,
     date_field: Annotated[str, typer.Option("--date-field", help="auto (capture time, else modified), taken, or modified.")] = "auto",
     as_json: JsonOpt = False,
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelOptions = ModelOptions(),
     text_precision: TextPrecisionOpt = "auto",
-    nprobe: NprobeOpt = None,
-    ef_search: EfSearchOpt = None,
-    search_params: SearchParamsOpt = None,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    approx: AnnOptions = AnnOptions(),
+    at: LocationOptions = LocationOptions(),
     timings: Annotated[bool, typer.Option("--timings", help="Print how the query was answered on stderr, as one JSON line (seconds, text encoder, query-cache hits).")] = False,
 ) -> None:
     """Search the index by sentence, by image, or both (text->image, image->image, image->text).
@@ -280,22 +275,22 @@ def search(
     from loupe.cli.search_entry import run_search
 
     run_search(
-        query, k, captions, min_score, folder, glob, after, before, date_field, as_json, model, pretrained, checkpoint,
-        device, text_precision, nprobe, ef_search, search_params, home, db, timings, echo=typer.echo,
+        query, k, captions, min_score, folder, glob, after, before, date_field, as_json, **vars(model),
+        text_precision=text_precision, **vars(approx), **vars(at), timings=timings, echo=typer.echo,
     )
 
 
 @app.command()
+@grouped
 def info(
     skipped: Annotated[bool, typer.Option("--skipped", help="List every skipped file with its reason.")] = False,
     as_json: JsonOpt = False,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
 ) -> None:
     """Show what the index holds: counts, skipped files and why, model, sizes, last update."""
     from loupe.retrieval.engine.status import index_status, skipped_files
 
-    store = open_store(home, db, writer=False)
+    store = open_store(at.home, at.db, writer=False)
     out = index_status(store)  # the same facts the web page's status view shows
     out["image_precision"] = store.image_precisions()
     from loupe.indexer.signals.base import versions
@@ -353,16 +348,16 @@ def info(
 
 
 @app.command()
+@grouped
 def check(
     repair: Annotated[bool, typer.Option("--repair", help="Rebuild the vector files from the catalog if they disagree.")] = False,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Verify that the catalog and the vector index agree (exit 1 if not)."""
     from loupe.indexer.storage.check import check_store
 
-    store = open_store(home, db, writer=repair)
+    store = open_store(at.home, at.db, writer=repair)
     report = check_store(store)
     for note in report.notes:
         typer.echo(f"note: {note}")

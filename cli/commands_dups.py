@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 import typer
 
 from loupe.cli.app import app, fail, open_store, writing
-from loupe.cli.options import DbOpt, HomeOpt, JsonOpt, NoWaitOpt
+from loupe.cli.options import JsonOpt, LocationOptions, NoWaitOpt, grouped
 
 
 @app.command()
+@grouped
 def duplicates(
     tier: Annotated[Optional[str], typer.Option("--tier", help="Only one tier: same (one picture in several files) or similar (bursts, retakes).")] = None,
     folder: Annotated[Optional[Path], typer.Option("--in", help="Only files under this folder.")] = None,
@@ -23,8 +24,7 @@ def duplicates(
     move_to: Annotated[Optional[Path], typer.Option("--move-to", help="Like --resolve, into this folder instead.")] = None,
     undo: Annotated[bool, typer.Option("--undo", help="Put back every file a resolve moved, byte-identical.")] = False,
     as_json: JsonOpt = False,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
     no_wait: NoWaitOpt = False,
 ) -> None:
     """Find near-duplicates: "same" (re-encoded, resized, cropped, brightened, slightly rotated,
@@ -49,7 +49,7 @@ def duplicates(
         raise fail(str(exc))
     if filters.folder and not Path(filters.folder).is_dir():
         raise fail(f"--in: not a folder: {filters.folder}")
-    store = open_store(home, db)
+    store = open_store(at.home, at.db)
     if store.meta() is None:
         raise fail("the index is empty: run `loupe index FOLDER` first")
     if undo:

@@ -12,8 +12,8 @@ import typer
 
 from loupe.cli.app import app
 from loupe.cli.options import (
-    BackendOpt, BatchOpt, CheckpointOpt, DeviceOpt, EfSearchOpt, MinCosineOpt, ModelOpt, NprobeOpt, PrecisionOpt, PretrainedOpt,
-    SearchParamsOpt,
+    AnnOptions, BackendOpt, BatchOpt, CheckpointOpt, DeviceOpt, MinCosineOpt, ModelOpt, ModelOptions, PrecisionOpt,
+    PretrainedOpt, grouped,
 )
 
 ImagesOpt = Annotated[Path, typer.Option("--images", "-i", help="Folder holding the annotated images.")]
@@ -29,19 +29,15 @@ def _show_progress() -> bool:
 
 
 @app.command("eval")
+@grouped
 def eval_command(
     images: ImagesOpt,
     annotations: AnnotationsOpt,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full report as JSON to this file ('-' for stdout).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Score the images that exist when some are missing or unreadable (flagged as a subset).")] = False,
     index_factory: Annotated[Optional[str], typer.Option("--index-factory", help="Also score through this FAISS index (e.g. HNSW32, IVF256,Flat) to see what approximation costs.")] = None,
-    nprobe: NprobeOpt = None,
-    ef_search: EfSearchOpt = None,
-    search_params: SearchParamsOpt = None,
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    approx: AnnOptions = AnnOptions(),
+    model: ModelOptions = ModelOptions(),
     precision: PrecisionOpt = "fp32",
     backend: BackendOpt = "torch",
     min_cosine: MinCosineOpt = 0.999,
@@ -55,15 +51,16 @@ def eval_command(
     """
     from loupe.indexer.models.factory import index_encoder
     from loupe.indexer.models.spec import resolve_spec
-    from loupe.indexer.storage.vectors import join_search_params, parse_search_params
+    from loupe.indexer.storage.vectors import parse_search_params
     from loupe.retrieval.eval.annotations import load_annotations
     from loupe.retrieval.eval.evaluate import ALLOW_MISSING_HINT, bind_images, evaluate
 
-    params = join_search_params(search_params, nprobe, ef_search)
+    params = approx.joined()
     parse_search_params(params)  # a bad string fails before any work
     ann = load_annotations(annotations)
     bind_images(ann, images, allow_missing, ALLOW_MISSING_HINT)  # fail on data before loading a model
-    encoder = index_encoder(resolve_spec(model, pretrained, checkpoint).replace(image_precision=precision, image_backend=backend), device, min_cosine)
+    spec = resolve_spec(model.model, model.pretrained, model.checkpoint).replace(image_precision=precision, image_backend=backend)
+    encoder = index_encoder(spec, model.device, min_cosine)
     report = evaluate(
         images, ann, encoder, batch_size=batch_size, allow_missing=allow_missing,
         index_factory=index_factory, workers=workers, progress=_show_progress(), search_params=params,

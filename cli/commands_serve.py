@@ -7,29 +7,21 @@ from typing import Annotated, List, Optional
 import typer
 
 from loupe.cli.app import app
-from loupe.cli.options import (
-    CheckpointOpt, DbOpt, DeviceOpt, EfSearchOpt, HomeOpt, ModelOpt, NprobeOpt, PretrainedOpt, SearchParamsOpt,
-    TextPrecisionOpt,
-)
+from loupe.cli.options import AnnOptions, LocationOptions, ModelOptions, TextPrecisionOpt, grouped
 
 
 @app.command()
+@grouped
 def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port).")] = 0,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback requires the printed token on every request.")] = "127.0.0.1",
     allow_host: Annotated[Optional[List[str]], typer.Option("--allow-host", help="Another Host name this server answers to (a DNS name behind which it runs); repeatable.")] = None,
     no_token: Annotated[bool, typer.Option("--no-token", help="Single-user machines only: serve the page and API on loopback without the access token (any local user and any local service can then read the photos).")] = False,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest query image upload, in MiB.")] = 32,
-    model: ModelOpt = None,
-    pretrained: PretrainedOpt = None,
-    checkpoint: CheckpointOpt = None,
-    device: DeviceOpt = "auto",
+    model: ModelOptions = ModelOptions(),
     text_precision: TextPrecisionOpt = "auto",
-    nprobe: NprobeOpt = None,
-    ef_search: EfSearchOpt = None,
-    search_params: SearchParamsOpt = None,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    approx: AnnOptions = AnnOptions(),
+    at: LocationOptions = LocationOptions(),
 ) -> None:
     """Serve the web page and searches from a long-lived process; `loupe search` uses it while it runs.
 
@@ -38,13 +30,12 @@ def serve(
     before the next query. Stop with Ctrl-C or SIGTERM. API: GET /api/openapi.json; the CLI's
     GET /health and POST /search (retrieval/web/server.py).
     """
-    from loupe.indexer.storage.vectors import join_search_params
     from loupe.retrieval.engine.search import open_searcher
     from loupe.retrieval.web.server import serve as run_server
 
     searcher = open_searcher(
-        home, db, model, pretrained, checkpoint, device, text_precision=text_precision, long_lived=True,
-        search_params=join_search_params(search_params, nprobe, ef_search),
+        at.home, at.db, model.model, model.pretrained, model.checkpoint, model.device, text_precision=text_precision,
+        long_lived=True, search_params=approx.joined(),
     )
 
     from loupe.indexer.storage.locations import redact_url
@@ -57,7 +48,7 @@ def serve(
         typer.echo(f"loupe: open {shown}/" if no_token else f"loupe: open {shown}/#token={state.token}", err=True)
 
     run_server(
-        searcher, port=port, device=device, on_ready=ready, host=host, allowed_hosts=tuple(allow_host or ()),
+        searcher, port=port, device=model.device, on_ready=ready, host=host, allowed_hosts=tuple(allow_host or ()),
         upload_limit=int(max_upload_mb * (1 << 20)), no_token=no_token,
     )
     typer.echo("loupe: server stopped", err=True)

@@ -9,16 +9,16 @@ from typing import Annotated, Optional
 import typer
 
 from loupe.cli.app import app, open_store, writing
-from loupe.cli.options import CheckpointOpt, DbOpt, HomeOpt, JsonOpt, ModelOpt, NoWaitOpt, PretrainedOpt
+from loupe.cli.options import CheckpointOpt, JsonOpt, LocationOptions, ModelOpt, NoWaitOpt, PretrainedOpt, grouped
 
 
 @app.command("export")
+@grouped
 def export_(
     folder: Annotated[Path, typer.Argument(help="New or empty folder for img_emb/, metadata/, captions/ and the manifest.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32 (exact) or float16 (clip-retrieval's default, half the size).")] = "float32",
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Rows per npy/parquet shard.")] = 1_000_000,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
     as_json: JsonOpt = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -35,7 +35,7 @@ def export_(
     from loupe.indexer.interop.transfer import describe_export, export_catalog
 
     require_pyarrow()
-    store = open_store(home, db, writer=False)
+    store = open_store(at.home, at.db, writer=False)
     store.require_meta()
     with writing(store, no_wait):
         report = export_catalog(store, folder, dtype=dtype, shard_size=shard_size)
@@ -43,14 +43,14 @@ def export_(
 
 
 @app.command("import")
+@grouped
 def import_(
     folder: Annotated[Path, typer.Argument(help="A folder of embedding shards written by `loupe export` or clip-retrieval.")],
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     checkpoint: CheckpointOpt = None,
     path_column: Annotated[Optional[str], typer.Option("--path-column", help="Metadata column that keys photos (default image_path, else url).")] = None,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
     as_json: JsonOpt = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -64,20 +64,20 @@ def import_(
     from loupe.indexer.interop.transfer import describe_import, import_shards
 
     require_pyarrow()
-    store = open_store(home, db)
+    store = open_store(at.home, at.db)
     with writing(store, no_wait):
         report = import_shards(store, folder, model=model, pretrained=pretrained, checkpoint=checkpoint, path_column=path_column)
     typer.echo(json.dumps(vars(report)) if as_json else describe_import(report))
 
 
 @app.command("build-index")
+@grouped
 def build_index(
     shards: Annotated[Optional[Path], typer.Argument(help="A folder of embedding shards (img_emb/img_emb_N.npy ..., e.g. from `loupe export`); none: the index's own vectors.")] = None,
     out: Annotated[Optional[Path], typer.Argument(help="Folder for the index built from SHARDS (index.faiss + lists.ivfdata + ondisk.json).")] = None,
     factory: Annotated[Optional[str], typer.Option("--index-factory", help="FAISS IVF factory string (default: IVF<~sqrt n>,PQ<dim/4>np; IVF<n/40>,SQ8 below 10,240 vectors).")] = None,
     texts: Annotated[bool, typer.Option("--texts", help="Index the captions (text_emb/) instead of the photos (img_emb/).")] = False,
-    home: HomeOpt = None,
-    db: DbOpt = None,
+    at: LocationOptions = LocationOptions(),
     as_json: JsonOpt = False,
     no_wait: NoWaitOpt = False,
 ) -> None:
@@ -100,7 +100,7 @@ def build_index(
         typer.echo(message, err=True)
 
     if shards is None:
-        store = open_store(home, db, writer=False)
+        store = open_store(at.home, at.db, writer=False)
         store.require_meta()
         with writing(store, no_wait):  # the catalog holds still while its vectors are read
             report = build_catalog_ondisk(store, "text" if texts else "image", factory=factory, progress=say)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, get_type_hints
 
 import typer
 
@@ -75,3 +78,67 @@ SearchParamsOpt = Annotated[
 NoWaitOpt = Annotated[
     bool, typer.Option("--no-wait", help="Fail at once if another loupe process is writing this index, instead of waiting.")
 ]
+
+
+# ---- groups of options that commands take together ------------------------------------------
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """--model, --pretrained, --checkpoint, --device: which model, and where it runs."""
+
+    model: ModelOpt = None
+    pretrained: PretrainedOpt = None
+    checkpoint: CheckpointOpt = None
+    device: DeviceOpt = "auto"
+
+
+@dataclass(frozen=True)
+class AnnOptions:
+    """--nprobe, --ef-search, --search-params: how deep an approximate (FAISS) index searches."""
+
+    nprobe: NprobeOpt = None
+    ef_search: EfSearchOpt = None
+    search_params: SearchParamsOpt = None
+
+    def joined(self) -> str | None:
+        """The three as one FAISS parameter string (--nprobe/--ef-search win over --search-params)."""
+        from loupe.indexer.storage.vectors import join_search_params
+
+        return join_search_params(self.search_params, self.nprobe, self.ef_search)
+
+
+@dataclass(frozen=True)
+class LocationOptions:
+    """--home, --db: which index."""
+
+    home: HomeOpt = None
+    db: DbOpt = None
+
+
+def grouped(command: Callable) -> Callable:
+    """Lets a typer command take a group of options (a dataclass above) as one parameter.
+
+    Typer sees the group's fields as options in the parameter's place; the command receives them
+    as one value of the group.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, type] = {}
+    for param in signature.parameters.values():
+        group = param.annotation
+        if not (isinstance(group, type) and is_dataclass(group)):
+            params.append(param)
+            continue
+        groups[param.name] = group
+        hints = get_type_hints(group, include_extras=True)
+        params += [inspect.Parameter(f.name, param.kind, default=f.default, annotation=hints[f.name]) for f in fields(group)]
+
+    @functools.wraps(command)
+    def run(**values):
+        for name, group in groups.items():
+            values[name] = group(**{f.name: values.pop(f.name) for f in fields(group)})
+        return command(**values)
+
+    run.__signature__ = signature.replace(parameters=params)
+    run.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+    return run

@@ -19,35 +19,31 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-# name given on the command line -> (parameter, kind); kinds: flag, int (>= 1), float, str, path, strs (repeatable)
-OPTIONS = {
-    "-k": ("k", "int"), "--top": ("k", "int"),
-    "--captions": ("captions", "flag"),
-    "--min-score": ("min_score", "float"),
-    "--in": ("folder", "path"),
-    "--glob": ("glob", "strs"),
-    "--after": ("after", "str"),
-    "--before": ("before", "str"),
-    "--date-field": ("date_field", "str"),
-    "--json": ("as_json", "flag"),
-    "--model": ("model", "str"), "-m": ("model", "str"),
-    "--pretrained": ("pretrained", "str"),
-    "--checkpoint": ("checkpoint", "path"), "-c": ("checkpoint", "path"),
-    "--device": ("device", "str"),
-    "--text-precision": ("text_precision", "str"),
-    "--nprobe": ("nprobe", "int"),
-    "--ef-search": ("ef_search", "int"),
-    "--search-params": ("search_params", "str"),
-    "--home": ("home", "path"),
-    "--db": ("db", "str"),
-    "--timings": ("timings", "flag"),
+# parameter -> (kind, default, names on the command line); kinds: flag, int (>= 1), float, str, path, strs (repeatable)
+PARAMETERS = {
+    "k": ("int", 10, ("-k", "--top")),
+    "captions": ("flag", False, ("--captions",)),
+    "min_score": ("float", None, ("--min-score",)),
+    "folder": ("path", None, ("--in",)),
+    "glob": ("strs", None, ("--glob",)),
+    "after": ("str", None, ("--after",)),
+    "before": ("str", None, ("--before",)),
+    "date_field": ("str", "auto", ("--date-field",)),
+    "as_json": ("flag", False, ("--json",)),
+    "model": ("str", None, ("--model", "-m")),
+    "pretrained": ("str", None, ("--pretrained",)),
+    "checkpoint": ("path", None, ("--checkpoint", "-c")),
+    "device": ("str", "auto", ("--device",)),
+    "text_precision": ("str", "auto", ("--text-precision",)),
+    "nprobe": ("int", None, ("--nprobe",)),
+    "ef_search": ("int", None, ("--ef-search",)),
+    "search_params": ("str", None, ("--search-params",)),
+    "home": ("path", None, ("--home",)),
+    "db": ("str", None, ("--db",)),
+    "timings": ("flag", False, ("--timings",)),
 }
-DEFAULTS = {
-    "k": 10, "captions": False, "min_score": None, "folder": None, "glob": None, "after": None, "before": None,
-    "date_field": "auto", "as_json": False, "model": None, "pretrained": None, "checkpoint": None, "device": "auto",
-    "text_precision": "auto", "nprobe": None, "ef_search": None, "search_params": None, "home": None, "db": None,
-    "timings": False,
-}
+OPTIONS = {name: (param, kind) for param, (kind, _, names) in PARAMETERS.items() for name in names}  # name -> (parameter, kind)
+DEFAULTS = {param: default for param, (_, default, _) in PARAMETERS.items()}
 ENVVARS = {"home": ("LOUPE_HOME", Path), "db": ("LOUPE_DB", str)}
 _INT = re.compile(r"[0-9]+")
 _FLOAT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")

@@ -11,7 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -117,6 +120,86 @@ def _default_sigint() -> None:
 @pytest.fixture
 def loupe(tmp_path) -> LoupeRunner:
     return LoupeRunner(tmp_path / "loupe-home")
+
+
+# ---- a real `loupe serve`, and a real browser in front of it -----------------------------------
+
+SERVE_START_TIMEOUT = 180  # model load on a busy 2-core machine
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+    "--disable-component-update", "--disable-sync",
+]
+
+
+def wait_for_state(path: Path, proc: subprocess.Popen):
+    """The state `loupe serve` (`proc`) writes to `path` once it listens."""
+    from loupe.retrieval.web.client import read_state
+
+    deadline = time.monotonic() + SERVE_START_TIMEOUT
+    while time.monotonic() < deadline:
+        state = read_state(path)
+        if state is not None and state.pid == proc.pid:
+            return state
+        if proc.poll() is not None:
+            raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("loupe serve did not start in time")
+
+
+@contextmanager
+def serving(loupe: LoupeRunner, *args: str) -> Iterator:
+    """A real `loupe serve --port 0 ARGS` on the runner's home: yields its state once it listens,
+    stops it on the way out."""
+    from loupe.indexer.storage.locations import resolve_location
+    from loupe.retrieval.web.client import state_file
+
+    proc = loupe.popen("serve", "--port", "0", *args)
+    try:
+        yield wait_for_state(state_file(resolve_location(loupe.home)), proc)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def require_chromium() -> None:
+    """Skips the calling test module where Playwright or Debian's Chromium is missing."""
+    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@contextmanager
+def chromium(*args: str) -> Iterator:
+    """Headless Chromium driven by Playwright (extra command-line ARGS), closed on the way out."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, *args])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def browser_page(browser, url: str) -> Iterator:
+    """A fresh page of `browser` at `url` (1280x900, 20 s timeouts); fails the test if the page
+    raised a JavaScript error."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 # ---- a small real index for the web API (tests/test_webapp.py, tests/test_web_security.py) ------

@@ -62,9 +62,14 @@ def stored_vectors(store: Store) -> int:
         return s.scalar(select(func.count()).select_from(Vector).where(Vector.kind == IMAGE))
 
 
-def shown(home: Path, encoder, filters: Filters | None = None) -> set[str]:
+def reopened(store: Store) -> Store:
+    """The same index opened afresh (another process's view)."""
+    return Store.open(home=store.location.vector_dir)
+
+
+def shown(store: Store, encoder, filters: Filters | None = None) -> set[str]:
     """Every path a search can show, results and their duplicates lists (a fresh process's view)."""
-    searcher = Searcher(Store.open(home=home), encoder)
+    searcher = Searcher(reopened(store), encoder)
     hits = searcher.search([Term(1.0, "text", "a photo")], k=100, filters=filters)
     return {p for h in hits for p in (h.fields["path"], *h.fields["duplicates"])}
 
@@ -79,10 +84,9 @@ def paths_under(folder: Path) -> set[str]:
 @pytest.mark.parametrize("how", ["emptied", "gone"])
 def test_unplugged_drive_loses_nothing_and_comes_back_without_embedding(store, tiny_encoder, drive, pics, tmp_path, how):
     """The issue's measurement: a folder unplugged for one run was re-embedded in full afterwards."""
-    home = store.location.vector_dir
     assert index_folder(store, tiny_encoder, drive).embedded == N
     assert index_folder(store, tiny_encoder, pics).embedded == 2  # the copy reuses the drive's vector
-    everything = shown(home, tiny_encoder)
+    everything = shown(store, tiny_encoder)
     assert everything == paths_under(drive) | paths_under(pics)
     before_rows, before_vectors = rows(store), stored_vectors(store)
 
@@ -94,9 +98,9 @@ def test_unplugged_drive_loses_nothing_and_comes_back_without_embedding(store, t
     assert set(rows(store)) == set(before_rows) and stored_vectors(store) == before_vectors  # nothing deleted
     assert (r.removed, r.embedded, r.missing, r.offline) == (0, 0, N, "empty" if how == "emptied" else "missing")
     assert {p for p, status in rows(store).items() if status == "missing"} == {str(drive / p.name) for p in away.iterdir()}
-    assert shown(home, tiny_encoder) == paths_under(pics)  # hidden, duplicates lists included
-    assert shown(home, tiny_encoder, Filters(globs=["*.jpg"])) == paths_under(pics)
-    assert check_store(Store.open(home=home)).ok
+    assert shown(store, tiny_encoder) == paths_under(pics)  # hidden, duplicates lists included
+    assert shown(store, tiny_encoder, Filters(globs=["*.jpg"])) == paths_under(pics)
+    assert check_store(reopened(store)).ok
     again = index_folder(store, tiny_encoder, drive, prune=True)  # still offline: --prune must not purge it
     assert (again.offline, again.removed, again.missing) == (r.offline, 0, 0) and stored_vectors(store) == before_vectors
 
@@ -106,12 +110,11 @@ def test_unplugged_drive_loses_nothing_and_comes_back_without_embedding(store, t
     back = index_folder(store, tiny_encoder, drive)
     assert (back.embedded, back.reused, back.restored, back.unchanged, back.offline) == (0, 0, N, N, None)
     assert rows(store) == before_rows and stored_vectors(store) == before_vectors
-    assert shown(home, tiny_encoder) == everything
-    assert check_store(Store.open(home=home)).ok
+    assert shown(store, tiny_encoder) == everything
+    assert check_store(reopened(store)).ok
 
 
 def test_deleted_file_is_hidden_then_purged_by_prune_or_remove(store, tiny_encoder, drive, tmp_path):
-    home = store.location.vector_dir
     index_folder(store, tiny_encoder, drive)
     photos = sorted(drive.iterdir())
     kept = tmp_path / "kept.jpg"
@@ -120,14 +123,14 @@ def test_deleted_file_is_hidden_then_purged_by_prune_or_remove(store, tiny_encod
     r = index_folder(store, tiny_encoder, drive)
     assert rows(store).get(str(photos[3])) == "missing" and stored_vectors(store) == N
     assert (r.missing, r.removed, r.offline) == (1, 0, None)
-    assert str(photos[3]) not in shown(home, tiny_encoder) and len(shown(home, tiny_encoder)) == N - 1
-    assert check_store(Store.open(home=home)).ok
+    assert str(photos[3]) not in shown(store, tiny_encoder) and len(shown(store, tiny_encoder)) == N - 1
+    assert check_store(reopened(store)).ok
 
     # restored from a backup with a new modification time: same content, so its vector is reused
     shutil.copy(kept, photos[3])
     r = index_folder(store, tiny_encoder, drive)
     assert (r.embedded, r.reused, r.missing) == (0, 1, 0) and rows(store)[str(photos[3])] == "ok"
-    assert str(photos[3]) in shown(home, tiny_encoder)
+    assert str(photos[3]) in shown(store, tiny_encoder)
 
     # --prune purges what is missing under the folder, and the vectors only it used
     photos[3].unlink()
@@ -141,11 +144,10 @@ def test_deleted_file_is_hidden_then_purged_by_prune_or_remove(store, tiny_encod
     assert index_folder(store, tiny_encoder, drive).missing == 1
     assert remove_items(store, [photos[5]]).images == 1
     assert str(photos[5]) not in rows(store) and stored_vectors(store) == N - 3
-    assert check_store(Store.open(home=home)).ok
+    assert check_store(reopened(store)).ok
 
 
 def test_missing_file_that_reappears_elsewhere_reuses_its_vector(store, tiny_encoder, drive, tmp_path):
-    home = store.location.vector_dir
     index_folder(store, tiny_encoder, drive)
     photos = sorted(drive.iterdir())
     elsewhere = tmp_path / "elsewhere"
@@ -155,7 +157,7 @@ def test_missing_file_that_reappears_elsewhere_reuses_its_vector(store, tiny_enc
     assert rows(store).get(str(photos[2])) == "missing"
     r = index_folder(store, tiny_encoder, elsewhere)
     assert (r.embedded, r.reused) == (0, 1)
-    assert str(elsewhere / "renamed.jpg") in shown(home, tiny_encoder)
+    assert str(elsewhere / "renamed.jpg") in shown(store, tiny_encoder)
     # once its content is indexed at another path, the missing row is a move: dropped, nothing lost
     r = index_folder(store, tiny_encoder, drive)
     assert (r.removed, r.missing) == (1, 0) and str(photos[2]) not in rows(store)
@@ -165,7 +167,7 @@ def test_missing_file_that_reappears_elsewhere_reuses_its_vector(store, tiny_enc
     r = index_folder(store, tiny_encoder, drive)
     assert (r.embedded, r.reused, r.removed, r.missing) == (0, 1, 1, 0)
     assert stored_vectors(store) == N
-    assert check_store(Store.open(home=home)).ok
+    assert check_store(reopened(store)).ok
 
 
 def test_offline_folder_on_the_command_line(loupe, tiny_encoder, drive, tmp_path):
@@ -204,7 +206,7 @@ def test_version_1_catalog_is_migrated_in_place(store, tiny_encoder, drive):
     index_folder(store, tiny_encoder, drive)
     downgrade_to_v1(store)
     store.catalog.engine.dispose()
-    migrated = Store.open(home=store.location.vector_dir)
+    migrated = reopened(store)
     assert migrated.meta().schema_version == catalog_module.SCHEMA_VERSION >= 2
     assert {"roots"} <= set(inspect(migrated.catalog.engine).get_table_names())
     r = index_folder(migrated, tiny_encoder, drive)
@@ -226,12 +228,12 @@ def test_failed_migration_leaves_the_catalog_as_it_was(store, tiny_encoder, driv
 
     monkeypatch.setitem(catalog_module.MIGRATIONS, 1, half_done)
     with pytest.raises(RuntimeError, match="power cut"):
-        Store.open(home=store.location.vector_dir)
+        reopened(store)
     monkeypatch.undo()
     with store.catalog.engine.connect() as conn:
         assert conn.execute(text("SELECT schema_version FROM meta")).scalar() == 1
         assert "roots" not in inspect(conn).get_table_names()  # rolled back as one transaction
-    assert Store.open(home=store.location.vector_dir).meta().schema_version == catalog_module.SCHEMA_VERSION
+    assert reopened(store).meta().schema_version == catalog_module.SCHEMA_VERSION
 
 
 def test_newer_catalog_is_refused_in_one_line(loupe, tiny_encoder, drive):

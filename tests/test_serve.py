@@ -16,22 +16,8 @@ import pytest
 
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.locations import resolve_location
-from loupe.retrieval.web.client import STATE_VERSION, read_state, state_file
-
-START_TIMEOUT = 180  # model load on a busy 2-core machine
-
-
-def wait_for_state(path, proc: subprocess.Popen):
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        state = read_state(path)
-        if state is not None and state.pid == proc.pid:
-            return state
-        if proc.poll() is not None:
-            raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
-        time.sleep(0.2)
-    raise AssertionError("loupe serve did not start in time")
-
+from loupe.retrieval.web.client import STATE_VERSION, state_file
+from tests.conftest import wait_for_state
 
 def http(state, method: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None

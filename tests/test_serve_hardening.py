@@ -21,9 +21,8 @@ import pytest
 from loupe.indexer.storage.locations import resolve_location
 from loupe.retrieval.engine.requests import REQUEST_TIMEOUT
 from loupe.retrieval.web.client import read_state, state_file
-from tests.conftest import LoupeRunner
+from tests.conftest import LoupeRunner, wait_for_state
 from tests.rawsocket import exchange, read_answer, slow_sender
-from tests.test_serve import wait_for_state
 
 MARGIN = 5.0  # seconds of slack on a busy 2-core machine
 QUICK = REQUEST_TIMEOUT - 1.0  # a refusal must come before the request deadline would have fired

@@ -4,13 +4,14 @@ real `loupe serve`; everything found by ARIA roles and names, as a person sees i
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
 from benchmarks.synthetic_video import photos as shuffled, write_video
-from tests.conftest import FLICKR8K, LoupeRunner
-from tests.test_web_page import CHROMIUM, CHROMIUM_ARGS, START_TIMEOUT, page_url, playwright_sync, send_image  # noqa: F401
+from tests.conftest import FLICKR8K, LoupeRunner, browser_page, chromium, require_chromium, serving
+from tests.test_web_page import page_url, send_image
+
+require_chromium()
 
 from playwright.sync_api import expect  # noqa: E402
 
@@ -36,52 +37,20 @@ def library(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_encoder, library):
     from loupe.indexer.pipeline.indexing import index_folder
-    from loupe.indexer.storage.locations import resolve_location
     from loupe.indexer.storage.store import Store
-    from loupe.retrieval.web.client import read_state, state_file
 
     folder, _ = library
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
     report = index_folder(Store.open(home=loupe.home), tiny_encoder, folder, workers=1)
     assert report.moments >= len(SCENES) and not report.bad_files
-    proc = loupe.popen("serve", "--port", "0")
-    path = state_file(resolve_location(loupe.home))
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            state = read_state(path)
-            if state is not None and state.pid == proc.pid:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("loupe serve did not start in time")
-            time.sleep(0.2)
+    with serving(loupe) as state:
         yield page_url(state)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 @pytest.fixture
 def page(server):
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"])
-        try:
-            pg = browser.new_page(viewport={"width": 1280, "height": 900})
-            pg.set_default_timeout(20_000)
-            errors: list[str] = []
-            pg.on("pageerror", lambda exc: errors.append(str(exc)))
-            pg.goto(server)
-            yield pg
-            assert not errors, f"JavaScript errors on the page: {errors}"
-        finally:
-            browser.close()
+    with chromium("--autoplay-policy=no-user-gesture-required") as browser, browser_page(browser, server) as pg:
+        yield pg
 
 
 def test_the_page_plays_the_video_from_the_moment_found(page, library):

@@ -13,28 +13,19 @@ import base64
 import json
 import os
 import shutil
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.conftest import FLICKR8K, LoupeRunner
+from tests.conftest import FLICKR8K, LoupeRunner, browser_page, chromium, require_chromium, serving
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-    "--disable-component-update", "--disable-sync",
-]
 PER_FOLDER = 120
 PAGE = 60  # the page's page size (retrieval/web/static/js/main.js)
 DAY0 = datetime(2020, 1, 1, 12, 0, 0)
-START_TIMEOUT = 180
 
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 from playwright.sync_api import expect  # noqa: E402
 
 
@@ -80,11 +71,9 @@ def server(tmp_path_factory, tiny_encoder, library):
 
     The index is built in this process by the functions behind `loupe index` and `loupe
     index-text` (the model is loaded here already); the server runs as a user runs it."""
-    from loupe.indexer.storage.locations import resolve_location
     from loupe.indexer.pipeline.captions import index_captions
     from loupe.indexer.pipeline.indexing import index_folder
     from loupe.indexer.storage.store import Store
-    from loupe.retrieval.web.client import read_state, state_file
 
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
     store = Store.open(home=loupe.home)
@@ -94,28 +83,8 @@ def server(tmp_path_factory, tiny_encoder, library):
     for folder in library.folders:
         index_folder(store, tiny_encoder, folder, batch_size=32, workers=1, signals=no_ocr)
     index_captions(store, tiny_encoder, library.captions)
-    proc = loupe.popen("serve", "--port", "0")
-    path = state_file(resolve_location(loupe.home))
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            state = read_state(path)
-            if state is not None and state.pid == proc.pid:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("loupe serve did not start in time")
-            time.sleep(0.2)
+    with serving(loupe) as state:
         yield page_url(state)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except Exception:
-                proc.kill()
-                proc.wait(timeout=30)
 
 
 def page_url(state) -> str:
@@ -125,25 +94,14 @@ def page_url(state) -> str:
 
 @pytest.fixture(scope="module")
 def browser(server):  # closed before the server stops, so no open connection delays its exit
-    with playwright_sync.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    pg = context.new_page()
-    pg.set_default_timeout(20_000)
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(server)
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    with browser_page(browser, server) as pg:
+        yield pg
 
 
 # ---- helpers --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypedDict, Unpack
 
 from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.runner import IndexReport, ThreadExecutor, run_plan
@@ -27,18 +27,25 @@ from loupe.indexer.storage.locking import holds_writer_lock
 from loupe.indexer.storage.store import Store
 
 
+class RunOptions(TypedDict, total=False):
+    """What indexing in this process takes besides its source; left out, `run_plan`'s defaults."""
+
+    batch_size: int  # items per model batch
+    workers: int | None  # decode threads (default: one per core)
+    progress: bool
+    max_batches: int | None  # stop after that many model batches as if interrupted (tests)
+    signals: Sequence[Signal] | None  # the per-photo signals to run (default: the registered ones)
+
+
 @holds_writer_lock
 def index_folder(
     store: Store,
     encoder: "Encoder | Callable[[], Encoder]",
     root: str | os.PathLike,
-    batch_size: int = 32,
-    workers: int | None = None,
-    progress: bool = False,
-    max_batches: int | None = None,
+    *,
     prune: bool = False,
-    signals: Sequence[Signal] | None = None,
     video: bool = True,
+    **options: Unpack[RunOptions],
 ) -> IndexReport:
     """Bring the catalog and vector index in line with the images (and, with `video`, the videos) under `root`.
 
@@ -47,37 +54,23 @@ def index_folder(
     `max_batches` stops after that many model batches as if interrupted (used by tests to
     prove that a resumed run ends where an uninterrupted one does). `encoder` may be a function
     that loads it: it is then called only if some file needs embedding, so a re-scan that
-    finds nothing new costs no model load. `signals`: the per-photo signals to run (default:
-    the registered ones).
+    finds nothing new costs no model load.
     """
     t0 = time.perf_counter()
     report, make_plan = source_plan(store, root, video=video)
-    return _plan_and_run(
-        store, encoder, make_plan, report, t0,
-        batch_size=batch_size, workers=workers, progress=progress, max_batches=max_batches, prune=prune, signals=signals,
-    )
+    return _plan_and_run(store, encoder, make_plan, report, t0, prune=prune, **options)
 
 
 @holds_writer_lock
 def index_files(
-    store: Store,
-    encoder: "Encoder | Callable[[], Encoder]",
-    file_list: str | os.PathLike,
-    batch_size: int = 32,
-    workers: int | None = None,
-    progress: bool = False,
-    max_batches: int | None = None,
-    signals: Sequence[Signal] | None = None,
+    store: Store, encoder: "Encoder | Callable[[], Encoder]", file_list: str | os.PathLike, **options: Unpack[RunOptions]
 ) -> IndexReport:
     """Index the files named in `file_list` (text, one path a line, or parquet with a `path`
     column): the same stages as a folder, with a file list as the source. Listed files that do
     not exist are reported (and marked missing if catalogued); nothing unlisted is touched."""
     t0 = time.perf_counter()
     report, make_plan = source_plan(store, file_list, files=True)
-    return _plan_and_run(
-        store, encoder, make_plan, report, t0,
-        batch_size=batch_size, workers=workers, progress=progress, max_batches=max_batches, signals=signals,
-    )
+    return _plan_and_run(store, encoder, make_plan, report, t0, **options)
 
 
 def source_plan(

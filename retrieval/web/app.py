@@ -35,7 +35,7 @@ from loupe.indexer.errors import LoupeError
 from loupe.indexer.pipeline.imageio import BadImage
 from loupe.indexer.pipeline.media import is_video
 from loupe.retrieval.engine.requests import RequestError, decode_json, parse_page_search, parse_search
-from loupe.retrieval.web.media import NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
+from loupe.retrieval.web.media import THUMB_TYPE, NotServable, ThumbCache, exif_summary, make_preview, make_thumbnail, read_catalogued
 from loupe.retrieval.web.guard import MAX_BODY, SIGNED_PATHS, UPLOAD_LIMIT, Guard, own_hosts, send_json, sign_path
 
 WEB_DIR = Path(__file__).resolve().parent / "static"
@@ -214,8 +214,6 @@ class WebApp:
         """
         import base64
 
-        from loupe.retrieval.web.media import THUMB_TYPE
-
         for result in results:
             data = self.thumbs.get(self.web.photo(result["id"]).content_hash)
             if data is not None:
@@ -282,6 +280,14 @@ class WebApp:
         self._refresh()
         return JSONResponse(self.web.captions_for(request.path_params["id"], limit))
 
+    async def _render(self, make, what: str):
+        """`make()` (reads and decodes a catalogued file) in the picture pool; a file that cannot be
+        served is a 404 naming `what`."""
+        try:
+            return await self.pictures.run(make)
+        except (NotServable, BadImage) as exc:
+            raise RequestError(404, f"{what}: {exc}") from None
+
     async def thumb(self, request: Request) -> Response:
         self._refresh()
         photo = self.web.photo(request.path_params["id"])
@@ -291,13 +297,9 @@ class WebApp:
         wanted = request.query_params.get("h", "")
         immutable = len(wanted) >= 16 and digest.startswith(wanted)  # this URL names these bytes only
         headers = {"ETag": f'"{digest}"', "Cache-Control": IMMUTABLE if immutable else "private, no-cache"}
-        if _etag_matches(request, digest):
-            return Response(status_code=304, headers=headers)
-        from loupe.retrieval.web.media import THUMB_TYPE
-
-        cached = self.thumbs.get(digest)
-        if cached is not None:
-            return Response(cached, media_type=THUMB_TYPE, headers=headers)
+        early = _unchanged_or_cached(request, digest, headers, self.thumbs, THUMB_TYPE)
+        if early is not None:
+            return early
         roots = self._roots()
 
         def make() -> tuple[bytes, str, str]:
@@ -306,10 +308,7 @@ class WebApp:
             self.thumbs.put(actual, picture.data)
             return picture.data, picture.media_type, actual
 
-        try:
-            data, media_type, actual = await self.pictures.run(make)
-        except (NotServable, BadImage) as exc:
-            raise RequestError(404, f"photo {photo.id}: {exc}") from None
+        data, media_type, actual = await self._render(make, f"photo {photo.id}")
         self.thumbs_made += 1
         if actual != digest:  # the file changed since it was indexed: not the catalogued picture
             headers = {"ETag": f'"{actual}"', "Cache-Control": "private, no-cache"}
@@ -323,25 +322,20 @@ class WebApp:
             raise RequestError(404, f"photo {photo.id} is a video: GET /api/video/{photo.id}")
         tag = f"{photo.content_hash}-{'full' if full else 'preview'}"
         headers = {"ETag": f'"{tag}"', "Cache-Control": "private, max-age=86400"}
-        if _etag_matches(request, tag):
-            return Response(status_code=304, headers=headers)
+        # only ever a re-encoded JPEG is cached (an original is not copied)
+        early = _unchanged_or_cached(request, tag, headers, self.previews, "image/jpeg")
+        if early is not None:
+            return early
         roots = self._roots()
-        cache_key = f"{photo.content_hash}-{'full' if full else 'preview'}"
-        cached = self.previews.get(cache_key)  # only ever a re-encoded JPEG (an original is not copied)
-        if cached is not None:
-            return Response(cached, media_type="image/jpeg", headers=headers)
 
         def make():
             data, actual = read_catalogued(photo.path, photo.content_hash, roots)
             picture = make_preview(data, full=full)
             if picture.data is not data and actual == photo.content_hash:
-                self.previews.put(cache_key, picture.data)
+                self.previews.put(tag, picture.data)
             return picture
 
-        try:
-            picture = await self.pictures.run(make)
-        except (NotServable, BadImage) as exc:
-            raise RequestError(404, f"photo {photo.id}: {exc}") from None
+        picture = await self._render(make, f"photo {photo.id}")
         return Response(picture.data, media_type=picture.media_type, headers=headers)
 
     # ---- videos -------------------------------------------------------------------------------
@@ -356,13 +350,11 @@ class WebApp:
             raise RequestError(400, "t must be a time in seconds")
         key = f"{photo.content_hash}-t{t:.3f}"
         headers = {"ETag": f'"{key}"', "Cache-Control": IMMUTABLE}
-        if _etag_matches(request, key):
-            return Response(status_code=304, headers=headers)
-        from loupe.retrieval.web.media import THUMB_TYPE, open_catalogued_video, video_frame_thumbnail
+        early = _unchanged_or_cached(request, key, headers, self.thumbs, THUMB_TYPE)
+        if early is not None:
+            return early
+        from loupe.retrieval.web.media import open_catalogued_video, video_frame_thumbnail
 
-        cached = self.thumbs.get(key)
-        if cached is not None:
-            return Response(cached, media_type=THUMB_TYPE, headers=headers)
         roots = self._roots()
 
         def make():
@@ -371,10 +363,7 @@ class WebApp:
             self.thumbs.put(key, picture.data)
             return picture
 
-        try:
-            picture = await self.pictures.run(make)
-        except (NotServable, BadImage) as exc:
-            raise RequestError(404, f"video {photo.id}: {exc}") from None
+        picture = await self._render(make, f"video {photo.id}")
         self.thumbs_made += 1
         return Response(picture.data, media_type=picture.media_type, headers=headers)
 
@@ -553,6 +542,16 @@ def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def _unchanged_or_cached(request: Request, tag: str, headers: dict, cache, media_type: str) -> Response | None:
+    """304 when the client holds `tag` already, else the bytes `cache` keeps under `tag`, else None."""
+    if _etag_matches(request, tag):
+        return Response(status_code=304, headers=headers)
+    cached = cache.get(tag)
+    if cached is not None:
+        return Response(cached, media_type=media_type, headers=headers)
+    return None
+
+
 def _etag_matches(request: Request, tag: str) -> bool:
     given = request.headers.get("if-none-match")
     return given is not None and any(t.strip().removeprefix("W/").strip('"') == tag for t in given.split(","))
@@ -623,7 +622,8 @@ async def _known_error(request: Request, exc: Exception) -> Response:
         return error(exc.status, exc.message, headers or None)
     if isinstance(exc, LoupeError):
         return error(400, str(exc))
-    LOG.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+    if not isinstance(exc, (ClientDisconnect, OSError)):  # a client that left is no bug of ours
+        LOG.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, INTERNAL_ERROR)  # a bug: JSON too, never its text (Starlette re-raises it; `_Errors` ends it)
 
 
