@@ -190,11 +190,11 @@ def test_an_older_catalog_gains_the_text_table(tmp_path, tiny_encoder):
     db = sqlite3.connect(path)
     for name in ("signal_text_fts", "signal_text"):
         db.execute(f"DROP TABLE {name}")
-    db.execute("UPDATE meta SET schema_version = 3")
+    db.execute("UPDATE meta SET schema_version = 4")  # the version before the text table
     db.commit()
     db.close()
     migrated = Store.open(home=tmp_path / "home")
-    assert migrated.meta().schema_version == SCHEMA_VERSION == 4 and migrated.catalog.text_index == "fts5"
+    assert migrated.meta().schema_version == SCHEMA_VERSION == 5 and migrated.catalog.text_index == "fts5"
     report = index_folder(migrated, tiny_encoder, tmp_path / "photos")
     word = make_fixtures(1, seed=7, kinds=("sign",))[0].words[0]
     assert report.embedded == 0 and report.signals[NAME]["done"] == 1
