@@ -136,7 +136,8 @@ def test_file_list_text_and_parquet(store, tiny_encoder, photo_dir, tmp_path):
 def test_cli_files_json_reports_stages(loupe, tiny_checkpoint, photo_dir, tmp_path):
     listing = tmp_path / "few.txt"
     listing.write_text("\n".join(str(p) for p in sorted(photo_dir.iterdir())[:4]))
-    out = loupe("index", "--files", listing, "--checkpoint", tiny_checkpoint, "--json").stdout
+    # --no-ocr: the text pass reads the photos once more, after the embedding stages counted here
+    out = loupe("index", "--files", listing, "--checkpoint", tiny_checkpoint, "--no-ocr", "--json").stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert (report["files"], report["embedded"], report["runner"]) == (4, 4, "in-process")
     for stage in ("plan", "read", "decode", "embed", "commit"):
