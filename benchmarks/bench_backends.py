@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench_cold import RCLIP_MODEL_DIR, rclip_env
 from bench_index import make_large
-from common import FLICKR, OUT, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, write_json
+from common import FLICKR, OUT, PYTHON, REPO, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, write_json
 
 SENTENCES = [
     "an old man feeding pigeons in a square", "a kayak on a calm green lake", "a baby laughing in a high chair",
@@ -57,12 +57,10 @@ def encoder_alone(n: int, batch: int, rounds: int) -> dict:
     import numpy as np
     import torch
 
-    from loupe.indexer.models.encoder import load_encoder
     from loupe.indexer.models.image_tower import load_tower, probe_pixels
     from loupe.indexer.models.precision import lowered
-    from loupe.indexer.models.spec import make_spec
 
-    enc = load_encoder(make_spec(None, None, checkpoint("ViT-B-32")), "cpu")
+    enc = load_checkpoint(checkpoint("ViT-B-32"))
     tower = load_tower(enc)
     visual = enc.model.visual
     bf16 = lowered(visual, "bf16")

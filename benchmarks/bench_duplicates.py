@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import FLICKR, PYTHON, REPO, checkpoint, machine  # noqa: E402
+from benchmarks.common import FLICKR, PYTHON, REPO, checkpoint, load_checkpoint, machine  # noqa: E402
 
 
 def quality(a) -> dict:
@@ -117,11 +117,10 @@ def cost(a) -> dict:
     import torch
     from PIL import Image, ImageOps
 
-    from loupe.indexer.models.encoder import load_encoder, make_spec
     from loupe.indexer.signals import neardup
 
     torch.set_num_threads(2)
-    enc = load_encoder(make_spec(None, None, checkpoint()), "cpu")
+    enc = load_checkpoint(checkpoint())
     files = sorted(FLICKR.iterdir())[: a.n]
     imgs = []
     for f in files:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, machine, median, run_loupe, write_json
+from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, load_checkpoint, machine, median, run_loupe, write_json
 
 from loupe.indexer.pipeline.imageio import DRAFT_FACTOR  # noqa: E402  (common puts the repository on sys.path)
 
@@ -194,10 +194,6 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     args = ap.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder
-
-    from loupe.indexer.models.spec import make_spec
-
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average_at_start']}")
     small = sorted(p for p in FLICKR.iterdir() if p.suffix == ".jpg")[: args.limit]
@@ -207,7 +203,7 @@ def main() -> None:
               f"loupe-tiny (trained {args.steps} steps on flickr8k_800, 64 px)": trained_tiny(args.steps)}
     results: dict = {"machine": info, "draft_factor": DRAFT_FACTOR, "runs": []}
     for model_name, ckpt in models.items():
-        encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+        encoder = load_checkpoint(ckpt)
         for set_name, paths in (("flickr8k_800", small), ("12 MP upscaled (4000x3000, q90)", large),
                                 ("12 MP collages (4000x3000, q90)", collages)):
             rows = measure(encoder, paths)

@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import FLICKR, checkpoint, load_average, machine, median, run_loupe, write_json
+from common import FLICKR, checkpoint, load_average, load_checkpoint, machine, median, run_loupe, write_json
 
 
 def make_large(src: Path, dst: Path, n: int, size: tuple[int, int] = (4000, 3000)) -> list[Path]:
@@ -111,12 +111,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder
-
-    from loupe.indexer.models.spec import make_spec
-
     ckpt = checkpoint(a.model)
-    encoder = load_encoder(make_spec(None, None, ckpt), a.device)
+    encoder = load_checkpoint(ckpt, a.device)
     out = {"machine": machine(), "model": a.model, "device": str(encoder.device), "batch": a.batch, "runs": {}}
     folder = FLICKR
     paths = sorted(folder.iterdir())

@@ -33,18 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import FLICKR, checkpoint, load_average, machine, write_json  # noqa: E402
-from benchmarks.ocr_set import make_fixtures  # noqa: E402
-
-
-def write_set(folder: Path, fixtures) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for k, f in enumerate(fixtures):
-        name = f"{k:02d}_{f.kind}.jpg"
-        f.image.save(folder / name, exif=f.image.getexif())
-        out[name] = f
-    return out
+from benchmarks.common import FLICKR, checkpoint, load_average, load_checkpoint, machine, write_json  # noqa: E402
+from benchmarks.ocr_set import make_fixtures, write_set  # noqa: E402
 
 
 def no_ocr():
@@ -108,11 +98,10 @@ def ocr_pass(work: Path, encoder, files: list[Path], label: str) -> dict:
 
 def embedding_pass(work: Path, files: list[Path]) -> dict:
     """Embedding pass photos/s, random-weight ViT-B-32, OCR off vs on (OCR then runs after it)."""
-    from loupe.indexer.models.encoder import load_encoder, make_spec
     from loupe.indexer.pipeline.indexing import index_files
     from loupe.indexer.storage.store import Store
 
-    encoder = load_encoder(make_spec(None, None, checkpoint("ViT-B-32")), "cpu")
+    encoder = load_checkpoint(checkpoint("ViT-B-32"))
     listing = work / "embed.txt"
     listing.write_text("\n".join(str(f) for f in files) + "\n")
     out = {}
@@ -204,13 +193,12 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.flickr, a.embed, a.size, a.per_kind = 40, 16, 20_000, 2
-    from loupe.indexer.models.encoder import load_encoder, make_spec
     from loupe.indexer.models.random_weights import save_random_model
 
     out = {"machine": machine(), "load_before": load_average()}
     with tempfile.TemporaryDirectory(prefix="bench-ocr-") as tmp:
         work = Path(tmp)
-        tiny = load_encoder(make_spec(None, None, save_random_model(work / "tiny.pt")), "cpu")
+        tiny = load_checkpoint(save_random_model(work / "tiny.pt"))
         parts = set(a.parts.split(","))
         if "accuracy" in parts or "ocr" in parts:
             out["accuracy"] = accuracy(work, tiny, a.per_kind)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, machine, median, run_loupe, start_serve, stop_serve, write_json
+from common import CAPTIONS, FLICKR, OUT, checkpoint, load_average, load_checkpoint, machine, median, run_loupe, start_serve, stop_serve, write_json
 
 from loupe.indexer.storage.synthetic import ClipLike, insert_images
 
@@ -87,8 +87,6 @@ def losing_fillers(n: int, dim: int, qvecs: np.ndarray, beta: float, seed: int =
 def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     """800 real photos + fillers up to `n` vectors, the vector index built as `loupe index` builds it."""
     from loupe.indexer.storage.catalog import IMAGE
-    from loupe.indexer.models.encoder import load_encoder
-    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.storage.store import Store
 
     ckpt = checkpoint("ViT-B-32") if model == "ViT-B-32" else _tiny()
@@ -100,7 +98,7 @@ def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     home.mkdir(parents=True)
     wall, _ = run_loupe(["index", str(FLICKR), "--checkpoint", str(ckpt)], home)
     print(f"  indexed the 800 photos in {wall:.1f} s")
-    encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+    encoder = load_checkpoint(ckpt)
     qvecs = np.asarray(encoder.encode_texts(qtexts), dtype=np.float32)
     store = Store.open(home=home)
     dim = store.require_meta().dim

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, FLICKR, checkpoint, load_average, machine, median, run_loupe, write_json
+from common import CAPTIONS, FLICKR, checkpoint, load_average, load_checkpoint, machine, median, run_loupe, write_json
 
 RCLIP_VERSION = "3.3.0"
 RCLIP_MODEL = "ViT-B-32-256-datacomp_s34b_b86k"
@@ -245,13 +245,10 @@ def main() -> None:
     a.extras = [e for e in a.extras.split(",") if e]
     a.workdir.mkdir(parents=True, exist_ok=True)
 
-    from loupe.indexer.models.encoder import load_encoder
-
-    from loupe.indexer.models.spec import make_spec
     from loupe.indexer.models.precision import cpu_has_bf16, fastest, resolve
 
     ckpt = checkpoint(a.model)
-    encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+    encoder = load_checkpoint(ckpt)
     auto = resolve("auto", encoder.device, encoder.model.visual)
     fast = fastest(encoder.device, encoder.model.visual)
     out = {"machine": machine(), "model": a.model, "batch": a.batch, "cpu_has_bf16": cpu_has_bf16(), "auto_picks": auto, "fastest": fast}
@@ -281,7 +278,7 @@ def main() -> None:
             run_loupe(["train", "--model", "loupe-tiny", "--images", FLICKR, "--annotations", CAPTIONS,
                        "--steps", str(a.train_steps), "--out", trained], a.workdir / "train-home")
     if trained is not None:
-        tiny = load_encoder(make_spec(None, None, trained), "cpu")
+        tiny = load_checkpoint(trained)
         tiny_auto = fastest(tiny.device, tiny.model.visual)
         out["recall"] = {"checkpoint": str(trained), "fastest": tiny_auto, "fp32": recall(trained, "fp32")}
         for prec in sorted({tiny_auto, "bf16"} - {"fp32"}):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, FLICKR, load_average, machine, run_loupe, write_json
+from common import CAPTIONS, FLICKR, load_average, load_checkpoint, machine, run_loupe, write_json
 
 BOUND = 0.3  # points of recall a faster precision may move any figure by (issue 11)
 KS = (1, 5, 10)
@@ -171,13 +171,12 @@ def gate_curve(ref_images: np.ndarray, texts: np.ndarray, caption_image: np.ndar
 
 
 def analyse(ckpt: Path, a) -> dict:
-    from loupe.indexer.models.encoder import load_encoder
-    from loupe.indexer.models.spec import file_sha256, make_spec
+    from loupe.indexer.models.spec import file_sha256
     from loupe.retrieval.eval.annotations import load_annotations
     from loupe.retrieval.eval.evaluate import bind_images, score_embeddings
     from loupe.retrieval.eval.training import decode_all
 
-    encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+    encoder = load_checkpoint(ckpt)
     bound = bind_images(load_annotations(CAPTIONS), FLICKR, allow_missing=False)
     caption_image = np.asarray(bound.annotations.caption_image, dtype=np.int64)
     cache = a.workdir / f"vectors-{ckpt.stem}-{file_sha256(ckpt)[:12]}.npz"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, run_loupe, start_serve, stop_serve, write_json
+from common import CAPTIONS, PYTHON, REPO, add_size_sweep, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, run_loupe, start_serve, stop_serve, write_json
 
 from loupe.indexer.storage.synthetic import ClipLike, insert_images, stats
 
@@ -243,21 +243,16 @@ def blas_threshold(images: np.ndarray, queries: np.ndarray) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="10000,100000,1000000")
+    add_size_sweep(p, "10000,100000,1000000")
     p.add_argument("--repeats", type=int, default=5, help="cold runs per size")
     p.add_argument("--queries", type=int, default=200, help="text/image queries for recall")
     p.add_argument("--warm-queries", type=int, default=60)
     p.add_argument("--spread", type=float, default=1.5, help="synthetic content noise (1.2: more clustered)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     p.add_argument("--skip-kinds", action="store_true", help="skip the index-kind comparison")
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder
-
-    from loupe.indexer.models.spec import make_spec
-
     ckpt = checkpoint("ViT-B-32")
-    encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+    encoder = load_checkpoint(ckpt)
     world = ClipLike(spread=a.spread)
     text_q, image_q = world.texts(a.queries), world.images(a.queries, seed=99)
     sentences = captions(a.warm_queries)
@@ -268,7 +263,7 @@ def main() -> None:
         out["text_encoding_in_process"][precision] = text_encoding(encoder, sentences)
     print(f"text encoding alone: {out['text_encoding_in_process']}")
     compared = False
-    for n in (int(s) for s in a.sizes.split(",")):
+    for n in a.sizes:
         print(f"{n} vectors (load {load_average()})")
         home, images, ids = build_home(n, a.workdir, encoder, world)
         row = {"vectors": n, "synthetic_stats": stats(images, text_q)}

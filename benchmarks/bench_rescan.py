@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import checkpoint, load_average, machine, median, run_loupe, write_json
+from common import add_size_sweep, checkpoint, load_average, machine, median, run_loupe, write_json
 
 
 def make_files(folder: Path, n: int, per_dir: int = 1000) -> None:
@@ -70,12 +70,11 @@ def bench(n: int, workdir: Path, repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="10000,100000", help="comma-separated file counts")
+    add_size_sweep(p, "10000,100000")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     a = p.parse_args()
     out = {"machine": machine(), "runs": []}
-    for n in (int(s) for s in a.sizes.split(",")):
+    for n in a.sizes:
         out["runs"].append(bench(n, a.workdir, a.repeats))
     out["load_average_at_end"] = load_average()
     write_json("bench_rescan.json", out)

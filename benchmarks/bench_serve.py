@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, REPO, checkpoint, load_average, loupe_env, machine, median, start_serve, stop_serve, write_json
+from common import PYTHON, REPO, add_size_sweep, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, start_serve, stop_serve, write_json
 
 BASELINE_SECONDS = 0.19  # RESULTS.md: `loupe search` through the http.server `loupe serve`, whole process
 TARGET_RATIO = 1.2
@@ -175,21 +175,15 @@ def main() -> None:
     from bench_query import SHORT_QUERIES, ClipLike, build_home, captions
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="10000,100000")
+    add_size_sweep(p, "10000,100000")
     p.add_argument("--repeats", type=int, default=10, help="whole-process `loupe search` runs per server")
     p.add_argument("--queries", type=int, default=40, help="in-process requests per endpoint")
     p.add_argument("--baseline-ref", default="5c895f7", help="git commit of the http.server `loupe serve`")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/loupe-bench"))
     p.add_argument("--model", default="ViT-B-32", help="model (random weights); loupe-tiny isolates the HTTP stack's cost")
     p.add_argument("--thumb-sizes", default="0.3,3,12,24", help="photo sizes (megapixels) for the thumbnail timing")
     a = p.parse_args()
 
-    from loupe.indexer.models.encoder import load_encoder
-
-    from loupe.indexer.models.spec import make_spec
-
-    ckpt = checkpoint(a.model)
-    encoder = load_encoder(make_spec(None, None, ckpt), "cpu")
+    encoder = load_checkpoint(checkpoint(a.model))
     world = ClipLike(dim=encoder.dim, spread=1.5)
     workdir = a.workdir if a.model == "ViT-B-32" else a.workdir / a.model
     sentences = captions(a.queries)
@@ -199,7 +193,7 @@ def main() -> None:
         commit = extract(a.baseline_ref, old_code)
         out["baseline_commit"] = commit
         servers = ([("http.server", old_code)] if commit else []) + [("uvicorn", REPO)]
-        for n in (int(s) for s in a.sizes.split(",")):
+        for n in a.sizes:
             print(f"{n} vectors (load {load_average()})")
             home, _, _ = build_home(n, workdir, encoder, world)
             row: dict = {"vectors": n}

@@ -29,7 +29,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import FLICKR, checkpoint, load_average, machine, write_json
+from common import FLICKR, checkpoint, load_average, load_checkpoint, machine, write_json
 
 WORK = Path(os.environ.get("LOUPE_BENCH_DIR", "/tmp/loupe-bench-video"))
 
@@ -40,9 +40,7 @@ def cpu_seconds() -> float:
 
 
 def encoder():
-    from loupe.indexer.models.encoder import load_encoder, make_spec
-
-    return load_encoder(make_spec(None, None, checkpoint("ViT-B-32")), "cpu")
+    return load_checkpoint(checkpoint("ViT-B-32"))
 
 
 # ---- accuracy -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ weights' values, so the figures hold for the pretrained model of the same archit
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ OUT = REPO / "benchmarks" / "out"
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k_800" / "images"
 CAPTIONS = REPO.parent / "shared" / "data" / "flickr8k_800" / "captions.json"
 PYTHON = sys.executable
+WORKDIR = Path("/tmp/loupe-bench")  # made-up photo sets and indexes, kept between runs
 
 
 def checkpoint(model: str = "ViT-B-32") -> Path:
@@ -38,6 +40,22 @@ def checkpoint(model: str = "ViT-B-32") -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_random_model(path, model)
     return path
+
+
+def load_checkpoint(path: Path, device: str = "cpu"):
+    """The loupe encoder of a checkpoint file (random or trained weights), on `device`."""
+    from loupe.indexer.models.encoder import load_encoder
+    from loupe.indexer.models.spec import make_spec
+
+    return load_encoder(make_spec(None, None, path), device)
+
+
+def add_size_sweep(p: argparse.ArgumentParser, sizes: str) -> None:
+    """The options of a benchmark run at several sizes in turn: `--sizes` (comma-separated counts,
+    parsed to a list of ints) and `--workdir` (where the made-up sets of each size are kept)."""
+    p.add_argument("--sizes", type=lambda text: [int(n) for n in text.split(",")], default=sizes,
+                   help="comma-separated counts")
+    p.add_argument("--workdir", type=Path, default=WORKDIR)
 
 
 def load_average() -> list[float]:

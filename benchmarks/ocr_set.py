@@ -142,6 +142,17 @@ def make_fixtures(n_per_kind: int = 6, seed: int = 0, photos: str = PHOTOS, kind
     return [f for f in every if f.kind in kinds or (f.kind == "decoy" and "plate" in kinds)]
 
 
+def write_set(folder: Path, fixtures: list[Fixture]) -> dict[str, Fixture]:
+    """Save the drawn photos (EXIF orientation kept) as NN_kind.jpg; name -> fixture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for k, f in enumerate(fixtures):
+        name = f"{k:02d}_{f.kind}.jpg"
+        f.image.save(folder / name, exif=f.image.getexif())
+        out[name] = f
+    return out
+
+
 def _make(n_per_kind: int, seed: int, photos: str) -> list[Fixture]:
     rng = random.Random(seed)
     paths = sorted(glob.glob(str(Path(photos) / "*.jpg")))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ocr_set import have_cjk_font, have_fonts, make_fixtures
+from benchmarks.ocr_set import have_cjk_font, have_fonts, make_fixtures, write_set
 from loupe.indexer.pipeline.indexing import index_folder
 from loupe.indexer.signals.ocr import NAME, RecognisedText
 from loupe.indexer.signals.phash import PerceptualHash
@@ -22,17 +22,6 @@ from loupe.retrieval.engine.search import Searcher
 
 pytestmark = pytest.mark.skipif(not have_fonts(), reason="fonts-dejavu not installed (.ci/run installs it)")
 NO_OCR = (PerceptualHash(),)
-
-
-def write_set(folder: Path, fixtures) -> dict[str, object]:
-    """Save the drawn photos (EXIF orientation kept) as NN_kind.jpg; name -> fixture."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for k, f in enumerate(fixtures):
-        name = f"{k:02d}_{f.kind}.jpg"
-        f.image.save(folder / name, exif=f.image.getexif())
-        out[name] = f
-    return out
 
 
 @pytest.fixture(scope="module")

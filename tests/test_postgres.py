@@ -156,9 +156,9 @@ def test_text_in_photos_on_postgres_uses_pg_trgm(pg_url, tmp_path, tiny_encoder)
     """OCR lines in `signal_text` with a pg_trgm GIN index: substrings, folding and typos as on SQLite."""
     from sqlalchemy import create_engine, text
 
-    from benchmarks.ocr_set import have_fonts, make_fixtures
+    from benchmarks.ocr_set import have_fonts, make_fixtures, write_set
     from loupe.indexer.signals.textmatch import normalize
-    from tests.test_ocr import names, write_set
+    from tests.test_ocr import names
 
     if not have_fonts():
         pytest.skip("fonts-dejavu not installed")

@@ -3,21 +3,13 @@ finds it first, the preview marks the matched words on the photo, and lists the 
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import pytest
 
-from benchmarks.ocr_set import have_fonts, make_fixtures
-from tests.conftest import LoupeRunner
-from tests.test_ocr import write_set
+from benchmarks.ocr_set import have_fonts, make_fixtures, write_set
+from tests.conftest import LoupeRunner, browser_page, chromium, require_chromium, serving
+from tests.test_web_page import page_url
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-
-playwright_sync = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-if not CHROMIUM.exists():
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_chromium()
 if not have_fonts():
     pytest.skip("fonts-dejavu not installed (.ci/run installs it)", allow_module_level=True)
 from playwright.sync_api import expect  # noqa: E402
@@ -33,45 +25,19 @@ def drawn(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_encoder, drawn):
     from loupe.indexer.pipeline.indexing import index_folder
-    from loupe.indexer.storage.locations import resolve_location
     from loupe.indexer.storage.store import Store
-    from loupe.retrieval.web.client import read_state, state_file
 
     loupe = LoupeRunner(tmp_path_factory.mktemp("loupe-home"))
     report = index_folder(Store.open(home=loupe.home), tiny_encoder, drawn[1])
     assert report.signals["text"]["done"] == len(drawn[0])
-    proc = loupe.popen("serve", "--port", "0")
-    path = state_file(resolve_location(loupe.home))
-    try:
-        deadline = time.monotonic() + 180
-        while (state := read_state(path)) is None or state.pid != proc.pid:
-            if proc.poll() is not None:
-                raise AssertionError(f"loupe serve exited ({proc.returncode}):\n{proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("loupe serve did not start in time")
-            time.sleep(0.2)
-        yield state.url + f"/#token={state.token}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except Exception:
-            proc.kill()
-            proc.wait(timeout=30)
+    with serving(loupe) as state:
+        yield page_url(state)
 
 
 @pytest.fixture
 def page(server):
-    with playwright_sync.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        pg = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
-        pg.set_default_timeout(20_000)
-        errors: list[str] = []
-        pg.on("pageerror", lambda exc: errors.append(str(exc)))
-        pg.goto(server)
+    with chromium() as browser, browser_page(browser, server) as pg:
         yield pg
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def search(page, text: str) -> list[str]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loupe.indexer.models.onnx_export import check_agreement, export_graph, failure_reason, write_json
+
 MIN_COSINE = 0.9999  # ONNX against torch fp32, on probe pixels and on each run's first photos
 FORMAT = 1  # bump when the exported graph or the manifest changes meaning
 
@@ -58,12 +60,6 @@ def probe_pixels(image_size: int, n: int = 4) -> np.ndarray:
     ramp = np.linspace(-1.5, 1.5, image_size, dtype=np.float32)
     base = ramp[None, None, :, None] * ramp[None, None, None, :]
     return (base + rng.normal(0, 0.6, (n, 3, image_size, image_size))).astype(np.float32)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -115,19 +111,15 @@ def _export_checked(encoder, folder: Path, stem: str, manifest_path: Path) -> di
         manifest.update(_export(encoder, folder, stem))
         manifest["usable"] = True
     except Exception as exc:  # any architecture or exporter failure: torch stays the image encoder
-        manifest["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        manifest["reason"] = failure_reason(exc)
         for suffix in (".onnx", ".onnx.data"):
             (folder / f"{stem}{suffix}").unlink(missing_ok=True)
     manifest["export_seconds"] = round(time.perf_counter() - start, 2)
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     return manifest
 
 
 def _export(encoder, folder: Path, stem: str) -> dict:
-    import io
-    import warnings
-
-    import onnx
     import torch
 
     if encoder.device.type != "cpu":
@@ -143,30 +135,13 @@ def _export(encoder, folder: Path, stem: str) -> dict:
             return self.visual(pixels)
 
     probe = probe_pixels(encoder.image_size)
-    buffer = io.BytesIO()
-    # traced with grad enabled: under no_grad torch may pick fused attention kernels ONNX has no op for
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ImageTower(visual).eval(), (torch.from_numpy(probe[:2]),), buffer,
-            input_names=["pixels"], output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=18, dynamo=False,
-        )
-    graph = onnx.load_from_string(buffer.getvalue())
-    del buffer
-    tmp = f".{stem}.{os.getpid()}.tmp"
-    (folder / f"{stem}.onnx.data").unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(graph, str(folder / f"{tmp}.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{stem}.onnx.data", size_threshold=1024)
-    del graph
-    os.replace(folder / f"{tmp}.onnx", folder / f"{stem}.onnx")
+    export_graph(ImageTower(visual), (torch.from_numpy(probe[:2]),), folder, stem, ["pixels"],
+                 {"pixels": {0: "batch"}, "features": {0: "batch"}})
     with torch.inference_mode():
         expected = torch.nn.functional.normalize(visual(torch.from_numpy(probe)).float(), dim=-1).numpy()
     got = OnnxImageTower(folder / f"{stem}.onnx", 1.0).encode(probe)
     cosines = (got * expected).sum(axis=1)
-    if not np.all(cosines >= MIN_COSINE):
-        raise ValueError(f"ONNX image vectors differ from torch (min cosine {cosines.min():.6f} < {MIN_COSINE})")
+    check_agreement(cosines, MIN_COSINE, "image")
     return {"file": f"{stem}.onnx", "dim": int(expected.shape[1]), "min_cosine": float(cosines.min())}
 
 

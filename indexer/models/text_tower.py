@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from loupe.indexer.models.onnx_export import check_agreement, export_graph, failure_reason, write_json
 from loupe.indexer.storage.locations import Location
 
 MIN_COSINE = 0.9999  # ONNX against fp32 torch, on every probe sentence
@@ -83,12 +84,6 @@ def tower_state(location: Location, model: str, weights_id: str) -> str:
     return "ready" if data.get("usable") else "unusable"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _plain_clip_tokenizer(tokenizer) -> bool:
     """Whether `tokenizer` is open_clip's SimpleTokenizer with the settings `ClipTokenizer` implements."""
     from open_clip import tokenizer as oc
@@ -133,7 +128,7 @@ def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
         manifest["reason"] = cached.get("reason", "not exportable")
     manifest["export_seconds"] = round(time.perf_counter() - start, 2)
     old = _raw_manifest(location)
-    _write_json(manifest_path(location), manifest)
+    write_json(manifest_path(location), manifest)
     if old and old.get("file") and old.get("file") != manifest.get("file"):  # another model's (or format's) tower
         for suffix in ("", ".data"):
             (folder / f"{old['file']}{suffix}").unlink(missing_ok=True)
@@ -180,10 +175,10 @@ def _cached_export(encoder, cache: Path, cstem: str, weights_id: str) -> dict:
             data.update(_export(encoder, cache, cstem))
             data["usable"] = True
         except Exception as exc:  # any architecture or exporter failure: torch stays the text encoder
-            data["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            data["reason"] = failure_reason(exc)
             for suffix in (".onnx", ".onnx.data", ".bpe"):
                 (cache / f"{cstem}{suffix}").unlink(missing_ok=True)
-        _write_json(record, data)
+        write_json(record, data)
         return data
 
 
@@ -225,12 +220,10 @@ def _install(cache: Path, cstem: str, folder: Path, stem: str, cached: dict) -> 
 
 def _export(encoder, folder: Path, stem: str) -> dict:
     import copy
-    import io
-    import warnings
 
     import torch
 
-    from loupe.indexer.models.clip_tokenizer import ClipTokenizer, default_bpe_path
+    from loupe.indexer.models.clip_tokenizer import ClipTokenizer, default_bpe_path, read_merges
 
     if encoder.device.type != "cpu":
         raise ValueError("the text tower is exported from a CPU model only")
@@ -257,36 +250,12 @@ def _export(encoder, folder: Path, stem: str) -> dict:
             return _encode_any_length(self.model, tokens) if dynamic else self.model.encode_text(tokens)
 
     folder.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    # traced with grad enabled: under no_grad torch may pick fused attention kernels ONNX has no op for
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.enable_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            TextTower(encoder.model).eval(),
-            (torch.from_numpy(reference[:2]),),
-            buffer,
-            input_names=["tokens"],
-            output_names=["features"],
-            dynamic_axes={"tokens": {0: "batch", 1: "length"} if dynamic else {0: "batch"}, "features": {0: "batch"}},
-            opset_version=18,
-            dynamo=False,
-        )
-    import onnx
-
-    graph = onnx.load_from_string(buffer.getvalue())
-    del buffer
-    tmp = f".{stem}.{os.getpid()}.tmp"
-    (folder / f"{stem}.onnx.data").unlink(missing_ok=True)  # onnx appends to an existing data file
-    # the graph names its data file: the data is written first, the graph renamed into place last
-    onnx.save_model(graph, str(folder / f"{tmp}.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{stem}.onnx.data", size_threshold=1024)
-    del graph
-    os.replace(folder / f"{tmp}.onnx", folder / f"{stem}.onnx")
-    from loupe.indexer.models.clip_tokenizer import read_merges
-
-    merges = read_merges(default_bpe_path())
-    (folder / f"{tmp}.bpe").write_text("\n".join(merges), encoding="utf-8")
-    os.replace(folder / f"{tmp}.bpe", folder / f"{stem}.bpe")
+    length_axes = {0: "batch", 1: "length"} if dynamic else {0: "batch"}
+    export_graph(TextTower(encoder.model), (torch.from_numpy(reference[:2]),), folder, stem, ["tokens"],
+                 {"tokens": length_axes, "features": {0: "batch"}})
+    tmp = folder / f".{stem}.{os.getpid()}.tmp.bpe"
+    tmp.write_text("\n".join(read_merges(default_bpe_path())), encoding="utf-8")
+    os.replace(tmp, folder / f"{stem}.bpe")
 
     tower = OnnxTextTower(folder / f"{stem}.onnx", folder / f"{stem}.bpe", context, dynamic=dynamic)
     with torch.inference_mode():
@@ -294,8 +263,7 @@ def _export(encoder, folder: Path, stem: str) -> dict:
     got = tower.encode(list(PROBES))  # one batch, as long as its longest sentence
     alone = np.concatenate([tower.encode([p]) for p in PROBES])  # each at its own length
     cosines = np.minimum((got * expected.numpy()).sum(axis=1), (alone * expected.numpy()).sum(axis=1))
-    if not np.all(cosines >= MIN_COSINE):
-        raise ValueError(f"ONNX text vectors differ from torch (min cosine {cosines.min():.6f} < {MIN_COSINE})")
+    check_agreement(cosines, MIN_COSINE, "text")
     return {
         "file": f"{stem}.onnx",
         "bpe": f"{stem}.bpe",

@@ -476,8 +476,19 @@ class WebApp:
         return JSONResponse({"groups": [self._group_json(g) for g in groups], "total": len(grouping.groups),
                              "photos": grouping.contents, "lacking_signal": grouping.lacking})
 
-    async def duplicates_resolve(self, request: Request) -> Response:
+    def _with_writer_lock(self, fn):
+        """`fn(store)` holding the index's writer lock, for moves of files; a lock another writer
+        holds, or a move refused, is a 409."""
         from loupe.indexer.storage.locking import writer_lock
+
+        store = self.service.searcher.store
+        try:
+            with writer_lock(store, wait=False):
+                return fn(store)
+        except LoupeError as exc:
+            raise RequestError(409, str(exc)) from None
+
+    async def duplicates_resolve(self, request: Request) -> Response:
         from loupe.retrieval.engine.dup_moves import resolve
 
         body = await self._json_body(request)
@@ -487,7 +498,6 @@ class WebApp:
         if keep_id is not None and (not isinstance(keep_id, int) or isinstance(keep_id, bool)):
             raise RequestError(400, "keep must be a photo id")
         self._refresh()
-        store = self.service.searcher.store
 
         def work():
             grouping = self._groups(None)
@@ -497,11 +507,7 @@ class WebApp:
             keep = group.keep if keep_id is None else next((m.path for m in group.members if m.id == keep_id), None)
             if keep is None:
                 raise RequestError(400, "keep is not a photo of this group")
-            try:
-                with writer_lock(store, wait=False):
-                    return resolve(store, [group], keep={group.id: keep})
-            except LoupeError as exc:
-                raise RequestError(409, str(exc)) from None
+            return self._with_writer_lock(lambda store: resolve(store, [group], keep={group.id: keep}))
 
         out = await self.pictures.run(work)
         self._refresh()
@@ -510,19 +516,9 @@ class WebApp:
         return JSONResponse({"moved": [{"from": a, "to": b} for a, b in out.moved], "refused": [w for _, w in out.refused]})
 
     async def duplicates_undo(self, request: Request) -> Response:
-        from loupe.indexer.storage.locking import writer_lock
         from loupe.retrieval.engine.dup_moves import undo
 
-        store = self.service.searcher.store
-
-        def work():
-            try:
-                with writer_lock(store, wait=False):
-                    return undo(store)
-            except LoupeError as exc:
-                raise RequestError(409, str(exc)) from None
-
-        out = await self.pictures.run(work)
+        out = await self.pictures.run(self._with_writer_lock, undo)
         self._refresh()
         return JSONResponse({"restored": out.restored, "problems": out.problems})
 
