@@ -100,6 +100,12 @@ def _one_line(e: BaseException) -> str:
     return s[:300]
 
 
+# A stalled read (a vanished network drive) ends after IO_TIMEOUT_S; never sooner than MIN_IO_TIMEOUT_S,
+# which a healthy disk always meets: a tight wall-clock budget is checked per packet, not by FFmpeg's
+# interrupt callback (which aborts even the open of a healthy file when given a budget of microseconds).
+IO_TIMEOUT_S, MIN_IO_TIMEOUT_S = 30.0, 2.0
+
+
 def _open(path, timeout_s):
     """`path`, or an open binary file (the web server's, opened once and checked)."""
     if isinstance(path, (str, os.PathLike)):
@@ -109,6 +115,8 @@ def _open(path, timeout_s):
             raise CorruptVideo("empty file")
     try:
         c = av.open(path, timeout=(timeout_s, timeout_s))
+    except av.error.ExitError:  # the interrupt callback fired: reading stalled past the I/O timeout
+        raise VideoTimeout(f"opening stalled for more than {timeout_s:g}s") from None
     except av.error.FFmpegError as e:  # the reason is kept beside the path: not the path again
         raise CorruptVideo(f"cannot open: {_one_line(e).replace(f': {str(path)!r}', '')}") from None
     except Exception as e:  # pragma: no cover - unexpected
@@ -252,7 +260,7 @@ def moments(path, *, max_gap_s: float = 10.0, time_limit_s: Optional[float] = 30
     """
     t_start = time.monotonic()
     deadline = t_start + time_limit_s if time_limit_s else math.inf
-    io_timeout = min(30.0, time_limit_s or 30.0)
+    io_timeout = IO_TIMEOUT_S if not time_limit_s else min(IO_TIMEOUT_S, max(MIN_IO_TIMEOUT_S, time_limit_s))
     c, st = _open(path, io_timeout)
     cc = st.codec_context
     cc.thread_type = "AUTO"
@@ -404,7 +412,7 @@ def frame_at(path, time_s: float, max_side: int = 1024, *, time_limit_s: float =
     """The upright RGB frame shown at `time_s` (seconds from the first frame), at most `max_side`
     on its long side: a seek to the keyframe before it, then decode forward (a thumbnail of a moment)."""
     deadline = time.monotonic() + time_limit_s
-    c, st = _open(path, min(10.0, time_limit_s))
+    c, st = _open(path, min(10.0, max(MIN_IO_TIMEOUT_S, time_limit_s)))
     try:
         cc = st.codec_context
         cc.thread_type = "AUTO"
