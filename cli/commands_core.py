@@ -52,7 +52,7 @@ def index(
     as_json: JsonOpt = False,
     no_wait: NoWaitOpt = False,
     files: Annotated[Optional[Path], typer.Option("--files", help="Index the files listed in FILE (a text file, one path a line, or parquet with a 'path' column) instead of or besides folders.")] = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Read, decode and embed on a Ray cluster (`--ray=ADDRESS`, or a local one started with --workers CPUs); the catalog is written here. Needs `pip install 'loupe[ray]'`.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Read, decode and embed on a Ray cluster (`--ray=ADDRESS`, or a local one started with --workers CPUs); the catalog is written here. Needs `pip install 'loupe\\[ray]'`.")] = False,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address for --ray (default: start a local cluster).")] = None,
     actors: Annotated[Optional[int], typer.Option("--actors", min=1, help="With --ray: embedding actors (default: one per GPU, else 1).")] = None,
     no_video: Annotated[bool, typer.Option("--no-video", help="Skip videos (mp4, mov, m4v, mkv, webm, avi, 3gp, mts); videos indexed before are kept.")] = False,

@@ -10,6 +10,9 @@ a query's text (this, or the exported ONNX tower) is `loupe.indexer.models.facto
 from __future__ import annotations
 
 import re
+import threading
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -302,11 +305,64 @@ def encode_text_prefix(model, tokens: "torch.Tensor") -> "torch.Tensor":
     return x
 
 
+def _embed_dim(model, name: str, tokenizer, device) -> int:
+    """The width of the joint space: the model config's `embed_dim`, else measured on a probe sentence
+    (a first forward pass costs seconds on a CPU: only when the config does not say)."""
+    import open_clip
+    import torch
+
+    config = open_clip.get_model_config(name) or {}
+    if isinstance(config.get("embed_dim"), int):
+        return int(config["embed_dim"])
+    with torch.inference_mode():
+        return int(model.encode_text(tokenizer(["probe"]).to(device)).shape[-1])
+
+
 def _image_size(model) -> int:
     size = getattr(model.visual, "image_size", 224)
     if isinstance(size, (tuple, list)):
         size = max(size)
     return int(size)
+
+
+_INIT_FUNCTIONS = ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_", "orthogonal_")
+_BUILD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _weights_from_file(checkpoint: str | None, full: bool):
+    """While open_clip builds a model whose every weight a file then sets (`full`: it loads whole
+    checkpoints with strict=True, so a missing weight is an error, never a random one): skip the
+    random initialisation it would overwrite (`torch.nn.init`'s functions do nothing, as in Hugging
+    Face's `no_init_weights`), and map a local zip checkpoint into memory instead of reading it
+    through. Both are most of a run's start-up on a CPU (benchmarks/RESULTS.md, "Fixed cost")."""
+    import torch.nn.init as init
+    import torch.nn.modules.activation as activation
+
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch < 2.5: no default mmap switch
+        config = None
+    with _BUILD_LOCK:
+        if not full:
+            yield
+            return
+        # torch.nn.init's functions, and the names modules imported from it (nn.MultiheadAttention's)
+        modules = [init, activation]
+        saved = [(m, name, getattr(m, name)) for m in modules for name in _INIT_FUNCTIONS if hasattr(m, name)]
+        mmap_before = config.load.mmap if config is not None else None
+        try:
+            for module, name, _ in saved:
+                setattr(module, name, lambda tensor, *args, **kwargs: tensor)
+            if config is not None and checkpoint and zipfile.is_zipfile(checkpoint):
+                config.load.mmap = True
+            yield
+        finally:
+            for module, name, fn in saved:
+                setattr(module, name, fn)
+            if config is not None:
+                config.load.mmap = mmap_before
 
 
 def load_encoder(spec: ModelSpec | None = None, device: str = "auto", min_cosine: float = precisions.MIN_COSINE) -> Encoder:
@@ -342,9 +398,10 @@ def load_encoder(spec: ModelSpec | None = None, device: str = "auto", min_cosine
     old_level = logger.level
     logger.setLevel(logging.CRITICAL)  # open_clip logs 'no pretrained weights' etc. at WARNING
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=pretrained, device=dev
-        )
+        with _weights_from_file(spec.checkpoint if spec.checkpoint else None, full=bool(pretrained)):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=pretrained, device=dev
+            )
     except FileNotFoundError as exc:
         raise LoupeError(f"cannot read checkpoint {spec.checkpoint}: {exc}") from None
     except RuntimeError as exc:
@@ -367,8 +424,7 @@ def load_encoder(spec: ModelSpec | None = None, device: str = "auto", min_cosine
         logger.setLevel(old_level)
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.model)
-    with torch.inference_mode():
-        dim = int(model.encode_text(tokenizer(["probe"]).to(dev)).shape[-1])
+    dim = _embed_dim(model, spec.model, tokenizer, dev)
     encoder = Encoder(
         spec=spec.replace(dim=dim, text_backend="torch"),
         model=model,
