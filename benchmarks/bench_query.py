@@ -21,7 +21,6 @@ Writes benchmarks/out/bench_query.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CAPTIONS, PYTHON, REPO, add_size_sweep, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, run_loupe, start_serve, stop_serve, write_json
+from common import CAPTIONS, PYTHON, REPO, size_sweep_parser, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, run_loupe, start_serve, stop_serve, write_json
 
 from loupe.indexer.storage.synthetic import ClipLike, insert_images, stats
 
@@ -242,8 +241,7 @@ def blas_threshold(images: np.ndarray, queries: np.ndarray) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_sweep(p, "10000,100000,1000000")
+    p = size_sweep_parser(__doc__, "10000,100000,1000000")
     p.add_argument("--repeats", type=int, default=5, help="cold runs per size")
     p.add_argument("--queries", type=int, default=200, help="text/image queries for recall")
     p.add_argument("--warm-queries", type=int, default=60)

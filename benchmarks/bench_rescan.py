@@ -11,13 +11,12 @@ nothing opened or hashed, no model loaded. Writes benchmarks/out/bench_rescan.js
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import shutil
 from pathlib import Path
 
-from common import add_size_sweep, checkpoint, load_average, machine, median, run_loupe, write_json
+from common import size_sweep_parser, checkpoint, load_average, machine, median, run_loupe, write_json
 
 
 def make_files(folder: Path, n: int, per_dir: int = 1000) -> None:
@@ -69,8 +68,7 @@ def bench(n: int, workdir: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_sweep(p, "10000,100000")
+    p = size_sweep_parser(__doc__, "10000,100000")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
     out = {"machine": machine(), "runs": []}

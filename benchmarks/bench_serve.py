@@ -21,7 +21,6 @@ Writes benchmarks/out/bench_serve.json.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -31,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PYTHON, REPO, add_size_sweep, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, start_serve, stop_serve, write_json
+from common import PYTHON, REPO, size_sweep_parser, checkpoint, load_average, load_checkpoint, loupe_env, machine, median, start_serve, stop_serve, write_json
 
 BASELINE_SECONDS = 0.19  # RESULTS.md: `loupe search` through the http.server `loupe serve`, whole process
 TARGET_RATIO = 1.2
@@ -174,8 +173,7 @@ def thumbnails(sizes_mp: list[float], repeats: int = 5) -> list[dict]:
 def main() -> None:
     from bench_query import SHORT_QUERIES, ClipLike, build_home, captions
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_sweep(p, "10000,100000")
+    p = size_sweep_parser(__doc__, "10000,100000")
     p.add_argument("--repeats", type=int, default=10, help="whole-process `loupe search` runs per server")
     p.add_argument("--queries", type=int, default=40, help="in-process requests per endpoint")
     p.add_argument("--baseline-ref", default="5c895f7", help="git commit of the http.server `loupe serve`")

@@ -50,12 +50,15 @@ def load_checkpoint(path: Path, device: str = "cpu"):
     return load_encoder(make_spec(None, None, path), device)
 
 
-def add_size_sweep(p: argparse.ArgumentParser, sizes: str) -> None:
-    """The options of a benchmark run at several sizes in turn: `--sizes` (comma-separated counts,
-    parsed to a list of ints) and `--workdir` (where the made-up sets of each size are kept)."""
+def size_sweep_parser(doc: str, sizes: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark run at several sizes in turn, described by its docstring's
+    first line: `--sizes` (comma-separated counts, parsed to a list of ints, default `sizes`) and
+    `--workdir` (where the made-up sets of each size are kept)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--sizes", type=lambda text: [int(n) for n in text.split(",")], default=sizes,
                    help="comma-separated counts")
     p.add_argument("--workdir", type=Path, default=WORKDIR)
+    return p
 
 
 def load_average() -> list[float]:

@@ -647,24 +647,31 @@ def create_app(
     location = service.searcher.store.location
     thumbs = ThumbCache(thumbs_dir or location.vector_dir / f"{location.prefix}thumbs")
     web = WebApp(service, thumbs, upload_limit, token=token)
+    gets = {
+        "/health": web.health,
+        "/api/photos/{id:int}": web.photo_info,
+        "/api/photos/{id:int}/captions": web.photo_captions,
+        "/api/thumb/{id:int}": web.thumb,
+        "/api/photo/{id:int}": web.preview,
+        "/api/video/{id:int}": web.video,  # HEAD too (Starlette)
+        "/api/status": web.status,
+        "/api/folders": web.folders,
+        "/api/duplicates": web.duplicates,
+        "/api/openapi.json": web.openapi,
+    }
+    posts = {
+        "/search": web.cli_search,
+        "/api/search": web.search,
+        "/api/uploads": web.upload,
+        "/api/duplicates/resolve": web.duplicates_resolve,
+        "/api/duplicates/undo": web.duplicates_undo,
+    }
     routes = [
-        Route("/health", web.health, methods=["GET"]),
-        Route("/search", web.cli_search, methods=["POST"]),
-        Route("/api/search", web.search, methods=["POST"]),
-        Route("/api/uploads", web.upload, methods=["POST"]),
-        Route("/api/photos/{id:int}", web.photo_info, methods=["GET"]),
-        Route("/api/photos/{id:int}/captions", web.photo_captions, methods=["GET"]),
-        Route("/api/thumb/{id:int}", web.thumb, methods=["GET"]),
-        Route("/api/photo/{id:int}", web.preview, methods=["GET"]),
-        Route("/api/video/{id:int}", web.video, methods=["GET"]),  # HEAD too (Starlette)
-        Route("/api/status", web.status, methods=["GET"]),
-        Route("/api/folders", web.folders, methods=["GET"]),
-        Route("/api/duplicates", web.duplicates, methods=["GET"]),
-        Route("/api/duplicates/resolve", web.duplicates_resolve, methods=["POST"]),
-        Route("/api/duplicates/undo", web.duplicates_undo, methods=["POST"]),
-        Route("/api/openapi.json", web.openapi, methods=["GET"]),
-        Mount("/", StaticFiles(directory=web_dir, html=True), name="page"),
+        Route(path, handler, methods=[method])
+        for method, handlers in (("GET", gets), ("POST", posts))
+        for path, handler in handlers.items()
     ]
+    routes.append(Mount("/", StaticFiles(directory=web_dir, html=True), name="page"))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, RequestError: _known_error, LoupeError: _known_error,
