@@ -107,14 +107,15 @@ class LoupeRunner:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_default_sigint,
         )
 
 
-def _default_sigint() -> None:
-    """Let Ctrl-C reach the child even when the test run itself was started in the background
-    (a shell's `cmd &` ignores SIGINT, and an ignored signal is inherited)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Ctrl-C must reach a `loupe` child even when the test run itself was started in the background: a
+# shell's `cmd &` ignores SIGINT and an ignored signal is inherited through exec, while a handled one
+# is reset to the default there. So the run handles it (a `preexec_fn` resetting it in the child
+# instead can deadlock the fork of this many-threaded process before its exec, and Popen with it).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
