@@ -214,12 +214,13 @@ def measure(page, query: str, state) -> dict:
     return out
 
 
-def warm_every_thumbnail(page) -> int:
+def warm_every_thumbnail(page, token: str) -> int:
     """Make every real photo's thumbnail once (date browse: the fillers, dated 1970, come last)."""
     return page.evaluate("""async () => {
       let n = 0;
       for (let offset = 0; offset < 1000; offset += 200) {
-        const r = await fetch('/api/search', {method: 'POST', headers: {'Content-Type': 'application/json'},
+        const r = await fetch('/api/search', {method: 'POST', headers: {'Content-Type': 'application/json',
+          'Authorization': 'Bearer %s'},
           body: JSON.stringify({q: '', sort: 'newest', offset, limit: 200})});
         const data = await r.json();
         const real = data.results.filter(x => !x.path.startsWith('%s'));
@@ -228,7 +229,7 @@ def warm_every_thumbnail(page) -> int:
         if (real.length < data.results.length) break;
       }
       return n;
-    }""" % FILLER_ROOT)
+    }""" % (token, FILLER_ROOT))
 
 
 def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str]) -> dict:
@@ -236,7 +237,7 @@ def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str
 
     forget_queries(home)
     proc, state, thumbs = start_server(home)
-    url = state.url + "/"
+    url = f"{state.url}/#token={state.token}"  # as `loupe serve` prints it: the page keeps the token
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -253,7 +254,7 @@ def page_latency(home: Path, fly: list[str], cached: list[str], warmup: list[str
             for q in fly:
                 shutil.rmtree(thumbs, ignore_errors=True)
                 on_the_fly.append(measure(page, q, state))
-            made = warm_every_thumbnail(page)
+            made = warm_every_thumbnail(page, state.token)
             warm = [measure(page, q, state) for q in cached]
             page.screenshot(path=str(OUT / "bench_page.png"))
             browser.close()
