@@ -18,14 +18,16 @@ from loupe.cli.options import (
 
 
 def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = "auto", min_cosine: float = 0.999,
-                 backend: str = "auto"):
-    """The model to index with: the options if given, else the one the index is bound to."""
+                 backend: str = "auto", images_only: bool = False):
+    """The model to index with: the options if given, else the one the index is bound to.
+    `images_only`: it embeds photos only, in this process (then it may need no torch)."""
     from loupe.indexer.models.factory import index_encoder
     from loupe.indexer.models.spec import resolve_spec, spec_of_meta
 
     spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(store.meta())).replace(
         image_precision=precision, image_backend=backend)
-    return index_encoder(spec, device, min_cosine)  # image precision checked against fp32 on the first batch
+    # image precision checked against fp32 on the first batch
+    return index_encoder(spec, device, min_cosine, images_for=store.location if images_only else None)
 
 
 def _show_progress() -> bool:
@@ -94,7 +96,8 @@ def index(
     ctx.with_resource(writing(store, no_wait))  # held until the command returns
     meta = store.meta()
 
-    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine, backend))
+    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine, backend,
+                                                images_only=not ray))
     # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
     # model options are checked against the index's binding by name, tag and checkpoint hash
     if meta is not None and (model or pretrained or checkpoint):

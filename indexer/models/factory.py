@@ -7,7 +7,8 @@ type. Here:
   images on the backend `image_backend` chooses for the machine (ONNX Runtime fp32 on CPUs, its
   tower exported once per model into the user cache: `loupe.indexer.models.image_tower`; torch on
   GPUs, for bf16/int8, or where ONNX Runtime is missing); a Ray actor given the same spec runs the
-  same arithmetic.
+  same arithmetic. For a run that embeds images only (`images_for`: `loupe index` in this process),
+  with ONNX chosen and everything cached (`torch_free_encoder`), an encoder without torch.
 - `query_encoder(location, meta, spec)`: what turns a query into vectors. Its text side is the
   index's exported ONNX tower (`loupe.indexer.models.text_tower`, fp32, no torch) for a one-off
   CPU search whose spec allows it, else torch; images always go through torch.
@@ -27,8 +28,8 @@ from loupe.indexer.models.spec import ModelSpec
 from loupe.indexer.storage.locations import Location
 
 
-def image_backend(spec: ModelSpec, device: "torch.device") -> tuple[str, str | None]:
-    """The backend of the image tower for `spec` on `device`, and a note when the one asked for cannot run.
+def image_backend(spec: ModelSpec, device: "torch.device | str") -> tuple[str, str | None]:
+    """The backend of the image tower for `spec` on `device` (or its type's name), and a note when the one asked for cannot run.
 
     'auto' is the fastest faithful one measured (benchmarks/RESULTS.md, "Backends"):
     - CUDA (and MPS): torch, in the spec's precision (fp16 mixed precision by default on CUDA);
@@ -48,8 +49,9 @@ def image_backend(spec: ModelSpec, device: "torch.device") -> tuple[str, str | N
         if asked == "onnx":
             raise LoupeError(f"--backend onnx runs fp32 only, not --precision {precision}: drop one of them")
         return "torch", None
-    if device.type != "cpu":
-        return "torch", (f"the ONNX image tower runs on CPUs: embedding on torch ({device.type})" if asked == "onnx" else None)
+    kind = getattr(device, "type", device)
+    if kind != "cpu":
+        return "torch", (f"the ONNX image tower runs on CPUs: embedding on torch ({kind})" if asked == "onnx" else None)
     if precisions.BF16_BY_DEFAULT and asked == "auto" and precisions.cpu_has_bf16():
         return "torch", None
     if not onnxruntime_available():
@@ -57,10 +59,20 @@ def image_backend(spec: ModelSpec, device: "torch.device") -> tuple[str, str | N
     return "onnx", None
 
 
-def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
+def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE,
+                  *, images_for: Location | None = None):
     """The encoder of both towers: torch for text, images on `image_backend`'s choice, in the spec's
-    precisions (`load_encoder`). Its `spec` says what runs; `precision_notice` why not what was asked."""
+    precisions (`load_encoder`). Its `spec` says what runs; `precision_notice` why not what was asked.
+
+    `images_for`: the index of a run that only embeds images, in this process; where
+    `torch_free_encoder` can serve it, that encoder (no torch, no open_clip), else this one.
+    """
+    if images_for is not None:
+        light = torch_free_encoder(spec, images_for, device, min_cosine)
+        if light is not None:
+            return light
     from loupe.indexer.models.encoder import load_encoder, resolve_device
+    from loupe.indexer.models.spec import model_name_from_checkpoint
 
     backend, note = image_backend(spec, resolve_device(device))
     encoder = load_encoder(spec.replace(text_backend="torch", image_backend="torch"), device, min_cosine)
@@ -68,11 +80,53 @@ def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = pre
         from loupe.indexer.models.image_tower import TowerUnavailable, load_tower
 
         try:
-            encoder.use_onnx_images(load_tower(encoder))
+            encoder.use_onnx_images(load_tower(encoder, checkpoint_model=lambda: model_name_from_checkpoint(spec.checkpoint)))
         except TowerUnavailable as exc:
             note = f"the ONNX image tower cannot serve {spec.model} ({exc}): images are embedded by torch"
     encoder.precision_notice = note
     return encoder
+
+
+def torch_free_encoder(spec: ModelSpec, location: Location, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
+    """The image encoder without torch (`loupe.indexer.models.onnx_images`) of a run indexing into
+    `location`, or None (then the torch encoder runs, as before).
+
+    It serves only where the torch encoder would embed with the ONNX tower in fp32 on a CPU (no GPU
+    visible: `cpu_only`), the tower of these weights is cached with a transform it reproduces and
+    was checked by this ONNX Runtime version, and the run has no text tower to export for the index
+    (`text_tower.tower_state`: it has one, or the user cache can give it without torch, or towers
+    are off).
+    """
+    from loupe.indexer.models.image_tower import onnxruntime_available
+    from loupe.indexer.models.text_tower import cache_record, tower_enabled, tower_state
+
+    if not cpu_only(device) or not onnxruntime_available() or image_backend(spec, "cpu")[0] != "onnx":
+        return None
+    weights_id = spec.weights_id
+    if (
+        tower_enabled()
+        and tower_state(location, spec.model, weights_id) == "absent"
+        and cache_record(spec.model, weights_id) is None
+    ):
+        return None
+    from loupe.indexer.models.onnx_images import cached_image_encoder
+
+    return cached_image_encoder(spec, min_cosine)
+
+
+def cpu_only(device: str) -> bool:
+    """Whether `device` resolves to the CPU (`encoder.resolve_device`), told without importing torch:
+    'cpu', or 'auto' on a machine where no GPU torch could use is visible (no NVIDIA, ROCm or WSL GPU
+    device, not macOS, whose MPS torch would pick)."""
+    import glob
+    import sys
+
+    name = (device or "auto").lower()
+    if name == "cpu":
+        return True
+    if name != "auto" or sys.platform == "darwin":
+        return False
+    return not any(glob.glob(pattern) for pattern in ("/dev/nvidia*", "/dev/kfd", "/dev/dxg"))
 
 
 def onnx_may_serve(spec: ModelSpec, device: str, one_off: bool) -> bool:
@@ -162,7 +216,8 @@ def cache_text_tower(encoder, location: Location, meta, on_error: Callable[[OSEr
     """Export the text tower of a torch `encoder` of the index's model unless the index has one; the
     tower's state ('ready', 'unusable', 'absent').
 
-    Only an fp32 CPU encoder exports (the tower must give fp32's vectors). A folder that cannot be
+    Only an fp32 CPU encoder exports (the tower must give fp32's vectors); an encoder without a
+    text side (`onnx_images`) installs the tower from the user cache only. A folder that cannot be
     written leaves searches on torch (`on_error` hears why).
     """
     from loupe.indexer.models.text_tower import export_text_tower, tower_enabled, tower_state
@@ -170,16 +225,18 @@ def cache_text_tower(encoder, location: Location, meta, on_error: Callable[[OSEr
     if meta is None:
         return "absent"
     state = tower_state(location, meta.model, meta.weights_id)
-    if (
-        state != "absent"
-        or not tower_enabled()
-        or encoder.spec.text_backend != "torch"
+    if state != "absent" or not tower_enabled():
+        return state
+    text_side = hasattr(encoder, "encode_texts")
+    if text_side and (
+        encoder.spec.text_backend != "torch"
         or encoder.text_precision != "fp32"
         or getattr(encoder.device, "type", "cpu") != "cpu"
     ):
         return state
     try:
-        return "ready" if export_text_tower(encoder, location, meta.weights_id)["usable"] else "unusable"
+        manifest = export_text_tower(encoder, location, meta.weights_id, export=text_side)
+        return "absent" if manifest is None else "ready" if manifest["usable"] else "unusable"
     except OSError as exc:
         if on_error is not None:
             on_error(exc)

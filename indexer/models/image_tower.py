@@ -9,7 +9,10 @@ that fails (an op the exporter lacks, a graph that strays) is recorded as unusab
 and torch embeds its images, said once. Which runs, is `loupe.indexer.models.factory`'s choice.
 
 Files, in `cache_dir()`: `image-<key>.json` (the manifest, written last and atomically, so it only
-ever names complete files), `image-<key>.onnx` and `image-<key>.onnx.data` (its weights).
+ever names complete files), `image-<key>.onnx` and `image-<key>.onnx.data` (its weights). The
+manifest also records what a run without torch needs to use the tower alone
+(`loupe.indexer.models.onnx_images`): the model's eval transform (`preprocess.transform_record`),
+the ONNX Runtime version that passed the check, and the model name a checkpoint file records.
 Concurrent exports of one model (two indexes at once) take a file lock: one exports, the other waits.
 """
 
@@ -19,13 +22,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from loupe.indexer.models.onnx_export import check_agreement, export_graph, failure_reason, write_json
 
 MIN_COSINE = 0.9999  # ONNX against torch fp32, on probe pixels and on each run's first photos
-FORMAT = 1  # bump when the exported graph or the manifest changes meaning
+FORMAT = 2  # bump when the exported graph or the manifest changes meaning (2: preprocess, onnxruntime, checkpoint_model)
 
 
 class TowerUnavailable(Exception):
@@ -70,11 +74,35 @@ def read_manifest(path: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
-def load_tower(encoder, folder: Path | None = None) -> "OnnxImageTower":
+def manifests(weights_id: str, folder: Path | None = None) -> Iterator[tuple[Path, dict]]:
+    """The cached image towers' manifests (this `FORMAT`) of the weights `weights_id`, any model."""
+    folder = Path(folder) if folder is not None else cache_dir()
+    try:
+        paths = sorted(folder.glob("image-*.json"))
+    except OSError:
+        return
+    for path in paths:
+        data = read_manifest(path)
+        if data is not None and data.get("weights_id") == weights_id:
+            yield path, data
+
+
+def checkpoint_model(weights_id: str, folder: Path | None = None) -> tuple[bool, str | None]:
+    """(known, name): the model name the checkpoint file of `weights_id` records (None: it records
+    none), as an export of its tower read it; known is False when no cached tower says."""
+    for _, data in manifests(weights_id, folder):
+        if "checkpoint_model" in data:
+            name = data["checkpoint_model"]
+            return True, name if isinstance(name, str) else None
+    return False, None
+
+
+def load_tower(encoder, folder: Path | None = None, checkpoint_model: Callable[[], str | None] = lambda: None) -> "OnnxImageTower":
     """The ONNX image tower of `encoder`'s weights (a torch fp32 CPU encoder), exported on first need.
 
-    Raises `TowerUnavailable` with the reason when ONNX Runtime is absent, the folder cannot be
-    written, or this model does not export faithfully (remembered: not tried again).
+    `checkpoint_model` gives the model name the encoder's checkpoint file records, for the
+    manifest. Raises `TowerUnavailable` with the reason when ONNX Runtime is absent, the folder
+    cannot be written, or this model does not export faithfully (remembered: not tried again).
     """
     if not onnxruntime_available():
         raise TowerUnavailable("onnxruntime is not installed")
@@ -89,7 +117,7 @@ def load_tower(encoder, folder: Path | None = None) -> "OnnxImageTower":
 
             with open(folder / f".{stem}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another process exporting the same model: wait for it
-                manifest = read_manifest(manifest_path) or _export_checked(encoder, folder, stem, manifest_path)
+                manifest = read_manifest(manifest_path) or _export_checked(encoder, folder, stem, manifest_path, checkpoint_model)
         except OSError as exc:
             raise TowerUnavailable(f"cannot write the tower cache {folder}: {exc}") from None
     if not manifest.get("usable"):
@@ -101,12 +129,19 @@ def load_tower(encoder, folder: Path | None = None) -> "OnnxImageTower":
         raise TowerUnavailable(f"cannot load {folder / manifest['file']}: {type(exc).__name__}") from None
 
 
-def _export_checked(encoder, folder: Path, stem: str, manifest_path: Path) -> dict:
+def _export_checked(encoder, folder: Path, stem: str, manifest_path: Path, checkpoint_model: Callable[[], str | None]) -> dict:
     import time
+
+    import onnxruntime
+
+    from loupe.indexer.models.preprocess import transform_record
 
     start = time.perf_counter()
     manifest = {"format": FORMAT, "model": encoder.spec.model, "weights_id": encoder.weights_id,
-                "image_size": encoder.image_size, "usable": False}
+                "image_size": encoder.image_size, "usable": False,
+                "preprocess": transform_record(encoder.preprocess), "onnxruntime": onnxruntime.__version__}
+    if encoder.spec.checkpoint:
+        manifest["checkpoint_model"] = checkpoint_model()
     try:
         manifest.update(_export(encoder, folder, stem))
         manifest["usable"] = True

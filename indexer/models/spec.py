@@ -166,8 +166,18 @@ def weights_id_of(spec: ModelSpec) -> str:
 def model_name_from_checkpoint(path: str) -> str | None:
     """Read the model name loupe stores in its own checkpoints (None for foreign files).
 
-    Uses torch's memory-mapped loading, so only the small metadata entry is actually read.
+    A file whose image tower is cached (`image_tower.checkpoint_model`, by its hash) is answered
+    from the tower's manifest, without torch; else torch's memory-mapped loading reads it, so only
+    the small metadata entry is actually read.
     """
+    from loupe.indexer.models.image_tower import checkpoint_model
+
+    try:
+        known, name = checkpoint_model(f"sha256:{file_sha256(path)}")
+    except OSError:
+        known, name = False, None
+    if known:
+        return name
     import torch
 
     try:

@@ -84,6 +84,26 @@ def tower_state(location: Location, model: str, weights_id: str) -> str:
     return "ready" if data.get("usable") else "unusable"
 
 
+def cache_record(model: str, weights_id: str) -> dict | None:
+    """The user cache's record of these weights' text tower export (usable or not), None if none:
+    what `export_text_tower` installs without an export."""
+    from loupe.indexer.models.image_tower import cache_dir
+
+    return _read_record(cache_dir(), f"text-{_key(model, weights_id)}")
+
+
+def _read_record(cache: Path, cstem: str) -> dict | None:
+    try:
+        data = json.loads((cache / f"{cstem}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("format") == FORMAT):
+        return None
+    if data.get("usable") and not all((cache / f"{cstem}{x}").exists() for x in (".onnx", ".onnx.data", ".bpe")):
+        return None  # files removed from the cache: export again
+    return data
+
+
 def _plain_clip_tokenizer(tokenizer) -> bool:
     """Whether `tokenizer` is open_clip's SimpleTokenizer with the settings `ClipTokenizer` implements."""
     from open_clip import tokenizer as oc
@@ -96,11 +116,12 @@ def _plain_clip_tokenizer(tokenizer) -> bool:
     )
 
 
-def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
+def export_text_tower(encoder, location: Location, weights_id: str, export: bool = True) -> dict | None:
     """Give the index the text tower of `encoder`'s weights, checked; returns the manifest written.
 
     The tower comes from the per-model cache when an earlier run exported it, else it is exported
-    there first (`encoder` must hold fp32 weights: call before `set_text_precision`). Never raises
+    there first (`encoder` must hold fp32 weights: call before `set_text_precision`); with
+    `export=False` (an encoder without a text side), None when the cache has none. Never raises
     for a model that cannot be exported: the manifest then says `usable: false` with the reason,
     and searches use torch. An index folder that cannot be written raises OSError.
     """
@@ -119,8 +140,12 @@ def export_text_tower(encoder, location: Location, weights_id: str) -> dict:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError:  # no cache folder: the export lives beside the index only, as before
         cache, cstem = folder, stem
+    if not export and _read_record(cache, cstem) is None:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
-    cached = _cached_export(encoder, cache, cstem, weights_id)
+    cached = _cached_export(encoder, cache, cstem, weights_id, export)
+    if cached is None:
+        return None
     if cached.get("usable"):
         manifest.update(_install(cache, cstem, folder, stem, cached))
         manifest["usable"] = True
@@ -145,29 +170,17 @@ def _raw_manifest(location: Location) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _cached_export(encoder, cache: Path, cstem: str, weights_id: str) -> dict:
-    """The cache's record of this model's export (made now if absent, one process at a time)."""
+def _cached_export(encoder, cache: Path, cstem: str, weights_id: str, export: bool = True) -> dict | None:
+    """The cache's record of this model's export (made now if absent and `export`, one process at a time)."""
     import fcntl
 
     record = cache / f"{cstem}.json"
-
-    def read() -> dict | None:
-        try:
-            data = json.loads(record.read_text())
-        except (OSError, ValueError):
-            return None
-        if not (isinstance(data, dict) and data.get("format") == FORMAT):
-            return None
-        if data.get("usable") and not all((cache / f"{cstem}{x}").exists() for x in (".onnx", ".onnx.data", ".bpe")):
-            return None  # files removed from the cache: export again
-        return data
-
-    data = read()
-    if data is not None:
+    data = _read_record(cache, cstem)
+    if data is not None or not export:
         return data
     with open(cache / f".{cstem}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process exporting the same model: wait for it
-        data = read()
+        data = _read_record(cache, cstem)
         if data is not None:
             return data
         data = {"format": FORMAT, "model": encoder.spec.model, "weights_id": weights_id, "usable": False}

@@ -382,11 +382,17 @@ def decode_paths(
 
 
 def embed_batch(encoder: "Encoder", tensors: Sequence, times: StageTimes | None = None) -> np.ndarray:
-    """Embed preprocessed images (torch tensors or numpy arrays of one shape) as L2-normalised rows."""
-    import torch  # here, not at the top: a run with nothing to embed never imports it
+    """Embed preprocessed images (torch tensors or numpy arrays of one shape) as L2-normalised rows.
 
+    An encoder that takes numpy pixels (`numpy_pixels`: `loupe.indexer.models.onnx_images`) gets them
+    stacked by numpy, and torch is never imported."""
     t = time.perf_counter()
-    pixels = torch.stack([x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)) for x in tensors])
+    if getattr(encoder, "numpy_pixels", False):
+        pixels = np.stack([np.asarray(x, dtype=np.float32) for x in tensors])
+    else:
+        import torch  # here, not at the top: a run with nothing to embed never imports it
+
+        pixels = torch.stack([x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x)) for x in tensors])
     vecs = encoder.encode_images(pixels)
     if times is not None:
         times.add("embed", time.perf_counter() - t, len(tensors))
