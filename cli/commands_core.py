@@ -17,8 +17,25 @@ from loupe.cli.options import (
 )
 
 
+class _Loader:
+    """The encoder of a `loupe index` run, made on first need (by the first folder that embeds
+    anything, which says how many files: `factory.bulk_spec`) and then shared by every folder."""
+
+    def __init__(self, make) -> None:
+        self.make, self.encoder = make, None
+
+    def __call__(self, images: int | None = None):
+        if self.encoder is None:
+            self.encoder = self.make(images)
+        return self.encoder
+
+    @property
+    def loaded(self) -> bool:
+        return self.encoder is not None
+
+
 def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = "auto", min_cosine: float = 0.999,
-                 backend: str = "auto", images_only: bool = False):
+                 backend: str = "auto", images_only: bool = False, images: int | None = None):
     """The model to index with: the options if given, else the one the index is bound to.
     `images_only`: it embeds photos only, in this process (then it may need no torch)."""
     from loupe.indexer.models.factory import index_encoder
@@ -27,7 +44,7 @@ def _encoder_for(store, model, pretrained, checkpoint, device, precision: str = 
     spec = resolve_spec(model, pretrained, checkpoint, spec_of_meta(store.meta())).replace(
         image_precision=precision, image_backend=backend)
     # image precision checked against fp32 on the first batch
-    return index_encoder(spec, device, min_cosine, images_for=store.location if images_only else None)
+    return index_encoder(spec, device, min_cosine, images_for=store.location if images_only else None, images=images)
 
 
 def _show_progress() -> bool:
@@ -90,21 +107,19 @@ def index(
 
         require_ray()  # before any work: one line naming the extra
     _check_folders(folders, home, db)
-    import functools
-
     store = open_store(home, db)
     ctx.with_resource(writing(store, no_wait))  # held until the command returns
     meta = store.meta()
 
-    load = functools.cache(lambda: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine, backend,
-                                                images_only=not ray))
+    load = _Loader(lambda images: _encoder_for(store, model, pretrained, checkpoint, device, precision, min_cosine, backend,
+                                               images_only=not ray, images=images))
     # the index's model is loaded only once a file needs embedding: a no-change re-scan never loads it;
     # model options are checked against the index's binding by name, tag and checkpoint hash
     if meta is not None and (model or pretrained or checkpoint):
         from loupe.indexer.models.spec import check_bound, resolve_spec, spec_of_meta
 
         check_bound(meta, resolve_spec(model, pretrained, checkpoint, spec_of_meta(meta)), meta.dim)
-    encoder = load() if meta is None else load
+    encoder = load  # loaded by the run once it knows how many files need embedding (none: never)
     if index_factory:
         store.set_index_factory(index_factory, meta.dim if meta is not None else load().dim)
     sources = [(f, False) for f in folders] + ([(files, True)] if files is not None else [])
@@ -125,21 +140,21 @@ def index(
                 video=not no_video,
                 signals=signals,
             )
-        notice = load.cache_info().currsize and load().precision_notice
+        notice = load.loaded and load().precision_notice
         if notice:
             typer.echo(f"loupe: {notice}", err=True)
             load().precision_notice = None  # once per run
         if as_json:
             out = {k: v for k, v in vars(report).items() if k != "bad_files"}
             out["bad_files"] = [{"path": p, "reason": r} for p, r in report.bad_files]
-            out["model_loaded"] = load.cache_info().currsize > 0
+            out["model_loaded"] = load.loaded
             typer.echo(json.dumps(out))
         else:
             _print_index_report(report)
         if report.interrupted:
             typer.echo("loupe: interrupted; everything committed so far is kept, re-run to continue", err=True)
             raise typer.Exit(130)
-    if load.cache_info().currsize:  # the model is loaded anyway: cache its text tower for cold searches
+    if load.loaded:  # the model is loaded anyway: cache its text tower for cold searches
         from loupe.indexer.models.factory import cache_text_tower
 
         cache_text_tower(load(), store.location, store.meta(), on_error=lambda exc: typer.echo(

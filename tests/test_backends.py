@@ -71,7 +71,7 @@ def test_auto_chooses_per_device():
     from loupe.indexer.models.spec import ModelSpec
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert image_backend(ModelSpec(), cpu) == ("onnx", None)  # bf16 units or not: fp32 by the recall rule
+    assert image_backend(ModelSpec(), cpu) == ("onnx", None)  # bf16 units or not, a run of unknown size (`bulk_spec`)
     assert image_backend(ModelSpec(), cuda) == ("torch", None)
     assert image_backend(ModelSpec(image_precision="int8"), cpu) == ("torch", None)
     assert image_backend(ModelSpec(image_backend="onnx"), cuda)[0] == "torch"  # said in the note
@@ -173,3 +173,48 @@ def test_text_tower_runs_each_query_at_its_own_length(tmp_path, tiny_encoder):
     assert again["usable"] and again["export_seconds"] < manifest["export_seconds"] + 1
     assert (tmp_path / "other" / again["file"]).exists()
     assert sys.modules.get("onnxruntime") is not None
+
+
+@pytest.mark.parametrize("flags", [{"amx_bf16", "avx512f"}, {"avx512_bf16"}, {"avx2"}])
+def test_a_large_auto_run_on_a_cpu_with_bf16_units_takes_bf16(monkeypatch, tiny_checkpoint, flags):
+    """`bulk_spec`: auto/auto from BF16_MIN_IMAGES images on, on a CPU with bf16 units only; explicit
+    choices, small runs, unknown sizes and GPUs keep the spec as it was."""
+    from loupe.indexer.models import precision
+    from loupe.indexer.models.factory import bulk_spec
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: set(flags))
+    spec = _spec(tiny_checkpoint)
+    n = precision.BF16_MIN_IMAGES
+    bf16_units = bool(flags & {"amx_bf16", "avx512_bf16"})
+    got = bulk_spec(spec, "cpu", n)
+    assert (got.image_backend, got.image_precision) == (("torch", "bf16") if bf16_units else ("auto", "auto"))
+    for unchanged in (bulk_spec(spec, "cpu", n - 1), bulk_spec(spec, "cpu", None), bulk_spec(spec, "cuda", n),
+                      bulk_spec(spec.replace(image_precision="fp32"), "cpu", n),
+                      bulk_spec(spec.replace(image_backend="onnx"), "cpu", n)):
+        assert (unchanged.image_backend, unchanged.image_precision) in (("auto", "auto"), ("auto", "fp32"), ("onnx", "auto"))
+
+
+def test_the_run_loads_its_encoder_for_the_files_it_embeds(monkeypatch, tmp_path, vit_checkpoint, photo_dir):
+    """The runner tells the loader how many files it will embed; a large enough run on a CPU with
+    bf16 units records bf16 vectors (checked against fp32 on its first images), a small one ONNX fp32."""
+    from loupe.indexer.models import precision
+    from loupe.indexer.models.factory import index_encoder
+    from loupe.indexer.pipeline.indexing import index_folder
+    from loupe.indexer.storage.store import Store
+
+    monkeypatch.setenv("LOUPE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    files = len([p for p in photo_dir.iterdir() if p.suffix == ".jpg"])
+    for threshold, runs in ((files, "bf16"), (files + 1, "onnx-fp32")):
+        monkeypatch.setattr(precision, "BF16_MIN_IMAGES", threshold)
+        asked = []
+
+        def load(images=None):
+            asked.append(images)
+            return index_encoder(_spec(vit_checkpoint), "cpu", images=images)
+
+        store = Store.open(home=tmp_path / f"home-{threshold}")
+        report = index_folder(store, load, photo_dir, workers=1)
+        assert asked == [files] and report.embedded == files
+        assert report.precision == runs
+        assert set(store.image_precisions()) == {runs}

@@ -60,13 +60,15 @@ def image_backend(spec: ModelSpec, device: "torch.device | str") -> tuple[str, s
 
 
 def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = precisions.MIN_COSINE,
-                  *, images_for: Location | None = None):
+                  *, images_for: Location | None = None, images: int | None = None):
     """The encoder of both towers: torch for text, images on `image_backend`'s choice, in the spec's
     precisions (`load_encoder`). Its `spec` says what runs; `precision_notice` why not what was asked.
 
     `images_for`: the index of a run that only embeds images, in this process; where
     `torch_free_encoder` can serve it, that encoder (no torch, no open_clip), else this one.
+    `images`: how many images the run will embed, when known (`bulk_spec`).
     """
+    spec = bulk_spec(spec, device, images)
     if images_for is not None:
         light = torch_free_encoder(spec, images_for, device, min_cosine)
         if light is not None:
@@ -85,6 +87,29 @@ def index_encoder(spec: ModelSpec, device: str = "auto", min_cosine: float = pre
             note = f"the ONNX image tower cannot serve {spec.model} ({exc}): images are embedded by torch"
     encoder.precision_notice = note
     return encoder
+
+
+def bulk_spec(spec: ModelSpec, device: str, images: int | None) -> ModelSpec:
+    """`spec` as a run embedding `images` images runs it: with backend and precision both `auto`, on
+    a CPU with bf16 units, from `precision.BF16_MIN_IMAGES` images on, torch with bf16 weights (the
+    fastest faithful arithmetic there, checked on the first images like any faster precision);
+    anything else unchanged."""
+    if (
+        images is not None
+        and images >= precisions.BF16_MIN_IMAGES
+        and spec.image_backend == "auto"
+        and spec.image_precision == "auto"
+        and cpu_only(device)
+        and _bf16_units()
+    ):
+        return spec.replace(image_backend="torch", image_precision="bf16")
+    return spec
+
+
+def _bf16_units() -> bool:
+    """`precision.cpu_has_bf16`, told from the CPU flags alone where Linux lists them (no torch import)."""
+    flags = precisions.cpu_flags()
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else precisions.cpu_has_bf16()
 
 
 def torch_free_encoder(spec: ModelSpec, location: Location, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):

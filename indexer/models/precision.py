@@ -39,6 +39,12 @@ PRECISIONS = ("fp32", "bf16", "int8")
 # moved `loupe eval` recall by 0.38 points on a trained model (RESULTS.md), beyond the 0.3 allowed.
 # `auto` on CPUs is fp32, run by ONNX Runtime where it is installed (`factory.image_backend`).
 BF16_BY_DEFAULT = False
+# ... except for a large run: `loupe index` embedding at least this many images on a CPU with bf16 units
+# takes torch with bf16 weights (4.6x ONNX Runtime fp32 per image on an AMX CPU, 1.9x on an AMD EPYC with
+# AVX512-BF16), which repays torch's start-up (~3.5 s more than the torch-free ONNX path) from about
+# 200 photos on; recall within 0.3 points of fp32 on trained models (RESULTS.md, "Quiet re-run with
+# 300-step models"), and the run's first images are checked within `MIN_COSINE` of fp32 as always.
+BF16_MIN_IMAGES = 200
 CHOICES = ("auto", *PRECISIONS)
 TEXT_CHOICES = ("auto", "fp32", "bf16")  # of query text (`Encoder.set_text_precision`)
 MIN_COSINE = 0.999  # image (and query text) vectors of a faster precision must stay this close to fp32

@@ -220,7 +220,8 @@ def run_plan(
 ) -> IndexReport:
     """Run `plan` with `executor` (default: threads in this process) and commit what it makes.
 
-    `encoder` may be a function that loads it: called only if some file needs embedding. Every
+    `encoder` may be a function that loads it, given the number of files to embed: called only if
+    some file needs embedding. Every
     registered signal (or `signals`) runs on each photo decoded for embedding, and, decode only,
     on indexed photos that lack it at its current version. `max_batches` stops after that many
     embedded chunks as if interrupted (tests).
@@ -236,7 +237,7 @@ def run_plan(
     signals, deferred = split_deferred(registered() if signals is None else signals)
     backlog = signal_units(store.catalog, plan, signals)
     if callable(encoder) and (plan.todo or store.meta() is None):
-        encoder = encoder()
+        encoder = encoder(len(plan.todo))  # how many files it will embed: the factory may choose by it
         store.bind(encoder)
     units = plan.todo + backlog
     if not units:
