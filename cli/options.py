@@ -36,7 +36,8 @@ PrecisionOpt = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="Image encoding arithmetic: auto (fp16 mixed precision on CUDA, fp32 elsewhere), fp32, bf16 or int8 "
+        help="Image encoding arithmetic: auto (fp16 mixed precision on CUDA; on CPUs fp32, or bf16 for a run of 200 photos or more "
+        "on a CPU with AMX/AVX512-BF16), fp32, bf16 or int8 "
         "(faster on CPUs with AMX/AVX512-BF16, resp. for ViT towers on x86; recall may move by a few tenths of a point). Anything but "
         "fp32 is checked on the first batch against fp32 (--min-cosine) and falls back to fp32 if it strays.",
     ),
@@ -45,8 +46,8 @@ BackendOpt = Annotated[
     str,
     typer.Option(
         "--backend",
-        help="What runs the image tower: auto (ONNX Runtime fp32 on CPUs, exported once per model into the user cache; "
-        "torch on GPUs), onnx, or torch. `loupe info` shows what made an index's vectors.",
+        help="What runs the image tower: auto (ONNX Runtime fp32 on CPUs, exported once per model into the user cache, "
+        "then run without torch; torch for bf16 and on GPUs), onnx, or torch. `loupe info` shows what made an index's vectors.",
     ),
 ]
 MinCosineOpt = Annotated[

@@ -33,9 +33,8 @@ def image_backend(spec: ModelSpec, device: "torch.device | str") -> tuple[str, s
 
     'auto' is the fastest faithful one measured (benchmarks/RESULTS.md, "Backends"):
     - CUDA (and MPS): torch, in the spec's precision (fp16 mixed precision by default on CUDA);
-    - CPU: ONNX Runtime fp32 (1.9x torch fp32 on ViT-B-32 here; vectors within cosine 0.9999).
-      torch with bf16 weights is faster still on CPUs with bf16 units, but is not the default:
-      `precision.BF16_BY_DEFAULT` (its recall moved 0.38 points on a trained model, beyond 0.3);
+    - CPU: ONNX Runtime fp32 (vectors within cosine 0.9999; no torch once cached: `torch_free_encoder`);
+      a large run on a CPU with bf16 units takes torch with bf16 weights instead (`bulk_spec`);
     - torch, when ONNX Runtime is not installed (said once: the note).
     An explicit bf16/int8 precision is a torch arithmetic; `onnx` with one is refused.
     """

@@ -4,12 +4,13 @@ fp32 is the reference. A faster precision is used only where the hardware runs i
 while its vectors stay within `MIN_COSINE` of fp32 for the loaded model: models differ, so the
 encoder checks it at run time on the first images it embeds (`Encoder.set_image_precision`).
 
-On CPUs, bf16 and int8 are opt-ins (`--precision bf16|int8`); `auto` stays fp32. Measured on
-models trained here (benchmarks/bench_precision_recall.py, RESULTS.md): what they change in `loupe
-eval` recall is near-ties changing places, as much as unbiased noise of the same angle changes, and
-that grows with the angle: bf16 on loupe-tiny (cosine >= 0.9996) moved recall by 0.38 points, beyond
-the 0.3 issue 11 allows; only vectors within cosine 0.999999 of fp32 kept both trained models within
-the bound in every noise trial, and neither bf16 nor int8 comes that close (int8 on ViT-B-32: 0.9996).
+On CPUs `auto` is fp32 (ONNX Runtime where installed), except for a large `loupe index` run on a
+CPU with bf16 units, which takes bf16 (`BF16_MIN_IMAGES`, `factory.bulk_spec`); int8 is an opt-in
+(`--precision int8`). Measured on models trained here (benchmarks/bench_precision_recall.py,
+RESULTS.md): what they change in `loupe eval` recall is near-ties changing places, as much as
+unbiased noise of the same angle changes, and that grows with the angle and shrinks with training:
+on models trained 300 steps bf16 moved recall by 0.03 and 0.28 points (within the 0.3 allowed;
+0.38 on a model trained 100 steps), int8 by 0.47 on the ViT (beyond).
 
 - bf16: the image tower's weights cast once to bfloat16 (not autocast, which is slower on CPU).
   Fast only on CPUs with bf16 matrix units (Intel AMX, AVX512-BF16); elsewhere it is emulated.
@@ -35,9 +36,9 @@ from typing import Mapping
 from loupe.indexer.errors import LoupeError
 
 PRECISIONS = ("fp32", "bf16", "int8")
-# bf16 weights are the fastest CPU arithmetic where the CPU has bf16 units, but not a default: they
-# moved `loupe eval` recall by 0.38 points on a trained model (RESULTS.md), beyond the 0.3 allowed.
-# `auto` on CPUs is fp32, run by ONNX Runtime where it is installed (`factory.image_backend`).
+# bf16 weights are the fastest CPU arithmetic where the CPU has bf16 units. `auto` on CPUs is fp32, run
+# by ONNX Runtime where it is installed (`factory.image_backend`; no torch at all once its tower is
+# cached), which starts ~3.5 s sooner than torch: bf16 is the default only for large runs (below).
 BF16_BY_DEFAULT = False
 # ... except for a large run: `loupe index` embedding at least this many images on a CPU with bf16 units
 # takes torch with bf16 weights (4.6x ONNX Runtime fp32 per image on an AMX CPU, 1.9x on an AMD EPYC with

@@ -61,6 +61,7 @@ class IndexReport:
     encode_seconds: float = 0.0
     precision: str | None = None  # of the image vectors embedded (None: nothing embedded)
     precision_check_seconds: float = 0.0  # the first-batch fidelity check of a precision other than fp32
+    model_seconds: float = 0.0  # loading the model, once the run knew it had files to embed (part of `seconds`)
     bad_files: list[tuple[str, str]] = field(default_factory=list)
     runner: str = "in-process"  # or 'ray'
     stages: dict = field(default_factory=dict)  # {stage: {seconds, items, per_second}} (StageTimes.as_dict)
@@ -237,7 +238,9 @@ def run_plan(
     signals, deferred = split_deferred(registered() if signals is None else signals)
     backlog = signal_units(store.catalog, plan, signals)
     if callable(encoder) and (plan.todo or store.meta() is None):
+        started = time.perf_counter()
         encoder = encoder(len(plan.todo))  # how many files it will embed: the factory may choose by it
+        report.model_seconds = time.perf_counter() - started
         store.bind(encoder)
     units = plan.todo + backlog
     if not units:
