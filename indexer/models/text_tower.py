@@ -383,8 +383,19 @@ class OnnxTextTower:
             options.add_session_config_entry("session.disable_prepacking", "1")
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             OnnxTextTower.sessions_created += 1
+            if self._thread is not None:
+                self._warm_up()
         except BaseException as exc:  # reported to the caller of `encode`
             self._error = exc
+
+    def _warm_up(self) -> None:
+        """One run on a blank row, in the loading thread: the first run maps the weights' pages (the
+        file is mapped, not read) and sets ONNX Runtime's kernels up, which the query's own run would
+        otherwise pay after the imports this thread overlaps."""
+        try:
+            self._session.run(None, {"tokens": np.zeros((1, 2 if self.dynamic else self.context_length), dtype=np.int64)})
+        except Exception:  # the query's own run reports what is wrong
+            pass
 
     def ready(self) -> None:
         """Wait for the session; raises what loading raised."""
