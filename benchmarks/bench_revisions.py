@@ -29,7 +29,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from common import OUT, PYTHON, REPO, load_average, machine, median, write_json
+from common import OUT, PYTHON, REPO, compile_bytecode, load_average, machine, median, write_json
 
 BENCHES = {
     "cold": (["bench_cold.py", "--rounds", "3"], "bench_cold.json", {
@@ -96,6 +96,8 @@ def main() -> None:
     benches = [b for b in a.only.split(",") if b]
     commit, old = extract(a.before)
     trees = {"before": old, "after": REPO}
+    for tree in trees.values():  # both trees run from compiled modules, as installed packages do
+        compile_bytecode(tree)
     figures: dict[str, dict[str, list[float]]] = {t: {} for t in trees}
     out = {"machine": machine(), "before": commit, "after": "working tree", "load_before": load_average(), "runs": []}
     print(f"{out['machine'].get('cpu')}, {out['machine'].get('cores')} cores; before = {commit}, after = this checkout", flush=True)

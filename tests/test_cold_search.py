@@ -4,6 +4,7 @@ and a no-change `loupe index` that checks its model binding without building the
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import numpy as np
@@ -46,6 +47,63 @@ def test_tokenizer_gives_open_clips_ids(context_length):
     reference = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
     ours = ClipTokenizer(context_length)
     np.testing.assert_array_equal(ours(TRICKY), reference(TRICKY).numpy())
+
+
+def test_tokenizer_table_gives_open_clips_ids(tmp_path, monkeypatch):
+    """The lookup table beside a merges file gives the dicts' ids, is made once, rebuilt when the
+    merges file changes, leaves a long corpus to the dicts, and is skipped where it cannot be written."""
+    import open_clip
+
+    from loupe.indexer.models.clip_tokenizer import BpeTable, ClipTokenizer, default_bpe_path, read_merges
+
+    merges = tmp_path / "tower.bpe"
+    merges.write_text("\n".join(read_merges(default_bpe_path())), encoding="utf-8")
+    reference = open_clip.tokenizer.SimpleTokenizer()(TRICKY).numpy()
+    table = tmp_path / "tower.bpe.sqlite"
+    ours = ClipTokenizer(77, str(merges))
+    assert ours.table is not None and table.exists()
+    np.testing.assert_array_equal(ours(TRICKY), reference)
+    made = table.stat().st_mtime_ns
+    assert ClipTokenizer(77, str(merges)).table is not None and table.stat().st_mtime_ns == made  # not made again
+
+    monkeypatch.setattr(BpeTable, "MAX_LOOKUPS", 40)  # a corpus: on to the dicts midway, same ids
+    switching = ClipTokenizer(77, str(merges))
+    np.testing.assert_array_equal(switching(TRICKY), reference)
+    assert switching.table is None
+    monkeypatch.undo()
+
+    os.utime(merges, ns=(made + 10**9, made + 10**9))  # another merges file under the name: a new table
+    assert ClipTokenizer(77, str(merges)).table is not None and table.stat().st_mtime_ns != made
+
+    table.unlink()
+    tmp_path.chmod(0o500)
+    try:
+        readonly = ClipTokenizer(77, str(merges))
+        assert readonly.table is None or os.geteuid() == 0  # root writes anyway
+        np.testing.assert_array_equal(readonly(TRICKY), reference)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_the_tower_encodes_the_sentences_given_ahead(tower_dir):
+    """Sentences handed over with the loading tower are encoded in its thread: the same rows as
+    encoding them afterwards; other sentences are encoded as asked."""
+    from loupe.indexer.models.text_tower import OnnxTextTower
+
+    location, manifest = tower_dir
+    args = (location.vector_dir / manifest["file"], location.vector_dir / manifest["bpe"], manifest["context_length"])
+    kw = {"dynamic": bool(manifest.get("dynamic_length"))}
+    plain = OnnxTextTower(*args, **kw)
+    texts = ["a dog on the beach", "two children in the snow"]
+    want = plain.encode(texts)
+    ahead = OnnxTextTower(*args, background=True, ahead=texts, **kw)
+    ahead.ready()
+    assert ahead._ahead is not None
+    np.testing.assert_allclose(ahead.encode(texts), want, atol=1e-6)
+    assert ahead._ahead is None
+    np.testing.assert_allclose(ahead.encode(texts[::-1]), want[::-1], atol=1e-6)  # asked again, or otherwise
+    other = OnnxTextTower(*args, background=True, ahead=["something else"], **kw)
+    np.testing.assert_allclose(other.encode(texts), want, atol=1e-6)
 
 
 def test_plain_ascii_needs_no_ftfy():
@@ -467,3 +525,28 @@ def test_query_cache_is_read_once_per_search(tmp_path, monkeypatch):
     v = np.arange(4, dtype=np.float32)
     cache.put(["a dog"], [v], "fp32")
     assert np.array_equal(cache.get(["a dog"], "fp32")[0], v) and len(reads) == 3  # read back once, marked used
+
+
+def test_a_search_whose_reader_went_away_exits_quietly_and_keeps_its_cache(cold_home):
+    """A plain search leaves by `os._exit` once its output is out, so what it must keep is written
+    before: the sentence it encoded is in the query cache. Output to a reader that went away
+    (`| head -1`) ends the command quietly, with exit code 1 as click gives it the commands typer runs."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    home, _, env = cold_home
+    for query, json_out in (("a red kite over the sea", []), ("a kite", ["--json"])):
+        proc = subprocess.Popen([sys.executable, "-m", "loupe", "search", query, "-k", "50", *json_out], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # gone before the first line
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 1 and err == "", err
+        again = _timings(_cli(env, "search", query, "--timings", "-k", "50"))
+        assert (again["cache_hits"], again["encoded"]) == (1, 0)
+    gone = subprocess.Popen([sys.executable, "-m", "loupe", "info"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # through typer
+    gone.stdout.close()
+    err = gone.stderr.read()
+    assert gone.wait(timeout=120) == 1 and err == "", err

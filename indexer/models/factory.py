@@ -223,7 +223,7 @@ def prestart(location: Location, texts: Sequence[str], text_precision: str = "au
     run meanwhile. Only a guess, from the tower's manifest, until `query_encoder` checks it against
     the catalog; skipped when every sentence is in the query cache.
     """
-    from loupe.indexer.models.query_cache import open_cache
+    from loupe.indexer.models.query_cache import open_cache, uncached
     from loupe.indexer.models.text_tower import read_manifest, start_tower
 
     if not texts or not onnx_may_serve(ModelSpec(text_precision=text_precision), device, one_off=True):
@@ -231,9 +231,9 @@ def prestart(location: Location, texts: Sequence[str], text_precision: str = "au
     data = read_manifest(location)
     if data is None or not data.get("usable"):
         return
-    if all(v is not None for v in open_cache(location, data["weights_id"], int(data["dim"])).get(list(texts), "fp32", ahead=True)):
-        return
-    start_tower(location, data)
+    todo = uncached(texts, open_cache(location, data["weights_id"], int(data["dim"])).get(list(texts), "fp32", ahead=True))
+    if todo:
+        start_tower(location, data, ahead=todo)  # the sentences the search will ask the tower for
 
 
 def cache_text_tower(encoder, location: Location, meta, on_error: Callable[[OSError], None] | None = None) -> str:

@@ -38,6 +38,11 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+def uncached(texts: Sequence[str], cached: Sequence[np.ndarray | None]) -> list[str]:
+    """The sentences to encode, once each, in the order they are encoded: those `get` found no vector for."""
+    return sorted({t for t, v in zip(texts, cached) if v is None})
+
+
 class QueryCache:
     """Get and put text query vectors for one model (its weights id and dimension)."""
 

@@ -34,9 +34,11 @@ from typing import Sequence
 
 import numpy as np
 
+from loupe.indexer.models.clip_tokenizer import BpeTable
 from loupe.indexer.models.onnx_export import check_agreement, export_graph, failure_reason, write_json
 from loupe.indexer.storage.locations import Location
 
+BATCH = 64  # sentences per run of the graph
 MIN_COSINE = 0.9999  # ONNX against fp32 torch, on every probe sentence
 FORMAT = 2  # bump when the exported graph or the manifest changes meaning (2: dynamic sequence length)
 PROBES = (
@@ -158,7 +160,8 @@ def export_text_tower(encoder, location: Location, weights_id: str, export: bool
         for suffix in ("", ".data"):
             (folder / f"{old['file']}{suffix}").unlink(missing_ok=True)
         if old.get("bpe"):
-            (folder / old["bpe"]).unlink(missing_ok=True)
+            for suffix in ("", BpeTable.SUFFIX):  # the merges and the tokenizer's table
+                (folder / f"{old['bpe']}{suffix}").unlink(missing_ok=True)
     return manifest
 
 
@@ -214,6 +217,7 @@ def _install(cache: Path, cstem: str, folder: Path, stem: str, cached: dict) -> 
     """The cached tower's files beside the index under `stem`; the manifest's file fields."""
     _link_or_copy(cache / f"{cstem}.onnx.data", folder / f"{stem}.onnx.data")
     _link_or_copy(cache / f"{cstem}.bpe", folder / f"{stem}.bpe")
+    _build_table(folder / f"{stem}.bpe")
     if stem == cstem:
         _link_or_copy(cache / f"{cstem}.onnx", folder / f"{stem}.onnx")
     else:  # the graph names its data file: a small copy of the graph naming the index's
@@ -229,6 +233,16 @@ def _install(cache: Path, cstem: str, folder: Path, stem: str, cached: dict) -> 
         os.replace(tmp, folder / f"{stem}.onnx")
     fields = ("context_length", "dim", "min_cosine", "dynamic_length")
     return {"file": f"{stem}.onnx", "bpe": f"{stem}.bpe", **{k: cached[k] for k in fields if k in cached}}
+
+
+def _build_table(bpe: Path) -> None:
+    """The tokenizer's lookup table beside the tower's merges file (a search makes it if this cannot)."""
+    import sqlite3
+
+    try:
+        BpeTable.build(str(bpe))
+    except (OSError, sqlite3.Error):
+        pass
 
 
 def _export(encoder, folder: Path, stem: str) -> dict:
@@ -347,19 +361,23 @@ def _encode_any_length(model, tokens):
 class OnnxTextTower:
     """An exported text tower run by ONNX Runtime: sentences in, L2-normalised float32 rows out.
 
-    The session is built in a background thread as soon as the object exists (ONNX Runtime
-    releases the GIL while it loads), so a search can open its catalog meanwhile; the tokenizer,
-    pure Python, is built by the first `encode` while the session may still be loading.
+    With `background`, a thread builds the tokenizer and the session as soon as the object exists
+    (ONNX Runtime releases the GIL while it loads and runs), so a search opens its catalog
+    meanwhile; given the query's sentences (`ahead`), the thread also encodes them, and `encode`
+    of those sentences only collects the rows.
     """
 
     sessions_created = 0  # per process: lets tests see that a cached query built no session
 
-    def __init__(self, path: Path, bpe: Path, context_length: int, background: bool = False, dynamic: bool = False) -> None:
+    def __init__(self, path: Path, bpe: Path, context_length: int, background: bool = False, dynamic: bool = False,
+                 ahead: Sequence[str] = ()) -> None:
         self.path, self.bpe, self.context_length = Path(path), Path(bpe), context_length
         self.dynamic = dynamic  # the graph takes any length: tokens are cut after the last end-of-text
         self._session = None
         self._tokenizer = None
         self._error: BaseException | None = None
+        self._ahead: tuple[tuple[str, ...], np.ndarray] | None = None
+        self._ahead_texts = tuple(ahead)[:BATCH] if background else ()
         # not a daemon: a process that exits (an error) while ONNX Runtime builds the session would abort
         self._thread = threading.Thread(target=self._load, name="loupe-text-tower") if background else None
         if self._thread is not None:
@@ -373,6 +391,9 @@ class OnnxTextTower:
         try:
             import onnxruntime as ort
 
+            from loupe.indexer.models.clip_tokenizer import ClipTokenizer
+
+            self._tokenizer = ClipTokenizer(self.context_length, str(self.bpe))
             options = ort.SessionOptions()
             options.log_severity_level = 3
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -383,15 +404,17 @@ class OnnxTextTower:
             options.add_session_config_entry("session.disable_prepacking", "1")
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             OnnxTextTower.sessions_created += 1
-            if self._thread is not None:
+            if self._ahead_texts:
+                self._ahead = (self._ahead_texts, self._run(self._ahead_texts))
+            elif self._thread is not None:
                 self._warm_up()
         except BaseException as exc:  # reported to the caller of `encode`
             self._error = exc
 
     def _warm_up(self) -> None:
-        """One run on a blank row, in the loading thread: the first run maps the weights' pages (the
-        file is mapped, not read) and sets ONNX Runtime's kernels up, which the query's own run would
-        otherwise pay after the imports this thread overlaps."""
+        """One run on a blank row in the loading thread (no sentence known yet, e.g. `loupe serve`): the
+        first run maps the weights' pages and sets ONNX Runtime's kernels up, which the first query
+        would otherwise pay."""
         try:
             self._session.run(None, {"tokens": np.zeros((1, 2 if self.dynamic else self.context_length), dtype=np.int64)})
         except Exception:  # the query's own run reports what is wrong
@@ -407,20 +430,22 @@ class OnnxTextTower:
         if self._error is not None:
             raise self._error
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        if self._tokenizer is None:  # while the session loads in its thread
-            from loupe.indexer.models.clip_tokenizer import ClipTokenizer
+    def _run(self, texts: Sequence[str]) -> np.ndarray:
+        tokens = self._tokenizer(list(texts))
+        if self.dynamic:  # padding (id 0) after every row's end-of-text changes nothing: not run
+            used = tokens != 0
+            tokens = np.ascontiguousarray(tokens[:, : int((used.shape[1] - np.argmax(used[:, ::-1], axis=1)).max())])
+        feats = self._session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)
+        return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
-            self._tokenizer = ClipTokenizer(self.context_length, str(self.bpe))
+    def encode(self, texts: Sequence[str], batch_size: int = BATCH) -> np.ndarray:
         self.ready()
-        out = []
-        for start in range(0, len(texts), batch_size):
-            tokens = self._tokenizer(list(texts[start : start + batch_size]))
-            if self.dynamic:  # padding (id 0) after every row's end-of-text changes nothing: not run
-                used = tokens != 0
-                tokens = np.ascontiguousarray(tokens[:, : int((used.shape[1] - np.argmax(used[:, ::-1], axis=1)).max())])
-            feats = self._session.run(None, {"tokens": tokens})[0].astype(np.float32, copy=False)
-            out.append(feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12))
+        texts = list(texts)
+        if self._ahead is not None:
+            done, self._ahead = self._ahead, None
+            if done[0] == tuple(texts):  # encoded while the search opened its catalog
+                return done[1]
+        out = [self._run(texts[start : start + batch_size]) for start in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -437,9 +462,10 @@ def open_tower(location: Location, manifest: dict, background: bool = True) -> O
                          bool(manifest.get("dynamic_length")))
 
 
-def start_tower(location: Location, manifest: dict) -> None:
-    """Begin loading the tower a manifest names, for `open_tower` to hand over (`factory.prestart`)."""
+def start_tower(location: Location, manifest: dict, ahead: Sequence[str] = ()) -> None:
+    """Begin loading the tower a manifest names, and encoding the sentences `ahead`, for `open_tower`
+    to hand over (`factory.prestart`)."""
     path = location.vector_dir / manifest["file"]
     if path not in _started:  # begun already (`loupe.cli.search_entry` starts it first thing)
         _started[path] = OnnxTextTower(path, location.vector_dir / manifest["bpe"], int(manifest["context_length"]),
-                                       background=True, dynamic=bool(manifest.get("dynamic_length")))
+                                       background=True, dynamic=bool(manifest.get("dynamic_length")), ahead=ahead)

@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from loupe.indexer.signals import neardup
-from loupe.indexer.signals.neardup import Match, Parsed, compare, parse
+from loupe.indexer.signals.neardup import Parsed, compare, parse
+from loupe.retrieval.engine.copies import Parents, state_path
 
 RADIUS = 12  # pHash bits; uniform random 64-bit hashes fall this close with p ~ 2.6e-7
 BURST_WINDOW = 10.0  # s: photos captured this close are candidates too (bursts whose pHashes moved further) ...
@@ -38,43 +39,6 @@ BURST_RADIUS = 24  # ... when their pHashes (full or centre) are within this man
 STATE_VERSION = 1
 TIERS = ("same", "similar")
 _SAME, _SIMILAR = 1, 2
-
-
-def state_path(location) -> Path:
-    """Where the grouping state of the index at `location` is saved."""
-    return Path(location.vector_dir) / f"{location.prefix}duplicates.npz"
-
-
-class _Parents:
-    """Union-find over a growable int64 array (path halving; the smaller root wins)."""
-
-    def __init__(self, parents: np.ndarray | None = None) -> None:
-        self.p = np.zeros(0, np.int64) if parents is None else parents.astype(np.int64)
-
-    def grow(self, n: int) -> None:
-        if n > len(self.p):
-            self.p = np.concatenate([self.p, np.arange(len(self.p), n, dtype=np.int64)])
-
-    def find(self, x: int) -> int:
-        p = self.p
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = int(p[x])
-        return int(x)
-
-    def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a != b:
-            self.p[max(a, b)] = min(a, b)
-
-    def roots(self) -> np.ndarray:
-        """Every item's root, vectorised (pointer jumping)."""
-        r = self.p.copy()
-        while True:
-            nxt = r[r]
-            if np.array_equal(nxt, r):
-                return r
-            r = nxt
 
 
 # Multi-index hashing (Norouzi et al.): each 64-bit hash is cut into 4 chunks of 16 bits; a pair within
@@ -176,8 +140,8 @@ class Grouper:
         self.ph = np.zeros(0, np.uint64)
         self.ph88 = np.zeros(0, np.uint64)
         self.times = np.zeros(0, np.float64)
-        self.same = _Parents()
-        self.sim = _Parents()
+        self.same = Parents()
+        self.sim = Parents()
         self.edges = np.zeros((0, 6), np.float64)
 
     def __len__(self) -> int:
@@ -334,7 +298,7 @@ class Grouper:
                 g.radius = int(v[2])
                 g.keys = z["keys"].tolist()
                 g.ph, g.ph88, g.times = z["ph"], z["ph88"], z["times"]
-                g.same, g.sim, g.edges = _Parents(z["same"]), _Parents(z["sim"]), z["edges"]
+                g.same, g.sim, g.edges = Parents(z["same"]), Parents(z["sim"]), z["edges"]
         except (OSError, KeyError, ValueError):
             return cls()
         g.pos = {k: i for i, k in enumerate(g.keys)}
@@ -576,32 +540,4 @@ def find_groups(store, tiers: Sequence[str] = TIERS, filters=None) -> Grouping:
                 k, reason = choose_keeper(members)
                 out.groups.append(Group("same", members, members[k].path, "identical files; " + reason, group_id("same", [h])))
     out.groups.sort(key=lambda gr: (TIERS.index(gr.tier), gr.keep))
-    return out
-
-
-_COPIES_CACHE: dict[str, tuple[int, dict[str, str]]] = {}
-
-
-def same_copies(location) -> dict[str, str]:
-    """content hash -> a representative content hash, for every content of a "same" group in the
-    saved grouping of the index at `location` ({} when none was saved). Search collapses the
-    results sharing a representative into one (like identical files). Read without FAISS; cached
-    per state file version."""
-    path = state_path(location)
-    try:
-        mtime = path.stat().st_mtime_ns
-    except OSError:
-        return {}
-    hit = _COPIES_CACHE.get(str(path))
-    if hit is not None and hit[0] == mtime:
-        return hit[1]
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys, roots = z["keys"], _Parents(z["same"]).roots()
-    except (OSError, KeyError, ValueError):
-        return {}
-    counts = np.bincount(roots, minlength=len(roots))
-    grouped = np.flatnonzero(counts[roots] > 1)
-    out = {str(keys[i]): str(keys[roots[i]]) for i in grouped.tolist()}
-    _COPIES_CACHE[str(path)] = (mtime, out)
     return out

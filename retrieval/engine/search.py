@@ -129,9 +129,11 @@ class Searcher:
 
     def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Embed sentences, reusing the on-disk query cache: a repeated sentence is not encoded again."""
+        from loupe.indexer.models.query_cache import uncached
+
         precision = self.encoder.text_precision
         cached = self.query_cache.get(texts, precision)
-        todo = sorted({t for t, v in zip(texts, cached) if v is None})
+        todo = uncached(texts, cached)
         fresh = dict(zip(todo, self.encoder.encode_texts(todo))) if todo else {}
         if todo:
             self.query_cache.put(todo, [fresh[t] for t in todo], precision)
@@ -308,7 +310,7 @@ class Searcher:
 def _collapse_same_photo(entries: list, location) -> list:
     """Copies of one photo (a "same" group of `loupe duplicates`: resized, re-encoded, cropped...)
     shown once, at the best rank of any of them, the others listed as its duplicates."""
-    from loupe.retrieval.engine.duplicates import same_copies
+    from loupe.retrieval.engine.copies import same_copies
 
     copies = same_copies(location)
     if not copies:
