@@ -143,15 +143,15 @@ def _bind(store: Store, binding: Binding) -> Meta:
 # ---- export --------------------------------------------------------------------------------
 @dataclass
 class ExportReport:
-    folder: str
-    images: int = 0
+    folder: str  # the export, in clip-retrieval's layout
+    images: int = 0  # rows written per kind: visible files (a copy of a photo is a row of its own)
     captions: int = 0
-    moments: int = 0
-    image_shards: int = 0
+    moments: int = 0  # video moments
+    image_shards: int = 0  # numbered .npy/.parquet pairs per kind
     caption_shards: int = 0
     moment_shards: int = 0
-    dtype: str = "float32"
-    bytes: int = 0
+    dtype: str = "float32"  # of the vectors written (float16 halves the size)
+    bytes: int = 0  # everything under the folder afterwards
     seconds: float = 0.0
 
 
@@ -232,11 +232,11 @@ def _write(rows: Iterable[Sequence], root: Path, kind: str, total: int, dim: int
 @dataclass
 class ImportReport:
     folder: str
-    model: str = ""
-    images_seen: int = 0
-    images_added: int = 0
-    images_updated: int = 0
-    images_unchanged: int = 0
+    model: str = ""  # the model the vectors were made with (the index's, or given to a new index)
+    images_seen: int = 0  # rows read
+    images_added: int = 0  # paths new to the catalog
+    images_updated: int = 0  # paths known with another content, size, time or vector
+    images_unchanged: int = 0  # exactly as catalogued: not written again
     captions_seen: int = 0
     captions_added: int = 0
     captions_unchanged: int = 0

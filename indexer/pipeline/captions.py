@@ -19,10 +19,10 @@ from loupe.indexer.storage.store import Store
 
 @dataclass
 class TextReport:
-    source: str
-    captions: int = 0
-    embedded: int = 0
-    reused: int = 0
+    source: str  # the caption file, absolute
+    captions: int = 0  # read from it
+    embedded: int = 0  # texts encoded now (each distinct text once)
+    reused: int = 0  # captions whose text the index had a vector for already
     seconds: float = 0.0
 
 

@@ -24,11 +24,11 @@ class SourceFile:
 class SignalResult:
     """One signal's outcome on one content: the stored value, or the reason it failed."""
 
-    content_hash: str
-    name: str
-    version: int
-    value: bytes | None = None
-    reason: str | None = None
+    content_hash: str  # results are keyed by content, so a copy of a photo is never worked on twice
+    name: str  # the signal's registered name (`Signal.name`)
+    version: int  # a newer version of the signal re-runs it on every content
+    value: bytes | None = None  # `Signal.encode` of what `Signal.extract` found; None when it failed
+    reason: str | None = None  # why it failed on this content, recorded like a skipped file
     lines: tuple["TextLine", ...] = ()  # the searchable text of the value (`Signal.text_lines`)
 
 

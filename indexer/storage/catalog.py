@@ -208,15 +208,15 @@ class ImageState:
 class ImageRecord:
     """A file to write: `vector_id` None + `reason` for skipped files."""
 
-    path_key: bytes
-    size: int
-    mtime_ns: int
-    content_hash: str | None = None
-    width: int | None = None
+    path_key: bytes  # os.fsencode(absolute path): any file name, decodable or not
+    size: int  # bytes, as stat gave them when the file was read
+    mtime_ns: int  # with size, what tells an unchanged file without reading it
+    content_hash: str | None = None  # of the bytes read: identical files share one vector
+    width: int | None = None  # pixels, upright (after the EXIF orientation)
     height: int | None = None
-    taken_at: datetime | None = None
-    vector_id: int | None = None
-    reason: str | None = None
+    taken_at: datetime | None = None  # EXIF capture time (original, else digitised), naive, as the camera wrote it
+    vector_id: int | None = None  # the row of the vector index; None for a skipped file
+    reason: str | None = None  # why it was skipped (one line, shown by `loupe info --skipped`)
 
 
 def to_blob(vec: np.ndarray) -> bytes:

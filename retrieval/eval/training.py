@@ -35,19 +35,19 @@ LR_FINE_TUNE = 1e-5
 class TrainOptions:
     """What `loupe train` takes; None for lr/epochs/steps means 'choose for me' (see `train`)."""
 
-    images: Path
-    annotations: Path
-    out: Path
-    model: str | None = None
-    pretrained: str | None = None
-    checkpoint: Path | None = None
-    epochs: int | None = None
+    images: Path  # the folder the annotations' file names are relative to
+    annotations: Path  # captions per image (`loupe.retrieval.eval.annotations`)
+    out: Path  # the checkpoint written, in loupe's format (config + weights)
+    model: str | None = None  # an open_clip architecture, trained from scratch unless pretrained/checkpoint
+    pretrained: str | None = None  # an open_clip tag to fine-tune
+    checkpoint: Path | None = None  # a loupe checkpoint to fine-tune
+    epochs: int | None = None  # with steps, whichever ends first
     steps: int | None = None
-    batch_size: int = 128
-    lr: float | None = None
-    weight_decay: float = 0.1
-    warmup: float = 0.1
-    seed: int = 0
+    batch_size: int = 128  # capped at the number of images
+    lr: float | None = None  # peak of the cosine schedule
+    weight_decay: float = 0.1  # on weights, not on biases, norms or embeddings (`param_groups`)
+    warmup: float = 0.1  # fraction of the steps, linear from 0
+    seed: int = 0  # shuffling and a from-scratch model's initial weights
     device: str = "auto"
     freeze_image: bool = False
     freeze_text: bool = False
