@@ -93,6 +93,7 @@ def build_home(model: str, n: int, qtexts: list[str]) -> tuple[Path, dict]:
     home = OUT / f"page-{model}-{n}"
     marker = home / "built"  # the queries the fillers were made to lose against
     if marker.exists() and set(qtexts) <= set(json.loads(marker.read_text())):
+        Store.open(home=home).sync_all()  # left as a writer of this version leaves it (planner statistics)
         return home, json.loads((home / "fillers.json").read_text())
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)

@@ -70,3 +70,35 @@ def test_both_catalogs_read_the_same(tmp_path):
     assert catalog.count_export_captions() == reader.count_export_captions() == 2
     assert list(map(tuple, catalog.export_images())) == list(map(tuple, reader.export_images()))
     assert list(map(tuple, catalog.export_captions())) == list(map(tuple, reader.export_captions()))
+
+
+def test_writers_keep_sqlites_planner_statistics(tmp_path):
+    """A writer's sync runs ANALYZE when the tables it plans over changed size by more than a quarter:
+    with statistics, looking up the moments of vector ids starts from those ids and reaches the files
+    through their content hash, instead of walking every visible file (`images.status` is one value)."""
+    import sqlite3
+
+    from loupe.indexer.storage import catalog_sql as sql
+
+    store = Store.open(home=tmp_path)
+    bind_meta(store, DIM)
+    clip = ClipLike(dim=DIM, seed=3)
+    insert_images(store, clip.images(2000, seed=1), root="/photos")
+    catalog = store.catalog
+    db = sqlite3.connect(tmp_path / "catalog.db")
+
+    def plan() -> str:
+        marks, params = sql.bind_list("v", [1, 2, 3])
+        return " | ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + sql.MOMENTS_FOR_VECTORS.format(ids=marks),
+                                                     {**params, "ok": "ok"}))
+
+    assert db.execute(sql.SQLITE_HAS_STATS).fetchone() is None
+    store.sync_all()  # what every writer does last
+    assert dict(db.execute(sql.SQLITE_STATS).fetchall())["images"] == 2000
+    assert "ix_moments_vector_id" in plan() and "ix_images_content_hash" in plan(), plan()
+    assert catalog.refresh_statistics() is False  # nothing changed
+    insert_images(store, clip.images(400, seed=2), root="/more")  # +20%: within the drift
+    assert catalog.refresh_statistics() is False
+    insert_images(store, clip.images(400, seed=3), root="/more2")  # +40% since the statistics
+    assert catalog.refresh_statistics() is True
+    assert dict(db.execute(sql.SQLITE_STATS).fetchall())["images"] == 2800

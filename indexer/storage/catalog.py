@@ -49,7 +49,14 @@ from loupe.indexer.errors import LoupeError
 from loupe.indexer.storage.catalog_names import (  # noqa: F401  (the names every catalog user imports from here)
     IMAGE, MISSING, OK, SCHEMA_VERSION, SKIPPED, TEXT, all_found, display_path, path_key_of, prefix_bounds,
 )
-from loupe.indexer.storage.catalog_sql import EXPORT_PAGE, CatalogReads, TextMatch  # noqa: F401
+from loupe.indexer.storage.catalog_sql import (  # noqa: F401
+    COUNT_PLANNED_TABLES,
+    EXPORT_PAGE,
+    SQLITE_HAS_STATS,
+    SQLITE_STATS,
+    CatalogReads,
+    TextMatch,
+)
 
 LEGACY_NO_VECTOR = "no vector"  # what an interrupted commit could once store in place of a vector
 
@@ -289,6 +296,27 @@ class Catalog(CatalogReads):
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    def refresh_statistics(self, drift: float = 0.25) -> bool:
+        """SQLite: run ANALYZE when `images` or `moments` has grown or shrunk by more than `drift`
+        since the statistics were taken (or never had any); whether it ran. PostgreSQL keeps its own.
+
+        Without statistics SQLite's planner takes every equality on an indexed column for selective,
+        `images.status = 'ok'` (true of nearly every row) included: looking the moments of 60 vector ids
+        up scanned all 100k images (14 ms a query instead of 0.04 ms). ANALYZE took 37 ms at 100k rows."""
+        if self.dialect != "sqlite":
+            return False
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(text(COUNT_PLANNED_TABLES)).all())
+            known = dict(conn.execute(text(SQLITE_STATS)).all()) if conn.execute(text(SQLITE_HAS_STATS)).first() else {}
+            if all(
+                (counts[t] == 0 and t not in known) or (t in known and abs(counts[t] - known[t]) <= drift * max(known[t], 1))
+                for t in counts
+            ):
+                return False
+            conn.execute(text("ANALYZE"))
+            conn.commit()
+        return True
 
     def _rows(self, sql: str, params: dict) -> list[Sequence]:
         with self.engine.connect() as conn:

@@ -31,6 +31,13 @@ _META_COLUMNS = (
 _IMAGE_COLUMNS = "id, path_key, path, size, mtime_ns, content_hash, width, height, taken_at, vector_id, status, reason, indexed_at"
 _CAPTION_COLUMNS = "id, source, position, text, image, content_hash, vector_id"
 
+# SQLite's planner statistics (sqlite_stat1, written by ANALYZE): the rows of each table it last counted
+SQLITE_STATS = (
+    "SELECT tbl, MAX(CAST(substr(stat, 1, instr(stat || ' ', ' ') - 1) AS INTEGER)) FROM sqlite_stat1 "
+    "WHERE tbl IN ('images', 'moments') GROUP BY tbl"
+)
+SQLITE_HAS_STATS = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_stat1'"
+COUNT_PLANNED_TABLES = "SELECT 'images', COUNT(*) FROM images UNION ALL SELECT 'moments', COUNT(*) FROM moments"
 TABLES = {"meta", "vectors", "images", "captions", "roots", "settings", "moments", "signal_text"}  # every table of the current schema
 SQLITE_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"  # the tables a SQLite file holds
 META = f"SELECT {_META_COLUMNS} FROM meta WHERE id = 1"

@@ -321,8 +321,10 @@ class Store:
         return True
 
     def sync_all(self, load: bool = False) -> dict[str, SyncReport]:
-        """Writers only: bring both FAISS files in line with the catalog (files already current are not read)."""
+        """Writers only: bring both FAISS files in line with the catalog (files already current are not
+        read), and the catalog's query-planner statistics with its size (`Catalog.refresh_statistics`)."""
         meta = self.require_meta()
+        self.catalog.refresh_statistics()
         out = {}
         for kind in (IMAGE, TEXT):
             self._indices.pop(kind, None)
