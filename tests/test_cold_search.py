@@ -550,3 +550,29 @@ def test_a_search_whose_reader_went_away_exits_quietly_and_keeps_its_cache(cold_
     gone.stdout.close()
     err = gone.stderr.read()
     assert gone.wait(timeout=120) == 1 and err == "", err
+
+
+def test_a_server_encodes_text_on_the_tower_as_the_cli_does(cold_home, monkeypatch, tiny_encoder):
+    """`loupe serve`'s searcher (long-lived) runs text on the exported tower too, in a session set up
+    for many runs: the same fp32 vectors as the one-off CLI path, so both rank alike; its torch
+    encoder for images loads beside it."""
+    from loupe.indexer.models.onnx_encoder import OnnxEncoder
+    from loupe.retrieval.engine.query import parse_query
+    from loupe.retrieval.engine.search import open_searcher
+
+    home, photos, _ = cold_home
+    monkeypatch.setenv("LOUPE_TEXT_TOWER", "1")
+    served = open_searcher(home, device="cpu", long_lived=True)
+    one_off = open_searcher(home, device="cpu")
+    assert isinstance(served.encoder, OnnxEncoder) and served.encoder.tower.long_lived
+    assert isinstance(one_off.encoder, OnnxEncoder) and not one_off.encoder.tower.long_lived
+    sentences = ["a black dog jumping over a log", "people on a city street at night"]
+    a, b = served.encoder.encode_texts(sentences), one_off.encoder.encode_texts(sentences)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.min(np.sum(a * tiny_encoder.encode_texts(sentences), axis=1)) >= 0.9999  # torch fp32
+    for q in sentences:
+        want, got = one_off.search(parse_query([q]), k=5), served.search(parse_query([q]), k=5)
+        assert [h.fields["path"] for h in got] == [h.fields["path"] for h in want]
+    img = str(sorted(photos.iterdir())[2])
+    assert served.encoder.torch_encoder() is served.encoder.torch_encoder()  # loaded once, beside the tower
+    assert served.search(parse_query([img]), k=3)[0].fields["path"] == img

@@ -1,12 +1,14 @@
 """The query encoder whose text side is the index's exported ONNX text tower (torch only for images).
 
-Made by `loupe.indexer.models.factory` for a one-off CPU search. Building ViT-B-32 costs ~6 s with
-its imports; this encoder builds it only when a query image is not already in the index (its
-stored vector is used otherwise), or when the ONNX tower cannot run here.
+Made by `loupe.indexer.models.factory` for CPU searches. Building ViT-B-32 costs ~4 s with its
+imports: for a one-off search this encoder builds it only when a query image is not already in the
+index (its stored vector is used otherwise), or when the ONNX tower cannot run here; for `loupe
+serve` (`load_images`) it builds it in a background thread at once, for uploads.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -15,12 +17,21 @@ import numpy as np
 class OnnxEncoder:
     """Offers what `Searcher` uses of an `Encoder`: text through ONNX Runtime in fp32, images through torch."""
 
-    def __init__(self, spec, tower, dim: int, device: str = "auto") -> None:
+    def __init__(self, spec, tower, dim: int, device: str = "auto", load_images: bool = False) -> None:
         self.spec = spec.replace(text_backend="onnx", text_precision="fp32", dim=dim)
         self.tower = tower
         self.dim = dim
         self.device_name = device
         self._torch = None
+        self._torch_lock = threading.Lock()
+        if load_images:  # a server: images (uploads) must not wait for torch on the first one
+            threading.Thread(target=self._load_images, name="loupe-image-encoder", daemon=True).start()
+
+    def _load_images(self) -> None:
+        try:
+            self.torch_encoder()
+        except Exception:  # the first image query reports it
+            pass
 
     @property
     def backend(self) -> str:
@@ -47,10 +58,11 @@ class OnnxEncoder:
 
     def torch_encoder(self):
         """The full open_clip model (image queries that are not indexed), loaded on first use."""
-        if self._torch is None:
-            from loupe.indexer.models.encoder import load_encoder
+        with self._torch_lock:
+            if self._torch is None:
+                from loupe.indexer.models.encoder import load_encoder
 
-            self._torch = load_encoder(self.spec.replace(text_backend="torch"), self.device_name)
+                self._torch = load_encoder(self.spec.replace(text_backend="torch"), self.device_name)
         return self._torch
 
     @property

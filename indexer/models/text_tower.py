@@ -370,8 +370,9 @@ class OnnxTextTower:
     sessions_created = 0  # per process: lets tests see that a cached query built no session
 
     def __init__(self, path: Path, bpe: Path, context_length: int, background: bool = False, dynamic: bool = False,
-                 ahead: Sequence[str] = ()) -> None:
+                 ahead: Sequence[str] = (), long_lived: bool = False) -> None:
         self.path, self.bpe, self.context_length = Path(path), Path(bpe), context_length
+        self.long_lived = long_lived  # many runs (`loupe serve`): a session optimised for them
         self.dynamic = dynamic  # the graph takes any length: tokens are cut after the last end-of-text
         self._session = None
         self._tokenizer = None
@@ -397,11 +398,12 @@ class OnnxTextTower:
             options = ort.SessionOptions()
             options.log_severity_level = 3
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            # one query runs the graph once: the weights' pages are mapped and used as they are, not
-            # repacked (~150 MB copied for ViT-B-32), nor the graph rewritten first. Session set-up
-            # went from 0.25 s to 0.05 s CPU for 0.02 s more per run, at load ~8 (RESULTS.md)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            options.add_session_config_entry("session.disable_prepacking", "1")
+            if not self.long_lived:
+                # one query runs the graph once: the weights' pages are mapped and used as they are, not
+                # repacked (~150 MB copied for ViT-B-32), nor the graph rewritten first. Session set-up
+                # went from 0.25 s to 0.05 s CPU for 0.02 s more per run, at load ~8 (RESULTS.md)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                options.add_session_config_entry("session.disable_prepacking", "1")
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             OnnxTextTower.sessions_created += 1
             if self._ahead_texts:
@@ -452,14 +454,14 @@ class OnnxTextTower:
 _started: dict[Path, OnnxTextTower] = {}
 
 
-def open_tower(location: Location, manifest: dict, background: bool = True) -> OnnxTextTower:
-    """The tower a manifest names; one `start_tower` already began loading is handed over."""
+def open_tower(location: Location, manifest: dict, background: bool = True, long_lived: bool = False) -> OnnxTextTower:
+    """The tower a manifest names; one `start_tower` already began loading is handed over (one-off)."""
     folder = location.vector_dir
     path = folder / manifest["file"]
-    if path in _started:
+    if path in _started and not long_lived:
         return _started.pop(path)
     return OnnxTextTower(path, folder / manifest["bpe"], int(manifest["context_length"]), background,
-                         bool(manifest.get("dynamic_length")))
+                         bool(manifest.get("dynamic_length")), long_lived=long_lived)
 
 
 def start_tower(location: Location, manifest: dict, ahead: Sequence[str] = ()) -> None:
