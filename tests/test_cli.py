@@ -129,3 +129,27 @@ def test_interrupt_and_kill_leave_a_usable_index(loupe, tiny_checkpoint, flickr_
     out = loupe("index", flickr_images).stdout
     assert "800 images seen" in out and f"{done} unchanged" in out
     assert "agree" in loupe("check").stdout
+
+
+def test_a_finished_command_leaves_as_the_interpreter_would():
+    """`loupe` leaves by `os._exit` (no teardown of every module) after doing what an exit does:
+    idle thread-pool workers are told to stop and every other thread is waited for, the exit
+    handlers run, the output is flushed, and the exit code is the command's."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "pool = ThreadPoolExecutor(2); pool.submit(int).result()  # never shut down\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+        "atexit.register(lambda: print('exit handler'))\n"
+        "from loupe.cli.main import _exit\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "_exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.startswith("buffered, no newline") and "thread done" in proc.stdout and "exit handler" in proc.stdout
+    assert proc.stderr == ""
