@@ -86,10 +86,10 @@ class BpeTable:
     VERSION = 1
     MAX_LOOKUPS = 20_000  # past this (a caption corpus), reading the dicts once is cheaper
 
+    SUFFIX = ".sqlite"  # the table's file: the merges file's name with this appended
+
     def __init__(self, con: sqlite3.Connection) -> None:
         self.con, self.lookups = con, 0
-
-    SUFFIX = ".sqlite"
 
     @classmethod
     def path_of(cls, merges_path: str) -> str:

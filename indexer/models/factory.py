@@ -99,16 +99,10 @@ def bulk_spec(spec: ModelSpec, device: str, images: int | None) -> ModelSpec:
         and spec.image_backend == "auto"
         and spec.image_precision == "auto"
         and cpu_only(device)
-        and _bf16_units()
+        and precisions.cpu_has_bf16()
     ):
         return spec.replace(image_backend="torch", image_precision="bf16")
     return spec
-
-
-def _bf16_units() -> bool:
-    """`precision.cpu_has_bf16`, told from the CPU flags alone where Linux lists them (no torch import)."""
-    flags = precisions.cpu_flags()
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) if flags else precisions.cpu_has_bf16()
 
 
 def torch_free_encoder(spec: ModelSpec, location: Location, device: str = "auto", min_cosine: float = precisions.MIN_COSINE):
@@ -181,8 +175,8 @@ def query_encoder(
     Text runs on the index's exported ONNX tower where it may (`onnx_may_serve`): fp32, the same
     vectors on every path. `one_off`: a single search (the CLI without a server): a session set up
     for one run, images through torch only if a query needs them; else (`loupe serve`) a session
-    optimised for many runs (prepacked weights: 12-14 ms a sentence against 25 ms for torch fp32 and
-    17 ms for torch bf16 on ViT-B-32 here), with the torch encoder for images loading beside it. `texts`,
+    optimised for many runs (prepacked weights: 18-20 ms a short sentence against 26 ms for torch
+    fp32 on ViT-B-32 here), with the torch encoder for images loading beside it. `texts`,
     the query's sentences when known, let a query answered from the query cache (or by images)
     never build the tower's session. `meanwhile` runs while the encoder loads (ONNX Runtime and
     torch both load mostly outside the GIL), e.g. reading the vector index.

@@ -67,9 +67,12 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 matrix products natively (Intel AMX or AVX512-BF16)."""
-    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
-        return True
+    """Whether this CPU computes bf16 matrix products natively (Intel AMX or AVX512-BF16): from the
+    flags Linux lists (no torch import: `factory.bulk_spec` asks before torch is needed), else
+    from torch's own probes."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
     import torch
 
     probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
